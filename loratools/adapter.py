@@ -1,0 +1,156 @@
+"""The in-memory model of a LoRA adapter. The scaling conventions are written here, and only here.
+
+A LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) replaces a weight update ΔW (out×in)
+by a low-rank product::
+
+    ΔW ≈ scale · B @ A,   A: (r, in),  B: (out, r)
+    scale = alpha / r             (the paper, PEFT's default)
+    scale = alpha / sqrt(r)       (rsLoRA, PEFT's ``use_rslora=True``)
+
+so a layer computes ``h = W0 @ x + scale · B @ (A @ x)``. Both factors keep the dtype they were
+stored in; every computation upcasts to float32 first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+__all__ = ["Adapter", "LoraWeight", "lora_scale"]
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """The factor a LoRA product is multiplied by: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class LoraWeight:
+    """One module's LoRA factors.
+
+    Attributes:
+        a: ``lora_A``, shape (r, in_features).
+        b: ``lora_B``, shape (out_features, r).
+        alpha: the LoRA alpha of this module.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.b.shape[1]:
+            raise ValueError(
+                f"LoRA factors must be A (r, in) and B (out, r); got A {tuple(self.a.shape)}, "
+                f"B {tuple(self.b.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.b.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the delta this module adds: (out_features, in_features)."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def num_parameters(self) -> int:
+        return self.a.numel() + self.b.numel()
+
+    def scaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale · B, A)`` in float32, so that ``delta = B' @ A``. Shapes (out, r), (r, in)."""
+        return self.b.float() * self.scale, self.a.float()
+
+    def delta(self) -> torch.Tensor:
+        """The dense update ``scale · B @ A`` in float32, shape (out, in). Prefer factored forms."""
+        b, a = self.scaled_factors()
+        return b @ a
+
+    def with_plain_scaling(self) -> LoraWeight:
+        """The same delta expressed with ``scale = alpha / r`` (rsLoRA alpha folded: alpha·√r)."""
+        if not self.use_rslora:
+            return self
+        return LoraWeight(self.a, self.b, self.alpha * math.sqrt(self.rank), use_rslora=False)
+
+    def to(self, dtype: torch.dtype) -> LoraWeight:
+        """The same module with both factors cast to ``dtype``."""
+        return replace(self, a=self.a.to(dtype), b=self.b.to(dtype))
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A whole adapter: LoRA factors per module, plus what PEFT needs to place them.
+
+    Module names are paths inside the model PEFT wraps, without PEFT's ``base_model.model.``
+    prefix: the module ``model.layers.0.self_attn.q_proj`` adapts the base tensor
+    ``model.layers.0.self_attn.q_proj.weight``.
+
+    Attributes:
+        weights: module path → its LoRA factors.
+        saved_modules: tensor name (module path + ``.weight``/``.bias``) → a full replacement
+            tensor (PEFT's ``modules_to_save``: embeddings, heads, norms trained in full).
+        base_model: the base model the adapter was made for (``base_model_name_or_path``).
+        task_type: PEFT task type, e.g. ``CAUSAL_LM``.
+        fan_in_fan_out: the base stores weights as (in, out) (GPT-2's Conv1D); deltas are
+            transposed when applied to it.
+        extra_config: other adapter_config.json fields, kept verbatim for faithful round trips.
+        provenance: how the adapter was made (command, inputs, ranks, energy kept).
+    """
+
+    weights: Mapping[str, LoraWeight]
+    saved_modules: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    base_model: str | None = None
+    task_type: str | None = None
+    fan_in_fan_out: bool = False
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.weights)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: w.rank for name, w in self.weights.items()}
+
+    @property
+    def num_parameters(self) -> int:
+        lora = sum(w.num_parameters for w in self.weights.values())
+        return lora + sum(t.numel() for t in self.saved_modules.values())
+
+    @property
+    def target_modules(self) -> list[str]:
+        """Leaf names of the adapted modules (``q_proj``, ``v_proj``, …), sorted."""
+        return sorted({name.rsplit(".", 1)[-1] for name in self.weights})
+
+    def delta(self, name: str) -> torch.Tensor:
+        """Module ``name``'s dense update in the base weight's layout, float32."""
+        delta = self.weights[name].delta()
+        return delta.T if self.fan_in_fan_out else delta
+
+    def with_weights(self, weights: Mapping[str, LoraWeight], **provenance: Any) -> Adapter:
+        """A copy with new factors; ``provenance`` entries are added to the record."""
+        return replace(self, weights=dict(weights), provenance={**self.provenance, **provenance})

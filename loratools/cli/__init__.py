@@ -1,0 +1,1 @@
+"""The ``loratools`` command line: one click command per file, rendered by :mod:`render`."""

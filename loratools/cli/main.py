@@ -1,0 +1,102 @@
+"""The ``loratools`` entry point: a click group that loads each command only when it runs.
+
+Commands are imported lazily so ``loratools --help`` stays instant (torch alone costs seconds).
+A :class:`~loratools.errors.LoratoolsError` becomes one ``error: …`` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from loratools import __version__
+
+# name → (module, one-line help); each module defines a click command named like the module.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("loratools.cli.inspect", "Summarise a checkpoint or an adapter."),
+    "extract": ("loratools.cli.extract", "Extract a LoRA adapter from a full fine-tune (truncated SVD of ΔW)."),
+    "merge": ("loratools.cli.merge", "Merge adapters into base weights: W = W0 + Σ w·s·B·A."),
+    "unmerge": ("loratools.cli.merge", "Subtract adapters from merged weights."),
+    "swap": ("loratools.cli.merge", "Replace one merged adapter by another in one pass."),
+    "spectrum": ("loratools.cli.spectrum", "Singular-value spectra: is ΔW really low-rank?"),
+    "similarity": ("loratools.cli.similarity", "Subspace similarity φ(i, j) between two adapters."),
+    "combine": ("loratools.cli.combine", "Weighted sums of adapters: exact, SVD-truncated, TIES or DARE."),
+    "resize": ("loratools.cli.resize", "Lower an adapter's ranks optimally (fixed, energy or budget)."),
+    "convert": ("loratools.cli.convert", "Convert adapters (PEFT, kohya, GGUF) and models (.bin, GGUF)."),
+    "train": ("loratools.cli.train", "Train a LoRA adapter with the built-in loop."),
+    "push": ("loratools.cli.push", "Publish an adapter folder to the Hugging Face Hub."),
+    "pull": ("loratools.cli.push", "Download an adapter or model from the Hub."),
+}
+
+
+class LazyGroup(click.Group):
+    """Loads command modules on demand and turns library errors into one-line messages."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(module)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(COMMANDS[name][0])
+        command: click.Command = getattr(module, name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from loratools.errors import LoratoolsError
+
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except LoratoolsError as exc:
+            if debug:
+                raise
+            _fail(str(exc))
+        except (OSError, MemoryError) as exc:
+            if debug:
+                raise
+            _fail(f"{type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written", code=130)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loratools")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """loratools — extract, merge, inspect and ship LoRA adapters (Hu et al., 2021)."""
+    if not debug:
+        warnings.showwarning = _show_warning
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli(prog_name="loratools")
+    except Exception as exc:  # a bug: still one line unless --debug was asked for
+        if "--debug" in sys.argv:
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The exceptions loratools raises on bad input.
+
+Every message is one line that says what went wrong, where, and how to fix it. The CLI turns a
+:class:`LoratoolsError` into ``error: <message>`` on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "LoratoolsError",
+    "MissingExtra",
+    "MissingKeys",
+    "OutputExists",
+    "ShapeMismatch",
+    "UnknownFormat",
+]
+
+
+class LoratoolsError(Exception):
+    """Base class: a problem with the user's input, files or environment (exit code 1)."""
+
+
+class UnknownFormat(LoratoolsError):
+    """A file or directory whose format cannot be determined (or is ambiguous)."""
+
+
+class CheckpointError(LoratoolsError):
+    """A checkpoint that cannot be read: missing, truncated, corrupt or unsafe."""
+
+
+class ShapeMismatch(LoratoolsError):
+    """Tensors whose shapes do not fit together (adapter vs base, base vs fine-tune)."""
+
+
+class MissingKeys(LoratoolsError):
+    """Names that should exist but do not (unresolved modules, missing shards)."""
+
+
+class OutputExists(LoratoolsError):
+    """An output path that already exists and was not allowed to be replaced."""
+
+
+class MissingExtra(LoratoolsError):
+    """An optional dependency that the requested feature needs is not installed."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the '{package}' package, which is not installed; "
+            f"install it with: pip install 'loratools[{extra}]'"
+        )
+
+
+def list_problems(problems: list[str], limit: int = 8) -> str:
+    """Join a list of problems into one line, eliding the tail past ``limit`` items."""
+    shown = "; ".join(problems[:limit])
+    more = len(problems) - limit
+    return f"{shown}; … and {more} more" if more > 0 else shown

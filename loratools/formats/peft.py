@@ -1,0 +1,184 @@
+"""The PEFT LoRA format: key names and adapter_config.json ↔ :class:`~loratools.adapter.Adapter`.
+
+What PEFT writes and reads (``save_pretrained`` / ``PeftModel.from_pretrained``)::
+
+    adapter_model.safetensors   metadata {"format": "pt"}
+      base_model.model.<module>.lora_A.weight    (r, in)
+      base_model.model.<module>.lora_B.weight    (out, r)
+      base_model.model.<module>.weight           a whole module from ``modules_to_save``
+    adapter_config.json
+      peft_type "LORA", r, lora_alpha, target_modules, rank_pattern, alpha_pattern, use_rslora, …
+
+``rank_pattern``/``alpha_pattern`` keys are regexes PEFT matches as ``(.*\\.)?(key)$`` against
+module names; we write full module names, which match exactly the module meant.
+PEFT silently ignores unexpected keys, so nothing here relies on extra keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from loratools.adapter import Adapter, LoraWeight
+from loratools.errors import UnknownFormat, list_problems
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "is_peft_keys", "to_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+UNSUPPORTED_KEYS = {
+    "lora_magnitude_vector": "DoRA (use_dora)",
+    "lora_embedding_A": "LoRA on embedding layers",
+    "lora_embedding_B": "LoRA on embedding layers",
+    "lora_B.bias": "LoRA with a trained bias (lora_bias)",
+}
+# Fields we model; everything else in a config is carried through verbatim.
+MODELLED = {
+    "peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+    "fan_in_fan_out", "base_model_name_or_path", "task_type", "modules_to_save",
+}  # fmt: skip
+
+
+def is_peft_keys(keys: list[str]) -> bool:
+    """True when the keys look like a PEFT LoRA state dict."""
+    return any(LORA_KEY.match(k) for k in keys) and any(k.startswith(PREFIX) for k in keys)
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """The value PEFT would use for ``module``: the first pattern matching ``(.*\\.)?(key)$``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _refuse_unsupported(keys: list[str], config: Mapping[str, Any]) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UnknownFormat(f"this is a PEFT {config.get('peft_type')} adapter; loratools handles LoRA only")
+    if config.get("use_dora"):
+        raise UnknownFormat("DoRA adapters (use_dora=true) are not supported: their delta is not s·B·A")
+    for key in keys:
+        for marker, variant in UNSUPPORTED_KEYS.items():
+            if f".{marker}" in key:
+                raise UnknownFormat(f"{variant} is not supported (tensor {key})")
+
+
+def to_adapter(
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+) -> Adapter:
+    """Build an Adapter from a PEFT state dict and its adapter_config.json contents.
+
+    Raises:
+        UnknownFormat: not LoRA, or a variant whose delta is not ``scale · B @ A`` (DoRA, …).
+        MissingKeys-like UnknownFormat: a module with lora_A but no lora_B, or the reverse.
+    """
+    keys = list(tensors)
+    _refuse_unsupported(keys, config)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX)
+        match = LORA_KEY.match(name)
+        if match:
+            factors.setdefault(match["module"], {})[match["side"]] = tensor
+        else:
+            saved[name] = tensor
+    unpaired = [f"{m} has only lora_{next(iter(f))}" for m, f in factors.items() if len(f) != 2]
+    if unpaired:
+        raise UnknownFormat(f"incomplete LoRA pairs: {list_problems(unpaired)}")
+    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    weights = {
+        module: LoraWeight(f["A"], f["B"], float(pattern_value(alpha_pattern, module, default_alpha)), rslora)
+        for module, f in factors.items()
+    }
+    provenance = json.loads((metadata or {}).get("loratools", "{}"))
+    return Adapter(
+        weights=weights,
+        saved_modules=saved,
+        base_model=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        extra_config={k: v for k, v in config.items() if k not in MODELLED},
+        provenance=provenance,
+    )
+
+
+def _most_common(values: list[Any], fallback: Any) -> Any:
+    return Counter(values).most_common(1)[0][0] if values else fallback
+
+
+def _covers(target_modules: Any, modules: list[str]) -> bool:
+    """Whether PEFT's ``target_modules`` selects every one of ``modules``."""
+    if isinstance(target_modules, str):
+        return all(re.fullmatch(target_modules, m) for m in modules)
+    if isinstance(target_modules, list):
+        return all(m in target_modules or m.rsplit(".", 1)[-1] in target_modules for m in modules)
+    return False
+
+
+def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """The PEFT state dict, adapter_config.json contents and safetensors metadata for ``adapter``.
+
+    Per-module ranks and alphas become ``r``/``lora_alpha`` (the most common values) plus
+    ``rank_pattern``/``alpha_pattern`` for the rest. rsLoRA is kept when every module uses it;
+    otherwise rsLoRA modules are rewritten with ``alpha·√r`` so that ``alpha/r`` gives the same scale.
+    """
+    rslora = bool(adapter.weights) and all(w.use_rslora for w in adapter.weights.values())
+    weights = {m: w if rslora else w.with_plain_scaling() for m, w in adapter.weights.items()}
+    r = _most_common([w.rank for w in weights.values()], 8)
+    alpha = _most_common([w.alpha for w in weights.values() if w.rank == r], float(r))
+    rank_pattern = {m: w.rank for m, w in weights.items() if w.rank != r}
+    alpha_pattern = {m: w.alpha for m, w in weights.items() if w.alpha != alpha}
+
+    tensors: dict[str, torch.Tensor] = {}
+    for module, w in weights.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = w.a.contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = w.b.contiguous()
+    for name, tensor in adapter.saved_modules.items():
+        tensors[f"{PREFIX}{name}"] = tensor.contiguous()
+
+    modules = list(weights)
+    extra = dict(adapter.extra_config)
+    target = extra.pop("target_modules", None)
+    if not _covers(target, modules):
+        target = adapter.target_modules
+    saved_modules = sorted({name.rsplit(".", 1)[0] for name in adapter.saved_modules})
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model,
+        "r": r,
+        "lora_alpha": _plain_number(alpha),
+        "target_modules": target,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {m: _plain_number(a) for m, a in alpha_pattern.items()},
+        "use_rslora": rslora,
+        "use_dora": False,
+        "fan_in_fan_out": adapter.fan_in_fan_out,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "modules_to_save": saved_modules or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    config.update({k: v for k, v in extra.items() if k not in config or k in ("lora_dropout", "bias")})
+    metadata = {"format": "pt"}
+    if adapter.provenance:
+        metadata["loratools"] = json.dumps(adapter.provenance, sort_keys=True)
+    return tensors, config, metadata
+
+
+def _plain_number(value: float) -> float | int:
+    """``16.0`` → ``16`` so configs read like the ones PEFT writes."""
+    return int(value) if float(value).is_integer() else float(value)

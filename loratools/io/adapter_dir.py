@@ -1,0 +1,122 @@
+"""Loading and saving adapters: format detection + safetensors files + configs.
+
+An adapter argument is a PEFT directory, a PEFT ``adapter_model.safetensors`` (its
+``adapter_config.json`` beside it), a kohya ``.safetensors`` file, or a Hub id.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from loratools.adapter import Adapter
+from loratools.errors import CheckpointError, UnknownFormat
+from loratools.formats import peft
+from loratools.formats.detect import detect_adapter_format
+from loratools.io.resolve import resolve_path
+from loratools.io.safetensors_file import SafetensorsFile
+from loratools.io.writer import atomic_output
+
+__all__ = ["adapter_format", "load_adapter", "read_safetensors", "save_adapter"]
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a (small) .safetensors file and its metadata."""
+    st = SafetensorsFile(path)
+    return {name: st.read(name) for name in st.infos}, st.metadata
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable adapter_config.json ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: adapter_config.json must hold a JSON object")
+    return config
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in (peft.WEIGHTS_NAME, "adapter_model.bin"):
+        if (folder / name).is_file():
+            if name.endswith(".bin"):
+                raise UnknownFormat(
+                    f"{folder / name}: pickled adapter weights; re-save with safetensors "
+                    "(PEFT: save_pretrained(safe_serialization=True))"
+                )
+            return folder / name
+    raise CheckpointError(f"{folder}: has {peft.CONFIG_NAME} but no {peft.WEIGHTS_NAME}")
+
+
+def adapter_format(path: Path) -> str:
+    """The format of a local adapter path: ``"peft"`` or ``"kohya"`` (see detect_adapter_format)."""
+    if path.is_dir():
+        if (path / peft.CONFIG_NAME).is_file():
+            return "peft"
+        raise UnknownFormat(f"{path}: not an adapter folder (no {peft.CONFIG_NAME})")
+    if path.suffix != ".safetensors":
+        raise UnknownFormat(f"{path}: not an adapter (expected a PEFT folder or a .safetensors file)")
+    return detect_adapter_format(list(SafetensorsFile(path).infos), str(path))
+
+
+def load_adapter(argument: str | Path, *, base_names: list[str] | None = None) -> Adapter:
+    """Load an adapter from a path or Hub id, whatever its format.
+
+    Args:
+        argument: PEFT folder, PEFT/kohya ``.safetensors`` file, or Hub id.
+        base_names: the base checkpoint's tensor names; kohya needs them to turn
+            ``lora_unet_a_b_c`` back into dotted module paths.
+
+    Raises:
+        UnknownFormat: unknown, ambiguous or unsupported adapter formats.
+        CheckpointError: unreadable files.
+    """
+    path = resolve_path(argument, what="adapter")
+    fmt = adapter_format(path)
+    if fmt == "peft":
+        folder = path if path.is_dir() else path.parent
+        weights = _weights_file(folder) if path.is_dir() else path
+        if not (folder / peft.CONFIG_NAME).is_file():
+            raise CheckpointError(
+                f"{path}: PEFT weights without {peft.CONFIG_NAME} beside them; alpha and scaling are unknown"
+            )
+        tensors, metadata = read_safetensors(weights)
+        return peft.to_adapter(tensors, _read_config(folder / peft.CONFIG_NAME), metadata)
+    tensors, metadata = read_safetensors(path)
+    module = importlib.import_module(f"loratools.formats.{fmt}")
+    return module.to_adapter(tensors, metadata, base_names=base_names)  # type: ignore[no-any-return]
+
+
+def save_adapter(
+    adapter: Adapter,
+    output: str | Path,
+    *,
+    force: bool = False,
+    readme: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``adapter`` as a PEFT folder (adapter_config.json + adapter_model.safetensors), atomically.
+
+    Args:
+        adapter: what to write.
+        output: the folder to create.
+        force: replace an existing folder.
+        readme: a model card written as README.md.
+        extra_files: more text files to add (name → contents).
+    """
+    tensors, config, metadata = peft.from_adapter(adapter)
+    with atomic_output(output, force=force) as folder:
+        folder.mkdir()
+        save_file(tensors, str(folder / peft.WEIGHTS_NAME), metadata=metadata)
+        (folder / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if readme is not None:
+            (folder / "README.md").write_text(readme)
+        for name, text in (extra_files or {}).items():
+            (folder / name).write_text(text)
+    return Path(output)

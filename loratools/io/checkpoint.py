@@ -1,0 +1,267 @@
+"""Reading checkpoints lazily: names, shapes and dtypes up front, one tensor at a time on demand.
+
+A checkpoint is any of:
+- a single ``.safetensors`` file;
+- a model directory with ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
+  exactly one other ``*.safetensors`` file;
+- a PyTorch ``.bin``/``.pt`` file (or directory with ``pytorch_model.bin[.index.json]``), loaded
+  only with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+Hub ids are resolved to a local snapshot by :mod:`loratools.io.resolve` before they get here.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratools.errors import CheckpointError, MissingKeys, UnknownFormat, list_problems
+from loratools.io.safetensors_file import SafetensorsFile, TensorInfo, TensorSpec
+
+__all__ = ["Checkpoint", "ShardLayout", "open_checkpoint"]
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file of a checkpoint's layout: its file name, tensors in data order, header."""
+
+    filename: str
+    specs: list[TensorSpec]
+    header: bytes | None = None  # the source header, reusable verbatim when nothing changes
+
+
+class Checkpoint:
+    """A read-only, lazily loaded checkpoint.
+
+    Attributes:
+        path: what the user named (file or directory).
+        kind: ``"safetensors"``, ``"safetensors-sharded"`` or ``"pytorch"``.
+        model_dir: the directory holding config/tokenizer files to carry along, if any.
+        index_name: the index file name of a sharded checkpoint, else None.
+        metadata: the safetensors ``__metadata__`` of the first file (``{}`` for PyTorch).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        kind: str,
+        files: list[Path],
+        model_dir: Path | None,
+        index_name: str | None = None,
+    ) -> None:
+        self.path, self.kind, self.files = path, kind, files
+        self.model_dir, self.index_name = model_dir, index_name
+        self._safetensors: dict[Path, SafetensorsFile] = {}
+        self._pytorch: dict[str, torch.Tensor] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for file in files:
+            self._load_header(file)
+        self.metadata: dict[str, str] = (
+            dict(self._safetensors[files[0]].metadata) if kind != "pytorch" and files else {}
+        )
+
+    def _load_header(self, file: Path) -> None:
+        if self.kind == "pytorch":
+            tensors = _torch_load(file)
+            for name, tensor in tensors.items():
+                nbytes = tensor.numel() * tensor.element_size()
+                self._infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file, 0, nbytes)
+            self._pytorch.update(tensors)
+            return
+        st = SafetensorsFile(file)
+        self._safetensors[file] = st
+        for name, info in st.infos.items():
+            if name in self._infos:
+                raise CheckpointError(f"{file}: tensor {name!r} is also stored in {self._infos[name].file}")
+            self._infos[name] = info
+
+    # -- what is in it ----------------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def names(self) -> list[str]:
+        """Tensor names in storage order (file by file, then by offset)."""
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(int(torch.Size(info.shape).numel()) for info in self._infos.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self._infos.values())
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a fresh CPU tensor in its stored dtype)."""
+        if name not in self._infos:
+            raise MissingKeys(f"{self.path}: no tensor named {name!r}")
+        if self.kind == "pytorch":
+            return self._pytorch[name]
+        return self._safetensors[self._infos[name].file].read(name)
+
+    def get_raw(self, name: str) -> bytes:
+        """One tensor's stored bytes, for copies that must stay bit-identical."""
+        if self.kind == "pytorch":
+            tensor = self._pytorch[name].contiguous().reshape(-1)
+            return tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        return self._safetensors[self._infos[name].file].read_raw(name)
+
+    def iter_tensors(
+        self, names: Iterable[str] | None = None, prefetch: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` in order, reading the next tensor while the caller works."""
+        order = list(self._infos if names is None else names)
+        if not prefetch or len(order) < 2:
+            yield from ((name, self.get(name)) for name in order)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-read") as pool:
+            pending = pool.submit(self.get, order[0])
+            for position, name in enumerate(order):
+                tensor = pending.result()
+                if position + 1 < len(order):
+                    pending = pool.submit(self.get, order[position + 1])
+                yield name, tensor
+
+    # -- layout, for writers that keep it ---------------------------------------------------
+    def layout(self, dtype_of: dict[str, torch.dtype] | None = None) -> list[ShardLayout]:
+        """This checkpoint's files as output shards, optionally with some tensors' dtypes changed.
+
+        A file none of whose dtypes change keeps its source header bytes, so its copy is
+        byte-identical.
+        """
+        dtype_of = dtype_of or {}
+        out = []
+        for file in self.files:
+            infos = [info for info in self._infos.values() if info.file == file]
+            specs = [TensorSpec(i.name, i.shape, dtype_of.get(i.name, i.dtype)) for i in infos]
+            unchanged = all(spec.dtype == info.dtype for spec, info in zip(specs, infos))
+            header = self._safetensors[file].header if unchanged and file in self._safetensors else None
+            out.append(ShardLayout(_safetensors_name(file), specs, header))
+        return out
+
+
+def _safetensors_name(file: Path) -> str:
+    return file.name if file.suffix == ".safetensors" else file.with_suffix(".safetensors").name
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    warnings.warn(
+        f"{file}: reading a PyTorch pickle checkpoint with weights_only=True; safetensors is "
+        "preferred (loratools convert MODEL --to safetensors)",
+        stacklevel=3,
+    )
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) serialization cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{file}: refused to load: it holds Python objects beyond tensors, which weights_only "
+            f"loading does not unpickle ({str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors (a state_dict)")
+    return {str(k): v for k, v in state.items()}
+
+
+def _index_files(index_path: Path) -> list[Path]:
+    """The shard files an index.json names, in first-use order, each checked to be inside the folder."""
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map: dict[str, str] = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid index ({exc!r}); it needs a weight_map") from exc
+    folder = index_path.parent.resolve()
+    files: list[Path] = []
+    for shard in dict.fromkeys(weight_map.values()):
+        candidate = (folder / str(shard)).resolve()
+        if candidate.parent != folder:
+            raise CheckpointError(
+                f"{index_path}: refused: shard {shard!r} points outside the model folder {folder}"
+            )
+        files.append(candidate)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MissingKeys(f"{index_path}: missing shard files: {list_problems(missing)}")
+    return files
+
+
+def _check_index_covers(ckpt: Checkpoint, index_path: Path) -> None:
+    weight_map = json.loads(index_path.read_text())["weight_map"]
+    absent = [name for name in weight_map if name not in ckpt]
+    if absent:
+        raise MissingKeys(f"{index_path}: tensors listed but not in their shards: {list_problems(absent)}")
+
+
+def _open_directory(path: Path) -> Checkpoint:
+    if (path / SAFETENSORS_INDEX).is_file():
+        index = path / SAFETENSORS_INDEX
+        ckpt = Checkpoint(path, "safetensors-sharded", _index_files(index), path, SAFETENSORS_INDEX)
+        _check_index_covers(ckpt, index)
+        return ckpt
+    if (path / "model.safetensors").is_file():
+        return Checkpoint(path, "safetensors", [path / "model.safetensors"], path)
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return Checkpoint(path, "safetensors", candidates, path)
+    if len(candidates) > 1:
+        names = ", ".join(c.name for c in candidates[:4])
+        raise UnknownFormat(
+            f"{path}: several .safetensors files ({names}) and no {SAFETENSORS_INDEX}; "
+            "point at one file, or add an index"
+        )
+    if (path / PYTORCH_INDEX).is_file():
+        return Checkpoint(path, "pytorch", _index_files(path / PYTORCH_INDEX), path, PYTORCH_INDEX)
+    for name in ("pytorch_model.bin", "model.pt", "model.bin"):
+        if (path / name).is_file():
+            return Checkpoint(path, "pytorch", [path / name], path)
+    raise UnknownFormat(f"{path}: no model weights found (expected model.safetensors or an index.json)")
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a local checkpoint file or model directory (see the module docstring).
+
+    Raises:
+        CheckpointError: missing, unreadable or corrupt files; unsafe index entries.
+        UnknownFormat: a path that is not a checkpoint of a known kind.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _open_directory(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.suffix == ".safetensors":
+        return Checkpoint(path, "safetensors", [path], None)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return Checkpoint(path, "pytorch", [path], None)
+    if path.name.endswith(".index.json"):
+        kind = "pytorch" if path.name == PYTORCH_INDEX else "safetensors-sharded"
+        return Checkpoint(path, kind, _index_files(path), path.parent, path.name)
+    raise UnknownFormat(f"{path}: not a checkpoint (expected .safetensors, .bin/.pt or a model directory)")

@@ -1,0 +1,250 @@
+"""Pure linear algebra on tensors: truncated SVDs, factored SVDs of low-rank products, energy.
+
+Everything here takes tensors and returns tensors (float32 unless stated), never touches files and
+never forms a dense d×k matrix where a factored form works:
+
+- :func:`randomized_svd` — Halko, Martinsson & Tropp (2011): a Gaussian sketch, power iterations
+  with QR re-orthonormalisation, and a small SVD. O(d·k·(r+p)) per iteration instead of
+  O(d·k·min(d, k)) for a full SVD. Iterates until the rank-r error stops improving.
+- :func:`factored_svd` — the SVD of ``B @ A`` (B: d×r, A: r×k) from QR(B), QR(Aᵀ) and the SVD of
+  an r×r core: O((d + k)·r²).
+- energy helpers: ``‖M‖²_F = Σ σᵢ²``; the best rank-r error is ``Σ_{i>r} σᵢ²`` (Eckart–Young).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "Split",
+    "Svd",
+    "allocate_budget",
+    "energy_curve",
+    "exact_svd",
+    "factored_svd",
+    "factored_svd_sum",
+    "randomized_svd",
+    "rank_for_energy",
+    "stable_rank",
+    "truncated_svd",
+]
+
+Split = Literal["sqrt", "b"]
+
+
+@dataclass(frozen=True)
+class Svd:
+    """A (possibly truncated) SVD ``M ≈ u @ diag(s) @ vh``: u (d, r), s (r,) descending, vh (r, k)."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.s.shape[0])
+
+    def truncate(self, rank: int) -> Svd:
+        """The leading ``rank`` triplets."""
+        return Svd(self.u[:, :rank], self.s[:rank], self.vh[:rank])
+
+    def factors(self, split: Split = "sqrt") -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA factors ``(B, A)`` with ``B @ A = u diag(s) vh``.
+
+        Args:
+            split: ``"sqrt"`` puts √S on both sides (B = U√S, A = √S Vᵀ — balanced norms, what
+                training would find); ``"b"`` puts S in B (B = U S, A = Vᵀ with orthonormal rows).
+
+        Returns:
+            B (d, r) and A (r, k).
+        """
+        if split == "sqrt":
+            root = self.s.sqrt()
+            return self.u * root, root[:, None] * self.vh  # (d, r), (r, k)
+        if split == "b":
+            return self.u * self.s, self.vh
+        raise ValueError(f"unknown split {split!r}: use 'sqrt' or 'b'")
+
+
+def exact_svd(m: torch.Tensor) -> Svd:
+    """Full thin SVD of ``m`` (d, k) in float32 (or the input's float64)."""
+    u, s, vh = torch.linalg.svd(_as_float(m), full_matrices=False)
+    return Svd(u, s, vh)
+
+
+def _as_float(m: torch.Tensor) -> torch.Tensor:
+    return m if m.dtype in (torch.float32, torch.float64) else m.float()
+
+
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y).Q
+
+
+def _project(m: torch.Tensor, q: torch.Tensor) -> Svd:
+    """SVD of ``m`` restricted to the column space of ``q``: M ≈ Q (Qᵀ M)."""
+    u_small, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)  # (l, l), (l,), (l, k)
+    return Svd(q @ u_small, s, vh)
+
+
+def randomized_svd(
+    m: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    niter: int = 2,
+    rtol: float = 1e-3,
+    max_iter: int = 12,
+    seed: int = 0,
+) -> Svd:
+    """Rank-``rank`` truncated SVD of ``m`` (d, k) by a randomized range finder.
+
+    Sketch ``Y = M Ω`` with Ω (k, r + p) Gaussian, then subspace (power) iterations
+    ``Q ← qr(M qr(Mᵀ Q))``. After ``niter`` iterations it keeps iterating while one more
+    iteration still lowers the rank-r residual ``‖M‖²_F − Σ_{i≤r} s̃ᵢ²`` by more than ``rtol``
+    of itself, so a slowly decaying spectrum gets the iterations it needs instead of a worse
+    factorisation. The residual is never below the optimum (s̃ᵢ ≤ σᵢ), and it converges to it.
+
+    Args:
+        m: the matrix, (d, k); upcast to float32.
+        rank: how many singular triplets to return.
+        oversample: extra sketch columns p (Halko et al. suggest 5–10).
+        niter: power iterations always done.
+        rtol: stop when one iteration improves the squared residual by less than this fraction.
+        max_iter: hard cap on power iterations.
+        seed: seed of the Gaussian sketch (results are deterministic for a given seed/device).
+
+    Returns:
+        Svd with u (d, rank), s (rank,), vh (rank, k).
+
+    Example:
+        >>> svd = randomized_svd(torch.randn(512, 256), 8)
+        >>> b, a = svd.factors()  # (512, 8), (8, 256)
+    """
+    m = _as_float(m)
+    d, k = m.shape
+    width = min(rank + oversample, d, k)
+    if width >= min(d, k) // 2:  # a sketch this wide costs as much as the exact SVD
+        return exact_svd(m).truncate(rank)
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    omega = torch.randn(k, width, generator=gen, device=m.device, dtype=m.dtype)  # (k, l)
+    q = _orthonormal(m @ omega)  # (d, l)
+    total = float(m.square().sum())
+    residual = float("inf")
+    for iteration in range(max_iter):
+        q = _orthonormal(m @ _orthonormal(m.T @ q))  # one subspace iteration, (d, l)
+        if iteration + 1 < niter:
+            continue
+        svd = _project(m, q)
+        new_residual = max(total - float(svd.s[:rank].square().sum()), 0.0)
+        converged = residual - new_residual <= rtol * new_residual or new_residual <= 1e-12 * total
+        residual = new_residual
+        if converged:
+            break
+    return svd.truncate(rank)
+
+
+def truncated_svd(m: torch.Tensor, rank: int, *, exact: bool = False, seed: int = 0) -> Svd:
+    """Rank-``rank`` SVD of ``m``: randomized by default, the full SVD with ``exact=True``."""
+    return exact_svd(m).truncate(rank) if exact else randomized_svd(m, rank, seed=seed)
+
+
+def factored_svd(b: torch.Tensor, a: torch.Tensor) -> Svd:
+    """Exact SVD of the product ``b @ a`` without forming it.
+
+    With ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a``: ``B A = Q_b (R_b R_aᵀ) Q_aᵀ``; an SVD of the small
+    core ``R_b R_aᵀ = U_c S V_cᵀ`` gives ``U = Q_b U_c`` and ``Vᵀ = V_cᵀ Q_aᵀ``. Cost
+    O((d + k)·r²) against O(d·k·min(d, k)) for the dense product.
+
+    Args:
+        b: (d, r).
+        a: (r, k).
+
+    Returns:
+        Svd with u (d, r'), s (r',), vh (r', k), r' = min(r, d, k); singular values descending.
+    """
+    b, a = _as_float(b), _as_float(a)
+    q_b, r_b = torch.linalg.qr(b)  # (d, r), (r, r)
+    q_a, r_a = torch.linalg.qr(a.T)  # (k, r), (r, r)
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T)  # (r, r) core
+    return Svd(q_b @ u_c, s, vh_c @ q_a.T)
+
+
+def factored_svd_sum(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Svd:
+    """Exact SVD of ``Σᵢ Bᵢ @ Aᵢ``: the factored SVD of ``[B₁|B₂|…] @ [A₁; A₂; …]``."""
+    b = torch.cat([_as_float(b) for b, _ in pairs], dim=1)  # (d, Σr)
+    a = torch.cat([_as_float(a) for _, a in pairs], dim=0)  # (Σr, k)
+    return factored_svd(b, a)
+
+
+def energy_curve(s: torch.Tensor, total: float | None = None) -> torch.Tensor:
+    """Cumulative energy kept by the top 1, 2, … singular values: ``Σ_{i≤r} σᵢ² / ‖M‖²_F``.
+
+    Args:
+        s: singular values, descending.
+        total: ``‖M‖²_F`` when ``s`` is only the top of the spectrum; defaults to ``Σ σᵢ²``.
+    """
+    energy = s.double().square().cumsum(0)
+    denominator = float(energy[-1]) if total is None else total
+    return energy / denominator if denominator > 0 else torch.ones_like(energy)
+
+
+def rank_for_energy(s: torch.Tensor, fraction: float, total: float | None = None) -> int:
+    """Smallest r whose top-r singular values keep at least ``fraction`` of the energy.
+
+    When ``s`` is a truncated spectrum that cannot reach ``fraction`` of ``total``, returns
+    ``len(s)`` (the caller asked for more than it computed).
+    """
+    if s.numel() == 0:
+        return 0
+    curve = energy_curve(s, total)
+    reached = torch.nonzero(curve >= fraction - 1e-12)
+    return int(reached[0]) + 1 if reached.numel() else int(s.numel())
+
+
+def stable_rank(s: torch.Tensor, total: float | None = None) -> float:
+    """``‖M‖²_F / ‖M‖²₂ = Σ σᵢ² / σ₁²``; between 1 and rank(M). 0 for a zero matrix."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0.0
+    energy = float(s.double().square().sum()) if total is None else total
+    return energy / float(s[0]) ** 2
+
+
+def allocate_budget(
+    spectra: Mapping[str, torch.Tensor],
+    budget: int,
+    *,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+) -> dict[str, int]:
+    """Split a total rank ``budget`` across modules to keep the most total energy.
+
+    Each module first gets ``min_rank``; the rest of the budget goes to the largest remaining
+    σᵢ² model-wide (the greedy choice is optimal because each module's σᵢ² are descending).
+
+    Args:
+        spectra: module → its singular values (descending).
+        budget: total rank summed over modules.
+        min_rank: rank every module keeps at least.
+        max_rank: cap per module.
+
+    Returns:
+        module → rank, summing to at most ``budget``.
+    """
+    names = list(spectra)
+    ranks = {name: min(min_rank, len(spectra[name])) for name in names}
+    left = budget - sum(ranks.values())
+    if left < 0:
+        raise ValueError(f"a budget of {budget} cannot give {len(names)} modules rank {min_rank} each")
+    candidates: list[tuple[float, str]] = []
+    for name in names:
+        cap = len(spectra[name]) if max_rank is None else min(max_rank, len(spectra[name]))
+        tail = spectra[name][ranks[name] : cap].double().square().tolist()
+        candidates += [(energy, name) for energy in tail]
+    candidates.sort(key=lambda item: item[0], reverse=True)
+    for _, name in candidates[:left]:
+        ranks[name] += 1
+    return ranks
