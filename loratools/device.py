@@ -20,7 +20,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise LoratoolsError(f"--device {name!r} is not a device name (use auto, cpu, cuda or cuda:N)") from exc
+        raise LoratoolsError(
+            f"--device {name!r} is not a device name (use auto, cpu, cuda or cuda:N)"
+        ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoratoolsError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device

@@ -19,7 +19,10 @@ from loratools import __version__
 # name → (module, one-line help); each module defines a click command named like the module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("loratools.cli.inspect", "Summarise a checkpoint or an adapter."),
-    "extract": ("loratools.cli.extract", "Extract a LoRA adapter from a full fine-tune (truncated SVD of ΔW)."),
+    "extract": (
+        "loratools.cli.extract",
+        "Extract a LoRA adapter from a full fine-tune (truncated SVD of ΔW).",
+    ),
     "merge": ("loratools.cli.merge", "Merge adapters into base weights: W = W0 + Σ w·s·B·A."),
     "unmerge": ("loratools.cli.merge", "Subtract adapters from merged weights."),
     "swap": ("loratools.cli.merge", "Replace one merged adapter by another in one pass."),

@@ -14,7 +14,9 @@ from loratools.errors import MissingKeys, list_problems
 __all__ = ["resolve_modules", "resolve_tensor_names"]
 
 
-def resolve_tensor_names(names: Iterable[str], base_names: Iterable[str], what: str = "adapter") -> dict[str, str]:
+def resolve_tensor_names(
+    names: Iterable[str], base_names: Iterable[str], what: str = "adapter"
+) -> dict[str, str]:
     """Map each tensor name to the base tensor it refers to: exact match, else a unique suffix match.
 
     Args:

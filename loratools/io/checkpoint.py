@@ -154,7 +154,7 @@ class Checkpoint:
         for file in self.files:
             infos = [info for info in self._infos.values() if info.file == file]
             specs = [TensorSpec(i.name, i.shape, dtype_of.get(i.name, i.dtype)) for i in infos]
-            unchanged = all(spec.dtype == info.dtype for spec, info in zip(specs, infos))
+            unchanged = all(spec.dtype == info.dtype for spec, info in zip(specs, infos, strict=True))
             header = self._safetensors[file].header if unchanged and file in self._safetensors else None
             out.append(ShardLayout(_safetensors_name(file), specs, header))
         return out

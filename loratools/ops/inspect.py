@@ -37,7 +37,14 @@ def summarize_checkpoint(ckpt: Checkpoint, config: dict[str, Any] | None = None)
         "largest_tensor": max(infos, key=lambda i: i.nbytes).name if infos else None,
     }
     if config:
-        keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size", "torch_dtype")
+        keys = (
+            "model_type",
+            "architectures",
+            "hidden_size",
+            "num_hidden_layers",
+            "vocab_size",
+            "torch_dtype",
+        )
         summary["config"] = {k: config[k] for k in keys if k in config}
     return summary
 
