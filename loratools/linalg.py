@@ -169,7 +169,7 @@ def factored_svd(b: torch.Tensor, a: torch.Tensor) -> Svd:
     b, a = _as_float(b), _as_float(a)
     q_b, r_b = torch.linalg.qr(b)  # (d, r), (r, r)
     q_a, r_a = torch.linalg.qr(a.T)  # (k, r), (r, r)
-    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T)  # (r, r) core
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # (r, r) core; thin if r > d or k
     return Svd(q_b @ u_c, s, vh_c @ q_a.T)
 
 
