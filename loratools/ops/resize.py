@@ -1,0 +1,201 @@
+"""Lowering an adapter's ranks optimally, without ever forming a dense d×k delta.
+
+Each module's update is ``ΔW = s·B·A`` (B: d×r, A: r×k). Its exact SVD comes from QR(B), QR(Aᵀ)
+and the SVD of an r×r core (:func:`loratools.linalg.factored_svd`, O((d + k)·r²)). By
+Eckart–Young, keeping the top r' triplets is the best rank-r' approximation, and it keeps
+
+    energy(r') = Σ_{i≤r'} σᵢ² / Σᵢ σᵢ² = 1 − ‖ΔW − ΔW_r'‖²_F / ‖ΔW‖²_F
+
+of the module's squared Frobenius norm. Three ways to pick r' (exactly one per call):
+
+- ``rank``:   r' = min(rank, r) for every module;
+- ``energy``: the smallest r' with energy(r') ≥ F, per module;
+- ``budget``: Σ r' ≤ N over all modules, given to the largest σᵢ² model-wide
+  (:func:`loratools.linalg.allocate_budget`; greedy is optimal as each spectrum is descending).
+
+A resized module gets ``alpha = r'`` (scale 1, no rsLoRA): the scale is folded into the factors.
+Modules whose rank does not drop are kept bit-for-bit, with their own alpha and scaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from loratools.adapter import Adapter, LoraWeight
+from loratools.errors import LoratoolsError
+from loratools.linalg import Split, Svd, allocate_budget, factored_svd, rank_for_energy
+from loratools.ops import Progress, no_progress
+
+__all__ = [
+    "ModuleResize",
+    "ResizeOptions",
+    "ResizeResult",
+    "energy_kept",
+    "lora_from_svd",
+    "resize_adapter",
+]
+
+
+@dataclass(frozen=True)
+class ResizeOptions:
+    """How to choose each module's new rank; exactly one of ``rank``, ``energy``, ``budget``.
+
+    Attributes:
+        rank: the same maximum rank for every module.
+        energy: keep at least this fraction (0 < F ≤ 1) of each module's ‖ΔW‖²_F.
+        budget: total rank over all modules, placed where the largest σᵢ² are.
+        min_rank: with ``budget``, the rank every module keeps at least.
+        split: how S is shared between the new factors (see :meth:`loratools.linalg.Svd.factors`).
+        dtype: dtype of the new factors; ``None`` keeps each module's dtype.
+        device: where the SVDs run (results come back to the CPU).
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    budget: int | None = None
+    min_rank: int = 1
+    split: Split = "sqrt"
+    dtype: torch.dtype | None = None
+    device: str | torch.device = "cpu"
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("rank", "energy", "budget") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of rank (-r), energy (--energy) or budget (--budget)")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"budget must be at least 1, got {self.budget}")
+        if self.min_rank < 1:
+            raise ValueError(f"min_rank must be at least 1, got {self.min_rank}")
+        if self.split not in ("sqrt", "b"):
+            raise ValueError(f"split must be 'sqrt' or 'b', got {self.split!r}")
+
+    def record(self) -> dict[str, Any]:
+        """The choices that changed the numbers, for the output's provenance."""
+        return {"rank": self.rank, "energy": self.energy, "budget": self.budget, "split": self.split}
+
+
+@dataclass(frozen=True)
+class ModuleResize:
+    """What happened to one module: its rank before and after, and the energy kept."""
+
+    name: str
+    rank_before: int
+    rank: int
+    energy_kept: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rank_before": self.rank_before,
+            "rank": self.rank,
+            "energy_kept": self.energy_kept,
+        }
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    """The resized adapter and a per-module report."""
+
+    adapter: Adapter
+    modules: list[ModuleResize] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able report (the CLI's ``--json`` document, less the output path)."""
+        return {
+            "modules": [m.as_dict() for m in self.modules],
+            "rank_total_before": sum(m.rank_before for m in self.modules),
+            "rank_total": sum(m.rank for m in self.modules),
+            "min_energy_kept": min((m.energy_kept for m in self.modules), default=1.0),
+            "parameters": self.adapter.num_parameters,
+        }
+
+
+def energy_kept(s: torch.Tensor, rank: int) -> float:
+    """``Σ_{i≤rank} σᵢ² / Σᵢ σᵢ²`` of a complete spectrum ``s`` (1.0 for a zero matrix)."""
+    energy = s.double().square()
+    total = float(energy.sum())
+    return float(energy[:rank].sum()) / total if total > 0 else 1.0
+
+
+def lora_from_svd(svd: Svd, rank: int, split: Split, dtype: torch.dtype) -> LoraWeight:
+    """A LoRA module for the top ``rank`` triplets of ``svd``, with alpha = rank (scale 1).
+
+    Args:
+        svd: u (d, R), s (R,), vh (R, k), any device.
+        rank: how many triplets to keep (≤ R).
+        split: how S is shared between B and A.
+        dtype: dtype of the factors, which are returned on the CPU.
+
+    Returns:
+        LoraWeight with A (rank, k), B (d, rank), alpha = rank, so ``delta = B @ A``.
+    """
+    b, a = svd.truncate(rank).factors(split)  # (d, rank), (rank, k)
+    return LoraWeight(a.to("cpu", dtype).contiguous(), b.to("cpu", dtype).contiguous(), float(rank))
+
+
+def _module_svd(weight: LoraWeight, device: torch.device) -> Svd:
+    b, a = weight.scaled_factors()  # (d, r) with the scale folded in, (r, k)
+    return factored_svd(b.to(device), a.to(device))
+
+
+def _choose_ranks(spectra: dict[str, torch.Tensor], options: ResizeOptions) -> dict[str, int]:
+    if options.budget is not None:
+        if options.budget < options.min_rank * len(spectra):
+            raise LoratoolsError(
+                f"a budget of {options.budget} cannot give {len(spectra)} modules rank "
+                f"{options.min_rank} each; raise --budget or lower --min-rank"
+            )
+        return allocate_budget(spectra, options.budget, min_rank=options.min_rank)
+    if options.energy is not None:
+        return {n: max(1, rank_for_energy(s, options.energy)) for n, s in spectra.items()}
+    assert options.rank is not None  # guaranteed by ResizeOptions.__post_init__
+    return {n: min(options.rank, len(s)) for n, s in spectra.items()}
+
+
+def resize_adapter(
+    adapter: Adapter, options: ResizeOptions, progress: Progress = no_progress
+) -> ResizeResult:
+    """Lower every module's rank optimally (truncated factored SVD), never raising one.
+
+    Args:
+        adapter: the adapter to resize.
+        options: how to choose the ranks.
+        progress: called with each module's name once its SVD is done.
+
+    Returns:
+        ResizeResult: the new adapter (provenance ``{"method": "resize", …, "input": old}``)
+        and, per module, rank before/after and the energy kept.
+
+    Raises:
+        LoratoolsError: a budget too small for ``min_rank`` on every module.
+
+    Example:
+        >>> result = resize_adapter(adapter, ResizeOptions(energy=0.99))
+        >>> [m.rank for m in result.modules]
+    """
+    device = torch.device(options.device)
+    svds: dict[str, Svd] = {}
+    for name, weight in adapter.weights.items():
+        svds[name] = _module_svd(weight, device)
+        progress(name)
+    ranks = _choose_ranks({n: svd.s.cpu() for n, svd in svds.items()}, options)
+    weights: dict[str, LoraWeight] = {}
+    report: list[ModuleResize] = []
+    for name, weight in adapter.weights.items():
+        new_rank = min(ranks[name], weight.rank)
+        dtype = options.dtype or weight.dtype
+        if new_rank >= weight.rank:  # nothing to cut: keep the factors exactly
+            weights[name] = weight if dtype == weight.dtype else weight.to(dtype)
+        else:
+            weights[name] = lora_from_svd(svds[name], new_rank, options.split, dtype)
+        kept = energy_kept(svds[name].s, new_rank)
+        report.append(ModuleResize(name, weight.rank, new_rank, kept))
+    provenance = {"method": "resize", **options.record(), "input": dict(adapter.provenance)}
+    return ResizeResult(replace(adapter, weights=weights, provenance=provenance), report)
