@@ -46,6 +46,11 @@ MODELLED = {
 }  # fmt: skip
 
 
+def natural_key(name: str) -> list[str | int]:
+    """Sort key that orders ``layers.2`` before ``layers.10`` (files store names alphabetically)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def is_peft_keys(keys: list[str]) -> bool:
     """True when the keys look like a PEFT LoRA state dict."""
     return any(LORA_KEY.match(k) for k in keys) and any(k.startswith(PREFIX) for k in keys)
@@ -100,7 +105,7 @@ def to_adapter(
     rslora = bool(config.get("use_rslora", False))
     weights = {
         module: LoraWeight(f["A"], f["B"], float(pattern_value(alpha_pattern, module, default_alpha)), rslora)
-        for module, f in factors.items()
+        for module, f in sorted(factors.items(), key=lambda item: natural_key(item[0]))
     }
     provenance = json.loads((metadata or {}).get("loratools", "{}"))
     return Adapter(
@@ -152,7 +157,8 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
     extra = dict(adapter.extra_config)
     target = extra.pop("target_modules", None)
     if not _covers(target, modules):
-        target = adapter.target_modules
+        # Exact module names: leaf names would also wrap modules this adapter has no factors for.
+        target = sorted(modules, key=natural_key)
     saved_modules = sorted({name.rsplit(".", 1)[0] for name in adapter.saved_modules})
     config: dict[str, Any] = {
         "peft_type": "LORA",
