@@ -173,7 +173,7 @@ def test_reading_a_sharded_checkpoint_keeps_memory_near_one_tensor(tmp_path: Pat
     (the one held and the one prefetched), not by the 256 MB checkpoint."""
     tensor_mb, count = 32, 8
     elements = tensor_mb * 2**20 // 4
-    specs = [("t%d" % i, (elements,), torch.float32) for i in range(count)]
+    specs = [(f"t{i}", (elements,), torch.float32) for i in range(count)]
     from loratools.io.safetensors_file import TensorSpec
 
     layout = plan_shards([TensorSpec(*s) for s in specs], 2 * tensor_mb * 2**20)

@@ -58,10 +58,13 @@ def test_existing_output_refused_unless_forced(tmp_path: Path) -> None:
 
 def test_writer_failure_inside_atomic_output_leaves_nothing(tmp_path: Path) -> None:
     specs = [TensorSpec("a", (4,), torch.float32), TensorSpec("b", (4,), torch.float32)]
-    with pytest.raises(RuntimeError), atomic_output(tmp_path / "ckpt") as tmp:
-        with CheckpointWriter(tmp, plan_shards(specs, 16)) as writer:
-            writer.write("a", torch.zeros(4))
-            raise RuntimeError("interrupted")
+    with (
+        pytest.raises(RuntimeError),
+        atomic_output(tmp_path / "ckpt") as tmp,
+        CheckpointWriter(tmp, plan_shards(specs, 16)) as writer,
+    ):
+        writer.write("a", torch.zeros(4))
+        raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
 
 
