@@ -1,0 +1,101 @@
+"""``loratools extract BASE FINETUNED -r RANK -o OUT``: a full fine-tune → a PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from loratools.cli import render
+from loratools.cli.options import device_option, dtype_option, force_flag, reporting
+
+
+@click.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("-o", "--output", required=True, help="Adapter folder to create.")
+@click.option("-r", "--rank", type=int, help="The same rank for every module.")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖².")
+@click.option("--sv-threshold", type=float, help="Per module, keep every singular value ≥ this.")
+@click.option("--budget", type=int, help="Total rank over all modules, given to the largest σ model-wide.")
+@click.option("--max-rank", type=int, help="Rank cap with --energy/--sv-threshold/--budget [default: 64].")
+@click.option(
+    "--targets", multiple=True, help="Leaf names (q_proj,v_proj) or one regex [default: all linears]."
+)
+@click.option("--exact", is_flag=True, help="Full SVD instead of the randomized one.")
+@click.option(
+    "--split", type=click.Choice(["sqrt", "b"]), default="sqrt", show_default=True, help="Where S goes."
+)
+@click.option("--alpha", type=float, help="LoRA alpha for every module [default: alpha = rank, scale 1].")
+@click.option("--modules-to-save", is_flag=True, help="Carry changed norms/biases/other weights in full.")
+@click.option("--include-embeddings", is_flag=True, help="Carry changed embeddings and lm_head in full.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@dtype_option
+@device_option
+@force_flag
+@reporting
+def extract(base: str, finetuned: str, output: str, dtype: str | None, device: str, force: bool,
+            as_json: bool, quiet: bool, targets: tuple[str, ...], **choices: object) -> None:  # fmt: skip
+    """Extract a LoRA adapter from FINETUNED, a full fine-tune of BASE: ΔW ≈ (alpha/r)·B·A by truncated SVD.
+
+    Runs under `torchrun --nproc-per-node N` too: the modules are shared, rank 0 writes.
+    """
+    import torch
+
+    from loratools.device import resolve_device
+    from loratools.errors import OutputExists
+    from loratools.io.adapter_dir import save_adapter
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+    from loratools.io.writer import check_not_an_input
+    from loratools.ops.distributed import workers_from_env
+    from loratools.ops.extract import ExtractOptions, model_card, plan_extraction
+    from loratools.ops.extract import extract as run_extract
+
+    names = tuple(t for value in targets for t in value.split(",")) if targets else None
+    options = ExtractOptions(targets=names, dtype=getattr(torch, dtype) if dtype else None, **choices)  # type: ignore[arg-type]
+    if Path(output).exists() and not force:
+        raise OutputExists(f"{output} already exists; pass --force to replace it")
+    base_path, ft_path = resolve_path(base), resolve_path(finetuned)
+    check_not_an_input(Path(output), [base_path, ft_path])
+    base_ckpt, ft_ckpt = open_checkpoint(base_path), open_checkpoint(ft_path)
+    plan = plan_extraction(base_ckpt, ft_ckpt, options)
+    with workers_from_env(os.environ, resolve_device(device)) as workers:
+        total = len(workers.share(plan.items))
+        with render.progress(total, "extract", quiet=quiet or not workers.is_main) as advance:
+            result = run_extract(base_ckpt, ft_ckpt, options, plan=plan, workers=workers, progress=advance,
+                                 base_model=base, finetuned_model=finetuned, task_type=_task_type(ft_path))  # fmt: skip
+    if result is None:  # another torchrun process: rank 0 writes
+        return
+    save_adapter(result.adapter, output, force=force, readme=model_card(result))
+    _report(result.summary(output), as_json, quiet)
+
+
+def _task_type(model_dir: Path) -> str | None:
+    """``CAUSAL_LM`` when the fine-tune's config.json names a ``…ForCausalLM`` architecture."""
+    config = model_dir / "config.json" if model_dir.is_dir() else None
+    if config is None or not config.is_file():
+        return None
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
+
+
+def _report(summary: dict, as_json: bool, quiet: bool) -> None:
+    skipped = summary["skipped"]
+    if skipped:
+        shown = ", ".join(f"{s['name']} ({s['reason']})" for s in skipped[:3])
+        render.warn(
+            f"{len(skipped)} changed tensor(s) not in the adapter: {shown}"
+            + (" …" if len(skipped) > 3 else "")
+        )
+    if as_json:
+        render.emit_json(summary)
+        return
+    rows = [(m["name"], m["rank"], m["energy_kept"], m["relative_error"]) for m in summary["modules"]]
+    render.table(f"extracted → {summary['output']}", ["module", "rank", "energy kept", "relative error"], rows,
+                 quiet=quiet)  # fmt: skip
+    if not quiet:
+        render.note(f"{len(rows)} modules, {summary['parameters']:,} parameters, energy kept "
+                    f"{summary['energy_kept']:.4f}, mean relative error {summary['mean_relative_error']:.4g}")  # fmt: skip
