@@ -1,0 +1,138 @@
+"""``loratools merge | unmerge | swap``: bake adapters into base weights, take them out, switch them.
+
+loratools merge BASE ADAPTER... -o OUT [--weight W ...]       W = W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ
+loratools unmerge MERGED ADAPTER... -o OUT [--weight W ...]   W = W0 − Σ wᵢ·sᵢ·Bᵢ·Aᵢ
+loratools swap MERGED --remove ADAPTER --add ADAPTER -o OUT   both, in one pass
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from loratools.cli import render
+from loratools.cli.options import device_option, dtype_option, force_flag, reporting
+
+TABLE_ROWS = 24  # beyond this many modules the table shows the ones losing most to rounding
+
+
+def _weights(adapters: Sequence[str], weights: Sequence[float], flag: str) -> list[tuple[str, float]]:
+    if weights and len(weights) != len(adapters):
+        raise click.UsageError(
+            f"{len(weights)} {flag} value(s) for {len(adapters)} adapter(s); give one per adapter, or none"
+        )
+    return list(zip(adapters, weights or [1.0] * len(adapters), strict=True))
+
+
+def _run(
+    base: str,
+    output: str,
+    add: list[tuple[str, float]],
+    remove: list[tuple[str, float]],
+    settings: dict[str, Any],
+) -> None:
+    """Build the options, make the one library call, render the report."""
+    import torch
+
+    from loratools.device import resolve_device
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+    from loratools.ops.merge import MergeOptions, merge_paths
+
+    dtype = getattr(torch, settings["dtype"]) if settings["dtype"] else None
+    options = MergeOptions(dtype=dtype, device=str(resolve_device(settings["device"])))
+    quiet, as_json = settings["quiet"], settings["as_json"]
+    total = len(open_checkpoint(resolve_path(base)))
+    label = "swapping" if add and remove else "merging" if add else "unmerging"
+    with render.progress(total, label, quiet=quiet) as advance:
+        report = merge_paths(
+            base, output, add=add, remove=remove, options=options, force=settings["force"], progress=advance
+        )
+    for warning in report.warnings:
+        render.warn(warning)
+    if as_json:
+        render.emit_json(report.to_dict())
+        return
+    _summary(report, quiet)
+
+
+def _summary(report: Any, quiet: bool) -> None:
+    modules = sorted(
+        report.modules, key=lambda m: -(m.lost_fraction if m.lost_fraction == m.lost_fraction else 0)
+    )
+    shown = modules[:TABLE_ROWS] if len(modules) > TABLE_ROWS else report.modules
+    rows = [(m.name, "×".join(map(str, m.shape)), m.dtype, m.relative_delta, m.lost_fraction) for m in shown]
+    title = f"{report.operation}: {len(report.modules)} tensor(s) updated"
+    if len(shown) < len(modules):
+        title += f" (the {len(shown)} losing most to rounding; --json lists all)"
+    render.table(title, ["tensor", "shape", "dtype", "‖Δ‖/‖W0‖", "lost to rounding"], rows, quiet=quiet)
+    if not quiet:
+        render.note(
+            f"{report.operation}: {len(report.modules)} updated, {len(report.replaced)} replaced, "
+            f"{report.copied} copied unchanged; ‖Δ‖/‖W0‖ = {report.relative_delta:.3g}, "
+            f"lost to rounding {report.lost_fraction:.3g} → {report.output}"
+        )
+
+
+def _common(command: Callable[..., Any]) -> Callable[..., Any]:
+    for decorate in (
+        click.option("-o", "--output", required=True, help="Folder (or .safetensors file) to write."),
+        dtype_option,
+        device_option,
+        force_flag,
+        reporting,
+    ):
+        command = decorate(command)
+    return command
+
+
+@click.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per adapter (default 1).")
+@_common
+def merge(
+    base: str, adapters: tuple[str, ...], weights: tuple[float, ...], output: str, **settings: Any
+) -> None:
+    """Merge ADAPTERS into BASE: W = W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, in float32, one cast at the end.
+
+    OUT keeps BASE's layout (file names, shards, index, metadata, dtypes) and config files.
+    """
+    _run(base, output, _weights(adapters, weights, "--weight"), [], settings)
+
+
+@click.command()
+@click.argument("merged")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight each was merged with.")
+@_common
+def unmerge(
+    merged: str, adapters: tuple[str, ...], weights: tuple[float, ...], output: str, **settings: Any
+) -> None:
+    """Subtract ADAPTERS from MERGED weights: W = W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ."""
+    _run(merged, output, [], _weights(adapters, weights, "--weight"), settings)
+
+
+@click.command()
+@click.argument("merged")
+@click.option("--remove", "removed", multiple=True, required=True, help="Adapter merged in MERGED.")
+@click.option("--add", "added", multiple=True, required=True, help="Adapter to merge instead.")
+@click.option(
+    "--remove-weight", type=float, multiple=True, help="Weight the removed adapter was merged with."
+)
+@click.option("--add-weight", type=float, multiple=True, help="Weight for the added adapter.")
+@_common
+def swap(
+    merged: str,
+    removed: tuple[str, ...],
+    added: tuple[str, ...],
+    remove_weight: tuple[float, ...],
+    add_weight: tuple[float, ...],
+    output: str,
+    **settings: Any,
+) -> None:
+    """Replace one merged adapter by another in one streaming pass: W − s₁B₁A₁ + s₂B₂A₂."""
+    add = _weights(added, add_weight, "--add-weight")
+    _run(merged, output, add, _weights(removed, remove_weight, "--remove-weight"), settings)
