@@ -207,10 +207,12 @@ def rank_for_energy(s: torch.Tensor, fraction: float, total: float | None = None
 
 def stable_rank(s: torch.Tensor, total: float | None = None) -> float:
     """``‖M‖²_F / ‖M‖²₂ = Σ σᵢ² / σ₁²``; between 1 and rank(M). 0 for a zero matrix."""
-    if s.numel() == 0 or float(s[0]) == 0.0:
+    top = float(s[0]) if s.numel() else 0.0
+    if top == 0.0:
         return 0.0
-    energy = float(s.double().square().sum()) if total is None else total
-    return energy / float(s[0]) ** 2
+    if total is None:  # normalise first: σ₁² itself may underflow
+        return float((s.double() / top).square().sum())
+    return total / top**2
 
 
 def allocate_budget(

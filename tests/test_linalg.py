@@ -1,0 +1,144 @@
+"""Property tests for the shared linear algebra (Eckart–Young, factored SVD, energy, budgets)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loratools import linalg
+from tests._tolerances import TOL
+
+F64 = TOL[torch.float64]
+
+
+def low_rank_plus_noise(d: int, k: int, rank: int, noise: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    signal = torch.randn(d, rank, generator=gen) @ torch.randn(rank, k, generator=gen)
+    return signal + noise * torch.randn(d, k, generator=gen)
+
+
+def optimal_error_sq(m: torch.Tensor, rank: int) -> float:
+    s = torch.linalg.svdvals(m.double())
+    return float(s[rank:].square().sum())
+
+
+shapes = st.tuples(st.integers(2, 48), st.integers(2, 48))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, rank=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_exact_truncation_residual_is_the_tail_energy(shape, rank, seed) -> None:
+    """Eckart–Young: ‖M − B·A‖²_F = Σ_{i>r} σᵢ² for the truncated SVD."""
+    m = low_rank_plus_noise(*shape, rank=3, noise=0.1, seed=seed).double()
+    rank = min(rank, min(shape))
+    b, a = linalg.exact_svd(m).truncate(rank).factors()
+    residual = float((m - b @ a).square().sum())
+    assert residual == pytest.approx(optimal_error_sq(m, rank), rel=1e-8, abs=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=shapes, signal=st.integers(1, 5), seed=st.integers(0, 10_000), split=st.sampled_from(["sqrt", "b"])
+)
+def test_exact_recovery_when_rank_is_at_least_the_signal(shape, signal, seed, split) -> None:
+    m = low_rank_plus_noise(*shape, rank=signal, noise=0.0, seed=seed)
+    rank = min(signal, min(shape))
+    b, a = linalg.randomized_svd(m, rank).factors(split)
+    assert b.shape == (shape[0], rank) and a.shape == (rank, shape[1])
+    torch.testing.assert_close(b @ a, m, rtol=1e-4, atol=1e-4 * float(m.abs().max()))
+
+
+@pytest.mark.parametrize(("rank", "bound"), [(8, 1.001), (16, 1.001), (24, 1.01), (64, 1.01)])
+def test_randomized_error_is_within_bound_of_optimal(rank: int, bound: float) -> None:
+    """Signal rank 16 in 300×200 with noise: at or below the signal rank within 0.1%, above it
+    (inside the flat noise) within 1% — the adaptive iterations must earn it."""
+    m = low_rank_plus_noise(300, 200, 16, noise=0.05, seed=1)
+    svd = linalg.randomized_svd(m, rank)
+    b, a = svd.factors()
+    error = math.sqrt(float((m - b @ a).double().square().sum()))
+    optimal = math.sqrt(optimal_error_sq(m, rank))
+    assert optimal <= error * (1 + 1e-6)
+    assert error <= bound * optimal
+
+
+@settings(max_examples=50, deadline=None)
+@given(d=st.integers(1, 40), k=st.integers(1, 40), r=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_factored_svd_equals_dense_svd(d, k, r, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randn(d, r, generator=gen, dtype=torch.float64)
+    a = torch.randn(r, k, generator=gen, dtype=torch.float64)
+    svd = linalg.factored_svd(b, a)
+    dense = torch.linalg.svdvals(b @ a)
+    n = min(d, k, r)
+    torch.testing.assert_close(svd.s[:n], dense[:n], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(svd.u @ torch.diag(svd.s) @ svd.vh, b @ a, **F64)
+    assert bool((svd.s[:-1] >= svd.s[1:] - 1e-12).all())
+
+
+def test_factored_svd_sum_is_the_svd_of_the_sum() -> None:
+    gen = torch.Generator().manual_seed(3)
+    pairs = [
+        (torch.randn(30, r, generator=gen).double(), torch.randn(r, 20, generator=gen).double())
+        for r in (2, 5)
+    ]
+    dense = sum(b @ a for b, a in pairs)
+    svd = linalg.factored_svd_sum(pairs)
+    torch.testing.assert_close(svd.u * svd.s @ svd.vh, dense, **F64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(0.0, 100.0), min_size=1, max_size=30), fraction=st.floats(0.01, 1.0))
+def test_rank_for_energy_is_the_smallest_rank_reaching_the_fraction(values, fraction) -> None:
+    s = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
+    r = linalg.rank_for_energy(s, fraction)
+    total = float(s.square().sum())
+    if total == 0:
+        assert r == 1
+        return
+    kept = float(s[:r].square().sum()) / total
+    assert kept >= fraction - 1e-9
+    if r > 1:
+        assert float(s[: r - 1].square().sum()) / total < fraction + 1e-9
+    curve = linalg.energy_curve(s)
+    assert float(curve[-1]) == pytest.approx(1.0)
+    assert bool((curve[1:] >= curve[:-1]).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(0.0, 100.0), min_size=1, max_size=30))
+def test_stable_rank_is_between_one_and_the_rank(values) -> None:
+    s = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
+    sr = linalg.stable_rank(s)
+    nonzero = int((s > 0).sum())
+    if nonzero == 0:
+        assert sr == 0.0
+    else:
+        assert 1.0 - 1e-9 <= sr <= nonzero + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spectra=st.lists(st.lists(st.floats(0.0, 10.0), min_size=1, max_size=10), min_size=1, max_size=6),
+    extra=st.integers(0, 20),
+)
+def test_budget_allocation_keeps_the_most_energy(spectra, extra) -> None:
+    tensors = {f"m{i}": torch.tensor(sorted(s, reverse=True)) for i, s in enumerate(spectra)}
+    budget = len(tensors) + extra
+    ranks = linalg.allocate_budget(tensors, budget)
+    assert sum(ranks.values()) == min(budget, sum(len(s) for s in spectra))
+    assert all(1 <= ranks[n] <= len(t) for n, t in tensors.items())
+    kept = sum(float(t[: ranks[n]].square().sum()) for n, t in tensors.items())
+    # brute force: the best choice is the top σ² beyond each module's first value
+    firsts = sum(float(t[0] ** 2) for t in tensors.values())
+    rest = sorted((float(v**2) for t in tensors.values() for v in t[1:]), reverse=True)
+    best = firsts + sum(rest[: budget - len(tensors)])
+    assert kept == pytest.approx(best, rel=1e-6, abs=1e-6)
+
+
+def test_budget_too_small_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot give"):
+        linalg.allocate_budget({"a": torch.ones(3), "b": torch.ones(3)}, 1)
