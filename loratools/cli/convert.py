@@ -1,0 +1,65 @@
+"""``loratools convert SOURCE --to peft|kohya|gguf|safetensors -o OUT``: adapters and models."""
+
+from __future__ import annotations
+
+import click
+
+from loratools.cli import render
+from loratools.cli.options import force_flag, reporting
+
+DTYPE_CHOICES = ["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+
+
+@click.command()
+@click.argument("source")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    type=click.Choice(["peft", "kohya", "gguf", "safetensors"]),
+    help="peft/kohya/gguf for adapters; safetensors for models (.bin, .pt, .gguf).",
+)
+@click.option(
+    "-o", "--output", required=True, help="Output folder (peft, safetensors) or file (kohya, gguf)."
+)
+@click.option(
+    "--base", default=None, help="Base model: resolves kohya names; its config.json is needed for gguf."
+)
+@click.option(
+    "--prefix", default="lora_unet", show_default=True, help="kohya key prefix (lora_unet, lora_te, …)."
+)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Output dtype (default: keep).")
+@click.option("--max-shard-size", default=None, help="Model shard size limit, e.g. 5GB (default 5GB).")
+@force_flag
+@reporting
+def convert(
+    source: str,
+    to: str,
+    output: str,
+    base: str | None,
+    prefix: str,
+    dtype: str | None,
+    max_shard_size: str | None,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Convert SOURCE: an adapter to PEFT, kohya or llama.cpp GGUF, or a model to safetensors.
+
+    \b
+      loratools convert ADAPTER --to kohya -o lora.safetensors [--prefix lora_te]
+      loratools convert lora.safetensors --to peft -o DIR --base BASE
+      loratools convert ADAPTER --to gguf -o lora.gguf --base BASE_DIR
+      loratools convert model.bin|model.gguf --to safetensors -o DIR [--dtype bf16]
+    """
+    from loratools.ops.convert import ConvertOptions, prepare
+
+    options = ConvertOptions(source, to, output, base, prefix, dtype, max_shard_size, force)
+    conversion = prepare(options)
+    with render.progress(conversion.total, f"convert → {to}", quiet=quiet or as_json) as advance:
+        report = conversion.run(advance)
+    if as_json:
+        render.emit_json(report)
+        return
+    rows = [(key, str(value)) for key, value in report.items() if key not in ("modules", "config", "files")]
+    render.table(f"convert {source}", ["field", "value"], rows, quiet=quiet)

@@ -1,0 +1,183 @@
+"""GGUF files through the ``gguf`` package (extra ``gguf``): LoRA adapters out, models in.
+
+- :func:`write_adapter_gguf` writes the llama.cpp LoRA GGUF (names and scale folding are in
+  :mod:`loratools.formats.gguf`).
+- :class:`GgufModel` reads a GGUF model lazily (the file is memory-mapped by ``GGUFReader``) and
+  yields Hugging Face-named tensors one at a time: dequantized with ``gguf.quants`` and with
+  llama.cpp's q/k row permutation undone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loratools.errors import CheckpointError, MissingExtra, UnknownFormat, list_problems
+from loratools.formats import gguf as names
+from loratools.io.safetensors_file import TensorSpec
+
+__all__ = ["GgufModel", "read_gguf_kv", "write_adapter_gguf"]
+
+STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# float tensors written as-is; bfloat16 goes through GGUF's BF16 type as raw 16-bit words
+NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as exc:
+        raise MissingExtra("gguf", "gguf", "GGUF conversion") from exc
+    return gguf
+
+
+def write_adapter_gguf(
+    path: Path, arch: str, alpha: float, tensors: Mapping[str, torch.Tensor], name: str | None = None
+) -> None:
+    """Write a llama.cpp LoRA adapter GGUF.
+
+    Args:
+        path: the file to create (the caller makes it atomic).
+        arch: ``general.architecture`` (must equal the base model's, llama.cpp checks).
+        alpha: ``adapter.lora.alpha``.
+        tensors: ``<gguf base name>.lora_a`` (r, in) / ``.lora_b`` (out, r), float32/16 or bfloat16.
+        name: ``general.name``, if any.
+    """
+    gguf = _gguf()
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type(names.ADAPTER_TYPE)
+    writer.add_string(names.KEY_ADAPTER_TYPE, "lora")
+    writer.add_float32(names.KEY_ALPHA, float(alpha))
+    if name:
+        writer.add_name(name)
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.dtype == torch.bfloat16:
+            raw = tensor.view(torch.int16).numpy().view(np.uint16)
+            writer.add_tensor(key, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(
+                key, tensor.to(torch.float32 if tensor.dtype not in NUMPY_OF else tensor.dtype).numpy()
+            )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _field_value(field: Any) -> Any:
+    value = field.contents()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def read_gguf_kv(reader: Any) -> dict[str, Any]:
+    """A GGUFReader's key/values as plain Python values (its own ``GGUF.*`` bookkeeping dropped)."""
+    return {key: _field_value(f) for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+class GgufModel:
+    """A GGUF model file, read lazily as Hugging Face-named tensors.
+
+    Attributes:
+        path: the file.
+        kv: its metadata as plain values.
+        config: the Hugging Face config.json built from ``kv``.
+        skipped: GGUF tensors with no Hugging Face counterpart (``rope_freqs.weight``).
+        dtype: output dtype; None keeps F32/F16/BF16 and turns quantized types into float32.
+    """
+
+    def __init__(self, path: Path, dtype: torch.dtype | None = None) -> None:
+        gguf = _gguf()
+        self.path, self.dtype = Path(path), dtype
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except (ValueError, OSError, IndexError, KeyError) as exc:
+            raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from exc
+        self.kv = read_gguf_kv(self._reader)
+        if self.kv.get(names.KEY_TYPE) == names.ADAPTER_TYPE:
+            raise UnknownFormat(f"{path}: a GGUF LoRA adapter, not a model; convert models only")
+        tensors = {t.name: t for t in self._reader.tensors}
+        self.config = names.hf_config(self.kv, has_output="output.weight" in tensors)
+        self._permute = names.ARCHITECTURES[self.config["model_type"]].permute_qk
+        self.skipped = sorted(n for n in tensors if n in names.NOT_IN_HF)
+        mapped = {n: names.hf_name(n) for n in tensors if n not in names.NOT_IN_HF}
+        unknown = sorted(n for n, hf in mapped.items() if hf is None)
+        if unknown:
+            raise UnknownFormat(f"{path}: GGUF tensors with no Hugging Face name: {list_problems(unknown)}")
+        self._tensors = {str(hf): tensors[n] for n, hf in mapped.items()}
+
+    def specs(self) -> list[TensorSpec]:
+        """Name, shape (PyTorch order) and output dtype of every tensor, in file order."""
+        return [TensorSpec(name, self._shape(t), self._dtype(t)) for name, t in self._tensors.items()]
+
+    @staticmethod
+    def _shape(t: Any) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF stores ne, innermost first
+
+    def _dtype(self, t: Any) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return STORED.get(t.tensor_type.name, torch.float32)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, dequantized, un-permuted and cast (a fresh CPU tensor)."""
+        t = self._tensors[name]
+        tensor = self._load(t)
+        heads = names.qk_heads(t.name, *self._heads()) if self._permute else None
+        if heads is not None:
+            tensor = names.unpermute_qk(tensor, heads)
+        return tensor.to(self._dtype(t)).contiguous()
+
+    def _heads(self) -> tuple[int, int]:
+        return names.model_heads(self.config)
+
+    def _load(self, t: Any) -> torch.Tensor:
+        """Read ``t`` from the memory map: float types bit-exact, others via gguf.quants."""
+        shape = self._shape(t)
+        kind = t.tensor_type.name
+        if kind in ("F32", "F16"):
+            return torch.from_numpy(np.array(t.data)).reshape(shape)
+        if kind == "BF16":
+            words = np.array(t.data).view(np.int16)
+            return torch.from_numpy(words).view(torch.bfloat16).reshape(shape)
+        try:
+            values = _gguf().quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise UnknownFormat(
+                f"{self.path}: tensor {t.name} has type {kind}, which gguf cannot dequantize"
+            ) from exc
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` in file order, one at a time."""
+        for name in self._tensors:
+            yield name, self.get(name)
+
+    def model_files(self) -> dict[str, str]:
+        """Text files for the output folder: config.json, generation_config.json, and the
+        tokenizer.json that the GGUF carries verbatim (``tokenizer.huggingface.json``), if any."""
+        config = {**self.config, "torch_dtype": _dtype_name(self.dtype or self._common_dtype())}
+        files = {"config.json": json.dumps(config, indent=2) + "\n"}
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+        if generation:
+            files["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
+        tokenizer = self.kv.get(names.KEY_HF_TOKENIZER)
+        if isinstance(tokenizer, str) and tokenizer:
+            files["tokenizer.json"] = tokenizer
+        if "tokenizer.chat_template" in self.kv:
+            template = {"chat_template": self.kv["tokenizer.chat_template"]}
+            files["tokenizer_config.json"] = json.dumps(template, indent=2) + "\n"
+        return files
+
+    def _common_dtype(self) -> torch.dtype:
+        dtypes = [self._dtype(t) for t in self._tensors.values() if len(t.shape) > 1]
+        return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

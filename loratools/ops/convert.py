@@ -1,0 +1,307 @@
+"""Conversions: adapters between PEFT, kohya and llama.cpp GGUF; models from .bin/.pt/GGUF to safetensors.
+
+The key tables and the scale folding are pure functions in :mod:`loratools.formats.kohya` and
+:mod:`loratools.formats.gguf`; this module only wires readers to writers, one tensor at a time
+for models, and reports what it did. Every output is written atomically and inputs are never
+touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratools.adapter import Adapter
+from loratools.errors import LoratoolsError
+from loratools.formats import gguf as gguf_names
+from loratools.formats import kohya
+from loratools.io.safetensors_file import TensorSpec
+from loratools.ops import Progress, no_progress
+
+__all__ = ["ADAPTER_TARGETS", "Conversion", "ConvertOptions", "convert", "parse_size", "prepare"]
+
+ADAPTER_TARGETS = ("peft", "kohya", "gguf")
+TARGETS = (*ADAPTER_TARGETS, "safetensors")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
+}  # fmt: skip
+SIZE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?I?B?)?\s*$", re.IGNORECASE)
+DEFAULT_SHARD = "5GB"
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` → 5·10⁹ bytes, ``"500MiB"`` → 500·2²⁰, ``"1000"`` → 1000.
+
+    Raises:
+        LoratoolsError: not a size.
+    """
+    match = SIZE.match(text)
+    if not match:
+        raise LoratoolsError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+    unit = (match["unit"] or "B").upper()
+    power = "BKMGT".index(unit[0])
+    return int(float(match["n"]) * (1024 if "I" in unit else 1000) ** power)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What ``loratools convert`` does.
+
+    Attributes:
+        source: the adapter (PEFT folder/file, kohya file) or model (.bin/.pt, folder, .gguf).
+        to: ``peft``, ``kohya``, ``gguf`` (adapters) or ``safetensors`` (models).
+        output: the folder (peft, safetensors) or file (kohya, gguf) to create.
+        base: the base model: resolves kohya names, and gives llama.cpp its architecture.
+        prefix: kohya key prefix (``lora_unet``, ``lora_te``, …).
+        dtype: output dtype name (``bf16``, ``float16``, …); None keeps the input's.
+        max_shard_size: safetensors shard limit for models, e.g. ``5GB``.
+        force: replace an existing output.
+    """
+
+    source: str
+    to: str
+    output: str
+    base: str | None = None
+    prefix: str = kohya.DEFAULT_PREFIX
+    dtype: str | None = None
+    max_shard_size: str | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.to not in TARGETS:
+            raise LoratoolsError(f"--to {self.to!r}: choose one of {', '.join(TARGETS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LoratoolsError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.to == "gguf" and self.base is None:
+            raise LoratoolsError(
+                "--to gguf needs --base BASE_DIR (its config.json gives llama.cpp the architecture)"
+            )
+        if self.to == "kohya" and not kohya.PREFIX.match(self.prefix):
+            raise LoratoolsError(
+                f"--prefix {self.prefix!r}: expected 'lora_' plus letters/digits, e.g. lora_te1"
+            )
+        if self.to == "kohya" and not self.output.endswith(".safetensors"):
+            raise LoratoolsError(
+                f"-o {self.output}: a kohya adapter is one .safetensors file; name it *.safetensors"
+            )
+        if self.to == "gguf" and not self.output.endswith(".gguf"):
+            raise LoratoolsError(f"-o {self.output}: a llama.cpp adapter is one .gguf file; name it *.gguf")
+        if self.max_shard_size is not None:
+            parse_size(self.max_shard_size)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A conversion whose inputs are open and checked: ``total`` units of work, then :meth:`run`.
+
+    Attributes:
+        total: modules (adapters) or tensors (models) that ``run`` will report progress for.
+        run: writes the output and returns the JSON-able report.
+    """
+
+    total: int
+    run: Callable[[Progress], dict[str, Any]]
+
+
+def prepare(options: ConvertOptions) -> Conversion:
+    """Open and check the inputs (every input error is raised here, before any output exists)."""
+    from loratools.io.writer import check_not_an_input
+
+    check_not_an_input(
+        Path(options.output), [Path(options.source), Path(options.base) if options.base else None]
+    )
+    if options.to == "safetensors":
+        return _prepare_model(options)
+    return _prepare_adapter(options)
+
+
+def convert(options: ConvertOptions, progress: Progress = no_progress) -> dict[str, Any]:
+    """Run one conversion; returns a JSON-able report (``output``, ``from``, ``to``, …)."""
+    return prepare(options).run(progress)
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+def _base_checkpoint(base: str | None) -> Any:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+
+    return open_checkpoint(resolve_path(base)) if base else None
+
+
+def _record(adapter: Adapter, source_format: str, target: str) -> Adapter:
+    """Append this conversion to the adapter's provenance, keeping how it was first made."""
+    history = [*adapter.provenance.get("conversions", []), {"from": source_format, "to": target}]
+    return adapter.with_weights(adapter.weights, conversions=history)
+
+
+def _prepare_adapter(options: ConvertOptions) -> Conversion:
+    from loratools.io.adapter_dir import adapter_format, load_adapter
+    from loratools.io.resolve import resolve_path
+
+    source = resolve_path(options.source, what="adapter")
+    fmt = adapter_format(source)
+    base = _base_checkpoint(options.base)
+    adapter = load_adapter(source, base_names=base.names() if base is not None else None)
+    if options.dtype:
+        adapter = adapter.with_weights({m: w.to(DTYPES[options.dtype]) for m, w in adapter.weights.items()})
+    adapter = _record(adapter, fmt, options.to)
+    write = _adapter_writer(adapter, base, options)
+
+    def run(progress: Progress) -> dict[str, Any]:
+        report: dict[str, Any] = {"output": options.output, "from": fmt, "to": options.to, **write()}
+        for module in adapter.weights:
+            progress(module)
+        report["modules"] = [
+            {"name": m, "rank": w.rank, "alpha": w.alpha, "scale": w.scale}
+            for m, w in adapter.weights.items()
+        ]
+        return report
+
+    return Conversion(len(adapter.weights), run)
+
+
+def _adapter_writer(adapter: Adapter, base: Any, options: ConvertOptions) -> Callable[[], dict[str, Any]]:
+    """Check that ``adapter`` can be written as ``options.to``; return the function that writes it."""
+    if options.to == "peft":
+        from loratools.io.adapter_dir import save_adapter
+
+        return lambda: {"path": str(save_adapter(adapter, options.output, force=options.force))}
+    if options.to == "kohya":
+        tensors, metadata = kohya.from_adapter(adapter, options.prefix)
+        return lambda: _write_kohya(tensors, metadata, options)
+    return _gguf_writer(adapter, base, options)
+
+
+def _write_kohya(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], options: ConvertOptions
+) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    from loratools.io.writer import atomic_output
+
+    with atomic_output(options.output, force=options.force) as path:
+        save_file(tensors, str(path), metadata=metadata)
+    return {"prefix": options.prefix, "tensors": len(tensors)}
+
+
+def _gguf_writer(adapter: Adapter, base: Any, options: ConvertOptions) -> Callable[[], dict[str, Any]]:
+    from loratools.formats.names import resolve_modules
+    from loratools.io.gguf_io import write_adapter_gguf
+    from loratools.io.writer import atomic_output
+
+    config = _read_config(base)
+    arch = gguf_names.arch_for(config.get("model_type"))
+    base_tensor_of = resolve_modules(adapter.modules, base.names())
+    _check_shapes(adapter, base, base_tensor_of)
+    n_head, n_kv_head = gguf_names.model_heads(config)
+    alpha, tensors = gguf_names.adapter_tensors(
+        adapter, base_tensor_of, arch, n_head, n_kv_head, options.torch_dtype
+    )
+
+    def write() -> dict[str, Any]:
+        with atomic_output(options.output, force=options.force) as path:
+            write_adapter_gguf(path, arch.gguf, alpha, tensors, name=adapter.base_model)
+        return {"architecture": arch.gguf, "alpha": alpha, "tensors": len(tensors)}
+
+    return write
+
+
+def _read_config(base: Any) -> dict[str, Any]:
+    folder = base.model_dir
+    if folder is None or not (folder / "config.json").is_file():
+        raise LoratoolsError(
+            f"--base {base.path}: needs a model folder with config.json (for the architecture)"
+        )
+    config: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    return config
+
+
+def _check_shapes(adapter: Adapter, base: Any, base_tensor_of: dict[str, str]) -> None:
+    from loratools.errors import ShapeMismatch, list_problems
+
+    bad = [
+        f"{m} {w.shape} vs {base.info(base_tensor_of[m]).shape}"
+        for m, w in adapter.weights.items()
+        if tuple(base.info(base_tensor_of[m]).shape) != w.shape
+    ]
+    if bad:
+        raise ShapeMismatch(f"adapter modules do not fit the base: {list_problems(bad)}; wrong --base?")
+
+
+# -- models ------------------------------------------------------------------------------------------
+def _prepare_model(options: ConvertOptions) -> Conversion:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+
+    source = resolve_path(options.source)
+    dtype = options.torch_dtype
+    if source.suffix == ".gguf":
+        from loratools.io.gguf_io import GgufModel
+
+        model = GgufModel(source, dtype)
+        specs = model.specs()
+        tensors = model.iter_tensors()
+        files = model.model_files()
+        report: dict[str, Any] = {"from": "gguf", "skipped": model.skipped, "config": model.config}
+        copy_from = None
+    else:
+        ckpt = open_checkpoint(source)
+        specs = [_cast_spec(i, dtype) for i in ckpt.infos()]
+        tensors = _cast(ckpt.iter_tensors(), dtype)
+        files, copy_from = {}, ckpt.model_dir
+        report = {"from": ckpt.kind}
+
+    def run(progress: Progress) -> dict[str, Any]:
+        out = _write_model(options, specs, tensors, files, copy_from, progress)
+        files_out = sorted(p.name for p in out.iterdir())
+        return {"output": str(out), "to": "safetensors", **report, "tensors": len(specs), "files": files_out}
+
+    return Conversion(len(specs), run)
+
+
+def _cast_spec(info: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
+    cast = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+    return TensorSpec(info.name, tuple(info.shape), cast)
+
+
+def _cast(
+    tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in tensors:
+        yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _write_model(
+    options: ConvertOptions,
+    specs: list[TensorSpec],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    files: dict[str, str],
+    copy_from: Path | None,
+    progress: Progress,
+) -> Path:
+    """Stream ``tensors`` into HF-style safetensors shards under ``options.output``, atomically."""
+    from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files, plan_shards
+
+    layout = plan_shards(specs, parse_size(options.max_shard_size or DEFAULT_SHARD))
+    with atomic_output(options.output, force=options.force) as folder:
+        with CheckpointWriter(folder, layout, {"format": "pt"}) as writer:
+            for name, tensor in tensors:
+                writer.write(name, tensor)
+                progress(name)
+        if copy_from is not None:
+            copy_model_files(copy_from, folder)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    return Path(options.output)
