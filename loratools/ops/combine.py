@@ -186,6 +186,10 @@ def ties_merge(deltas: torch.Tensor, density: float) -> torch.Tensor:
     Trim each to its top-``density`` magnitudes (τ̂ᵢ); elect a sign per entry,
     γ = +1 where Σᵢ τ̂ᵢ ≥ 0 else −1; average the entries that agree with it:
     ``ΔW = Σᵢ [sign τ̂ᵢ = γ] τ̂ᵢ / max(1, #{i : sign τ̂ᵢ = γ})``. Trimmed zeros never count.
+
+    Signs are elected on the *weighted* deltas (as mergekit does), so a negative weight really
+    negates a task; ``peft.utils.merge_utils.ties`` elects them before weighting. The two agree
+    whenever all weights are equal and positive.
     """
     trimmed = torch.stack([trim_magnitude(delta, density) for delta in deltas])  # (n, d, k)
     elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)  # (d, k)
