@@ -339,8 +339,8 @@ def plan_delta(
     base_names = set(base.names())
     ft_names = finetuned.names()
     wanted = [n for n in ft_names if pattern is None or pattern.search(n)]
-    skipped = sorted({n for n in wanted if n not in base_names})
-    skipped += sorted(n for n in base_names - set(ft_names) if pattern is None or pattern.search(n))
+    only_base = {n for n in base_names - set(ft_names) if pattern is None or pattern.search(n)}
+    skipped = sorted({n for n in wanted if n not in base_names} | only_base)
     names, problems = [], []
     for name in (n for n in wanted if n in base_names):
         shape_b, shape_f = tuple(base.info(name).shape), tuple(finetuned.info(name).shape)
