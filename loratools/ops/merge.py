@@ -60,6 +60,7 @@ __all__ = [
     "stacked_factors",
 ]
 
+Problems = list[tuple[type[LoratoolsError], str]]  # (error class, one-line description)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -244,7 +245,11 @@ class MergePlan:
     warnings: list[str]
 
 
-def _resolve(names: list[str], base_names: list[str], label: str, problems: list[str]) -> dict[str, str]:
+def _misfit(problems: Problems, message: str) -> None:
+    problems.append((ShapeMismatch, message))
+
+
+def _resolve(names: list[str], base_names: list[str], label: str, problems: Problems) -> dict[str, str]:
     """Resolve names one by one so that every unresolved name is reported, not just the first batch."""
     try:
         return resolve_tensor_names(names, base_names)
@@ -257,12 +262,12 @@ def _resolve(names: list[str], base_names: list[str], label: str, problems: list
         except MissingKeys:
             hits = sum(b.endswith("." + name) or name.endswith("." + b) for b in base_names)
             why = f"matches {hits} base tensors" if hits else "matches no base tensor"
-            problems.append(f"{label}: {name} {why}")
+            problems.append((MissingKeys, f"{label}: {name} {why}"))
     return resolved
 
 
 def _plan_loras(
-    term: MergeTerm, infos: Mapping[str, TensorSpec], updates: dict[str, TensorUpdate], problems: list[str]
+    term: MergeTerm, infos: Mapping[str, TensorSpec], updates: dict[str, TensorUpdate], problems: Problems
 ) -> None:
     adapter, label = term.adapter, term.label
     base_names = list(infos)
@@ -276,13 +281,14 @@ def _plan_loras(
         lora, info = adapter.weights[module], infos[target]
         expected = (lora.in_features, lora.out_features) if adapter.fan_in_fan_out else lora.shape
         if target in seen:
-            problems.append(f"{label}: {module} and {seen[target]} both adapt {target}")
+            _misfit(problems, f"{label}: {module} and {seen[target]} both adapt {target}")
         elif tuple(info.shape) != expected:
-            problems.append(
-                f"{label}: {module} makes a {list(expected)} update but {target} is {list(info.shape)}"
+            _misfit(
+                problems,
+                f"{label}: {module} makes a {list(expected)} update but {target} is {list(info.shape)}",
             )
         elif info.dtype not in FLOAT_DTYPES:
-            problems.append(f"{label}: {target} is {info.dtype}, not a float tensor")
+            _misfit(problems, f"{label}: {target} is {info.dtype}, not a float tensor")
         else:
             updates.setdefault(target, TensorUpdate()).loras.append(
                 (lora, term.weight, adapter.fan_in_fan_out)
@@ -294,7 +300,7 @@ def _plan_saved(
     terms: Sequence[MergeTerm],
     infos: Mapping[str, TensorSpec],
     updates: dict[str, TensorUpdate],
-    problems: list[str],
+    problems: Problems,
 ) -> list[str]:
     """Whole-tensor replacements (modules_to_save); returns warnings."""
     warnings, removed, replaced_by = [], {}, {}
@@ -308,23 +314,26 @@ def _plan_saved(
         for name, target in names.items():
             tensor, info = saved[name], infos[target]
             if tuple(tensor.shape) != tuple(info.shape):
-                problems.append(
-                    f"{term.label}: saved module {name} is {list(tensor.shape)} but {target} is {list(info.shape)}"
+                _misfit(
+                    problems,
+                    f"{term.label}: saved module {name} is {list(tensor.shape)} but {target} is {list(info.shape)}",
                 )
             elif term.weight < 0:
                 removed[target] = term.label
             elif target in replaced_by:
-                problems.append(
-                    f"{term.label} and {replaced_by[target]} both replace {target} (modules_to_save)"
+                _misfit(
+                    problems,
+                    f"{term.label} and {replaced_by[target]} both replace {target} (modules_to_save)",
                 )
             else:
                 replaced_by[target] = term.label
                 updates.setdefault(target, TensorUpdate()).replacement = tensor
     for target, label in removed.items():
         if target not in replaced_by:
-            problems.append(
+            _misfit(
+                problems,
                 f"{label}: replaces {target} whole (modules_to_save), so removing it cannot restore the "
-                "original; merge into the original base instead"
+                "original; merge into the original base instead",
             )
     return warnings
 
@@ -365,14 +374,15 @@ def plan_merge(
         ShapeMismatch: adapter updates whose shapes do not fit their base tensors.
     """
     updates: dict[str, TensorUpdate] = {}
-    problems: list[str] = []
+    problems: Problems = []
     for term in terms:
         _plan_loras(term, infos, updates, problems)
     warnings = _plan_saved(terms, infos, updates, problems)
     if problems:
-        kind = MissingKeys if any("matches" in p for p in problems) else ShapeMismatch
+        kind = MissingKeys if any(k is MissingKeys for k, _ in problems) else ShapeMismatch
+        messages = [message for _, message in problems]
         raise kind(
-            f"{len(problems)} problem(s) fitting the adapter(s) to the base: {list_problems(problems, 20)}; "
+            f"{len(messages)} problem(s) fitting the adapter(s) to the base: {list_problems(messages, 20)}; "
             "is this the base model the adapter was made for?"
         )
     ordered = {name: updates[name] for name in infos if name in updates}
