@@ -11,8 +11,8 @@ reads files or talks to the network. The card has
   exactly from the factors (:func:`loratools.linalg.factored_svd`, O((d + k)·r²), no dense d×k);
 - usage snippets for PEFT and for ``loratools merge``.
 
-The front matter is written as JSON scalars inside YAML (JSON is valid YAML 1.2 flow syntax), so no
-YAML library is needed and every string is quoted safely.
+The front matter is written by hand (no YAML library needed): every string is double-quoted with
+anything outside printable ASCII escaped, so any base model id, license or tag parses back as itself.
 """
 
 from __future__ import annotations
@@ -133,8 +133,18 @@ def _yaml(meta: Mapping[str, Any]) -> str:
 
 
 def _scalar(value: Any) -> str:
-    """A YAML double-quoted scalar: JSON with non-ASCII escaped (DEL too: YAML deems it unprintable)."""
-    return json.dumps(value).replace("\x7f", "\\u007f")
+    """A YAML scalar: strings double-quoted with every non-printable-ASCII character escaped."""
+    if not isinstance(value, str):
+        return json.dumps(value)
+    return '"' + "".join(_escape(c) for c in value) + '"'
+
+
+def _escape(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if " " <= c <= "~":
+        return c
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"  # YAML's escapes
 
 
 def _span(values: Sequence[float | int]) -> str:
