@@ -198,7 +198,10 @@ def fit(
         done = step + 1
         if evaluation is not None and len(evaluation) and opts.eval_every and done % opts.eval_every == 0:
             result.eval_losses[done] = evaluate(model, evaluation, opts.batch_size, info, opts.autocast_bf16)
-        progress(f"step {done}/{opts.steps} loss {loss_sum:.4f} lr {lr:.2e} {result.tokens_per_s:,.0f} tok/s")
+        if info.is_main:  # one bar, drawn by rank 0
+            progress(
+                f"step {done}/{opts.steps} loss {loss_sum:.4f} lr {lr:.2e} {result.tokens_per_s:,.0f} tok/s"
+            )
         if save is not None and opts.save_every and done % opts.save_every == 0 and done < opts.steps:
             save(done, _trainer_state(done, optimizer, result, info))
     if evaluation is not None and len(evaluation) and opts.steps not in result.eval_losses:

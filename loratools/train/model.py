@@ -236,7 +236,11 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the head when the config ties them (moving devices unties)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -287,6 +291,7 @@ def load_model(
         model = LlamaForCausalLM(config)
     model.to_empty(device=device)
     model.to(dtype)
+    model.tie_weights()
     model.model.inv_freq = rope_frequencies(config).to(device)
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
     wanted = set(params)

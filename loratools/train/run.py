@@ -103,6 +103,7 @@ class TrainReport:
     trainable_parameters: int
     modules: list[str]
     world_size: int
+    rank: int = 0
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -246,4 +247,5 @@ def train_adapter(
         trainable_parameters=trainable,
         modules=list(lora_layers(net)),
         world_size=info.world_size,
+        rank=info.rank,
     )
