@@ -339,14 +339,11 @@ def _plan_saved(
 
 
 def _base_model_warnings(terms: Sequence[MergeTerm], base_ids: Sequence[str]) -> list[str]:
-    """A different base model recorded in an adapter's config is worth a warning, not a refusal.
-
-    Only checked when merging into a base: a merged model's name says nothing about its base.
-    """
-    if any(term.weight < 0 for term in terms):
-        return []
+    """A different base model recorded in an adapter's config is worth a warning, not a refusal."""
     known = {Path(str(b).rstrip("/")).name.lower() for b in base_ids if b}
-    warnings = []
+    warnings: list[str] = []
+    if not known:
+        return warnings
     for term in terms:
         recorded = term.adapter.base_model
         if recorded and Path(recorded.rstrip("/")).name.lower() not in known:
@@ -363,7 +360,8 @@ def plan_merge(
         infos: the base's tensor name → spec (shape, dtype), in storage order.
         terms: the adapters and their signed weights.
         base_ids: names of the base (argument, path, config ``_name_or_path``) to compare with
-            each adapter's recorded ``base_model``.
+            each adapter's recorded ``base_model``; empty skips the check (a merged model's
+            name says nothing about its base).
 
     Returns:
         the plan: which base tensors change and how.
@@ -528,7 +526,8 @@ def merge_checkpoint(
     *,
     force: bool = False,
     inputs: Sequence[Path] = (),
-    base_ids: Sequence[str] = (),
+    base_ids: Sequence[str] | None = None,
+    operation: str | None = None,
     progress: Progress = no_progress,
 ) -> MergeReport:
     """Write ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` for every tensor of ``ckpt`` to ``output``, streaming.
@@ -544,7 +543,9 @@ def merge_checkpoint(
         options: dtype, device, warning threshold.
         force: replace an existing output.
         inputs: adapter paths, which the output must not overlap.
-        base_ids: names of the base for the base_model check (see :func:`plan_merge`).
+        base_ids: names of the base for the base_model check (see :func:`plan_merge`); default:
+            its path when merging, nothing (no check) when removing adapters.
+        operation: ``merge``/``unmerge``/``swap`` for the report; default from the weights' signs.
         progress: called once per tensor.
 
     Returns:
@@ -558,7 +559,12 @@ def merge_checkpoint(
     output = Path(output)
     check_not_an_input(output, [ckpt.path, ckpt.model_dir, *inputs])
     infos = {info.name: info for info in ckpt.infos()}
-    plan = plan_merge(infos, terms, base_ids or [str(ckpt.path)])
+    if operation is None:
+        signs = {term.weight > 0 for term in terms}
+        operation = "swap" if len(signs) == 2 else "merge" if signs == {True} else "unmerge"
+    if base_ids is None:
+        base_ids = [str(ckpt.path)] if operation == "merge" else []
+    plan = plan_merge(infos, terms, base_ids)
     layout = _output_layout(ckpt, options)
     stats: list[ModuleStats] = []
     files: list[str] = []
@@ -569,11 +575,12 @@ def merge_checkpoint(
         else:
             _write(ckpt, temporary, layout, tensors)
             files = _finish_model_dir(ckpt, temporary, options)
-    return _report(output, terms, options, plan, stats, files, len(infos))
+    return _report(output, operation, terms, options, plan, stats, files, len(infos))
 
 
 def _report(
     output: Path,
+    operation: str,
     terms: Sequence[MergeTerm],
     options: MergeOptions,
     plan: MergePlan,
@@ -581,8 +588,6 @@ def _report(
     files: list[str],
     total: int,
 ) -> MergeReport:
-    signs = {term.weight > 0 for term in terms}
-    operation = "swap" if len(signs) == 2 else "merge" if signs == {True} else "unmerge"
     adapters = [
         {
             "path": t.label,
@@ -669,6 +674,7 @@ def merge_paths(
             path = resolve_path(argument, what="adapter")
             terms.append(MergeTerm(load_adapter(path, base_names=names), sign * weight, str(argument)))
             paths.append(path)
+    operation = "swap" if add and remove else "merge" if add else "unmerge"
     return merge_checkpoint(
         ckpt,
         terms,
@@ -676,6 +682,7 @@ def merge_paths(
         options,
         force=force,
         inputs=paths,
-        base_ids=_base_ids(base, ckpt),
+        base_ids=_base_ids(base, ckpt) if operation == "merge" else [],
+        operation=operation,
         progress=progress,
     )
