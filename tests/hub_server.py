@@ -107,9 +107,9 @@ class HubState:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, **extra: Any) -> None:
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.extra = status, message, code, extra
 
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
@@ -168,7 +168,7 @@ class Handler(BaseHTTPRequestHandler):
                     return
             raise HubError(404, f"no route for {method} {url.path}")
         except HubError as exc:
-            self._send_json({"error": exc.message}, exc.status, self._error_headers(exc))
+            self._send_json({"error": exc.message, **exc.extra}, exc.status, self._error_headers(exc))
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         for fault in self.server.state.faults:
@@ -244,7 +244,7 @@ class Handler(BaseHTTPRequestHandler):
         repo_id = f"{namespace}/{payload['name']}"
         url = f"{self.server.url}/{repo_id}"
         if repo_id in self.server.state.repos:
-            raise HubError(409, "You already created this model repo")
+            raise HubError(409, "You already created this model repo", url=url)  # the client reads url
         repo = Repo(repo_id, private=payload.get("visibility") == "private")
         repo.commit("main", "initial commit", {".gitattributes": GITATTRIBUTES})
         self.server.state.repos[repo_id] = repo

@@ -177,6 +177,28 @@ def test_hub_id_is_accepted_where_an_adapter_is(hub, run_cli, fixtures_dir):
     assert summary["parameters"] == 896
 
 
+def test_hub_id_is_accepted_where_a_checkpoint_is(hub, run_cli, fixtures_dir):
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub.token)
+    api.create_repo("tester/tiny-base")
+    api.upload_folder(repo_id="tester/tiny-base", folder_path=fixtures_dir / "base-sharded")
+    result = run_cli("inspect", "tester/tiny-base", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["kind"] == "checkpoint"
+    local = json.loads(run_cli("inspect", fixtures_dir / "base-sharded", "--json").stdout)
+    assert (summary["tensors"], summary["parameters"]) == (local["tensors"], local["parameters"])
+
+
+def test_pushing_an_unchanged_folder_again_makes_no_empty_commit(hub, run_cli, fixtures_dir):
+    first = json.loads(run_cli("push", fixtures_dir / "adapter", "tester/demo", "--json").stdout)
+    again = run_cli("push", fixtures_dir / "adapter", "tester/demo", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["commit"] == first["commit"]  # the generated card is deterministic
+    assert len(hub.requests("POST", r"/commit/")) == 1
+
+
 @pytest.mark.slow
 def test_hf_endpoint_environment_variable_reaches_the_stand_in(hub, run_cli, fixtures_dir, tmp_path):
     """A fresh process: huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE at import time."""
