@@ -1,0 +1,99 @@
+"""``loratools similarity ADAPTER_1 ADAPTER_2``: do two adapters learn the same directions? (§7.2)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from loratools.cli import render
+from loratools.cli.options import force_flag, reporting
+
+
+@click.command()
+@click.argument("first", metavar="ADAPTER_1")
+@click.argument("second", metavar="ADAPTER_2")
+@click.option(
+    "--side",
+    type=click.Choice(["right", "left"]),
+    default="right",
+    show_default=True,
+    help="right: right singular vectors of A (the paper); left: left singular vectors of B.",
+)
+@click.option("--threshold", default=0.5, show_default=True, help="cos² above which a direction is shared.")
+@click.option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw φ heatmaps to FILE.png."
+)
+@force_flag
+@reporting
+def similarity(
+    first: str,
+    second: str,
+    side: str,
+    threshold: float,
+    plot_path: str | None,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Subspace similarity φ(i, j) = ‖U₁[:, :i]ᵀ U₂[:, :j]‖²_F / min(i, j) per shared module.
+
+    φ is 1 when the top-i directions of ADAPTER_1 lie inside the top-j of ADAPTER_2, and 0 when
+    they are orthogonal; the ranks may differ (r = 8 vs r = 64, as in the paper's Figure 3).
+    """
+    from loratools.cli.spectrum import check_plot_output
+    from loratools.io.adapter_dir import load_adapter
+    from loratools.ops.similarity import SimilarityOptions, adapter_similarity
+
+    options = SimilarityOptions(side=side, threshold=threshold)  # type: ignore[arg-type]
+    check_plot_output(plot_path, force, [first, second])
+    adapters = load_adapter(first), load_adapter(second)
+    shared = sum(name in adapters[1].weights for name in adapters[0].weights)
+    with render.progress(shared, "similarity", quiet=quiet) as advance:
+        report = adapter_similarity(*adapters, options, progress=advance)
+    document = {"adapters": [first, second], **report.to_dict()}
+    if plot_path:
+        _write_plot(document, plot_path, force)
+    if as_json:
+        render.emit_json(document)
+    else:
+        _show(document, quiet)
+
+
+def _write_plot(document: dict[str, Any], plot_path: str, force: bool) -> None:
+    from loratools.io.writer import atomic_output
+    from loratools.plot import plot_similarity
+
+    first, second = (Path(p).name or p for p in document["adapters"])
+    vectors = "right singular vectors of A" if document["side"] == "right" else "left singular vectors of B"
+    title = f"Subspace similarity φ(i, j) between {first} (i) and {second} (j), {vectors}"
+    png = plot_similarity(document, title, labels=(first, second))
+    with atomic_output(plot_path, force=force) as temporary:
+        temporary.write_bytes(png)
+
+
+def _show(document: dict[str, Any], quiet: bool) -> None:
+    if quiet:
+        return
+    from loratools.cli.spectrum import row_labels
+
+    t = document["threshold"]
+    labels = row_labels([m["name"] for m in document["modules"]])
+    rows = []
+    for m in document["modules"]:
+        diagonal = m["diagonal"]
+        rows.append((labels[m["name"]], f"{m['ranks'][0]}×{m['ranks'][1]}", diagonal[0], diagonal[-1],
+                     render.sparkline(diagonal[:24]), m["shared_directions"]))  # fmt: skip
+    columns = ["module", "r₁×r₂", "φ(1,1)", "φ(r,r)", "φ(i,i), i = 1…", f"shared (cos²>{t})"]
+    render.table(
+        f"Subspace similarity ({document['side']} side): {' vs '.join(document['adapters'])}", columns, rows
+    )
+    groups = {**document["summary"]["by_type"], "all": document["summary"]["model"]}
+    rows = [(name, g["modules"], g["mean_diagonal"][0], render.sparkline(g["mean_diagonal"][:24]),
+             g["shared_directions_mean"], g["shared_directions_min"]) for name, g in groups.items()]  # fmt: skip
+    columns = ["module type", "modules", "mean φ(1,1)", "mean φ(i,i)", "shared (mean)", "shared (min)"]
+    render.table("Summary", columns, rows)
+    for key, label in (("only_in_first", "ADAPTER_1"), ("only_in_second", "ADAPTER_2")):
+        if document[key]:
+            render.note(f"{len(document[key])} modules only in {label} (not compared): {document[key][:4]}")

@@ -1,0 +1,242 @@
+"""``loratools spectrum ADAPTER`` / ``loratools spectrum BASE FINETUNED``: is the update low-rank?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from loratools.cli import render
+from loratools.cli.options import device_option, force_flag, reporting
+
+SPARK_VALUES = 24  # singular values drawn in each module's sparkline
+
+
+@click.command()
+@click.argument("paths", nargs=-1, metavar="ADAPTER | BASE FINETUNED")
+@click.option(
+    "--base", "base_path", metavar="BASE", help="ADAPTER's base model: adds ‖Δ‖_F / ‖UᵀW0V‖_F (§7.3)."
+)
+@click.option(
+    "--top", default=64, show_default=True, help="Singular values per ΔW (BASE FINETUNED; randomized)."
+)
+@click.option("--exact", is_flag=True, help="Full SVD of each ΔW: complete spectra, slow for large tensors.")
+@click.option("--include", metavar="REGEX", help="BASE FINETUNED: only tensors whose name matches REGEX.")
+@click.option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the spectra to FILE.png."
+)
+@force_flag
+@device_option
+@reporting
+def spectrum(
+    paths: tuple[str, ...],
+    base_path: str | None,
+    top: int,
+    exact: bool,
+    include: str | None,
+    plot_path: str | None,
+    force: bool,
+    device: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Singular values of each module's update, and the rank that keeps 90% / 99% of its energy.
+
+    With one argument, ADAPTER's Δ = s·B·A (exact, factored: never the d×k product). With two,
+    the full ΔW = W_ft − W_base of a fine-tune (top-k by randomized SVD, exact ‖ΔW‖_F).
+    """
+    from loratools.device import resolve_device
+    from loratools.ops.spectrum import SpectrumOptions
+
+    if len(paths) not in (1, 2):
+        raise click.UsageError(f"expected ADAPTER or BASE FINETUNED, got {len(paths)} arguments")
+    if base_path and len(paths) == 2:
+        raise click.UsageError("--base goes with the ADAPTER form; BASE FINETUNED already names the base")
+    options = SpectrumOptions(top=top, exact=exact, include=include, device=resolve_device(device))
+    check_plot_output(plot_path, force, [*paths, base_path])
+    report = (
+        _adapter(paths[0], base_path, options, quiet) if len(paths) == 1 else _pair(*paths, options, quiet)
+    )
+    document = {"inputs": list(paths), "base": base_path, **report.to_dict()}
+    if plot_path:
+        _write_plot(document, plot_path, force, " vs ".join(paths))
+    if as_json:
+        render.emit_json(document)
+    else:
+        _show(document, quiet)
+
+
+def _adapter(path: str, base_path: str | None, options: Any, quiet: bool) -> Any:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+    from loratools.ops.spectrum import adapter_spectrum
+
+    adapter = _load_adapter(path)
+    base = open_checkpoint(resolve_path(base_path)) if base_path else None
+    with render.progress(len(adapter.weights), "spectrum", quiet=quiet) as advance:
+        return adapter_spectrum(adapter, options, base=base, progress=advance)
+
+
+def _load_adapter(path: str) -> Any:
+    """The adapter at ``path``; a model checkpoint there gets an error that names the two-argument form."""
+    from loratools.errors import LoratoolsError, UnknownFormat
+    from loratools.io.adapter_dir import load_adapter
+    from loratools.io.checkpoint import open_checkpoint
+
+    try:
+        return load_adapter(path)
+    except UnknownFormat:
+        try:
+            open_checkpoint(path)
+        except LoratoolsError:
+            raise
+        raise UnknownFormat(
+            f"{path}: a model checkpoint, not an adapter; for a full fine-tune's ΔW pass both: "
+            "loratools spectrum BASE FINETUNED"
+        ) from None
+
+
+def _pair(base_path: str, tuned_path: str, options: Any, quiet: bool) -> Any:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+    from loratools.ops.spectrum import delta_spectrum, plan_delta
+
+    base, tuned = open_checkpoint(resolve_path(base_path)), open_checkpoint(resolve_path(tuned_path))
+    names, _ = plan_delta(base, tuned, options.include)
+    with render.progress(len(names), "spectrum of ΔW", quiet=quiet) as advance:
+        return delta_spectrum(base, tuned, options, progress=advance)
+
+
+def check_plot_output(plot_path: str | None, force: bool, inputs: list[str | None]) -> None:
+    """Refuse a bad --plot before the work, not after it."""
+    if not plot_path:
+        return
+    from loratools.errors import OutputExists
+    from loratools.io.writer import check_not_an_input
+    from loratools.plot import require_matplotlib
+
+    require_matplotlib()
+    check_not_an_input(Path(plot_path), [Path(p) for p in inputs if p and Path(p).exists()])
+    if Path(plot_path).exists() and not force:
+        raise OutputExists(f"{plot_path} already exists; pass --force to replace it")
+
+
+def _write_plot(document: dict[str, Any], plot_path: str, force: bool, label: str) -> None:
+    from loratools.io.writer import atomic_output
+    from loratools.plot import plot_spectrum
+
+    what = "Δ = s·B·A of adapter" if document["source"] == "adapter" else "ΔW = W_ft − W_base of"
+    settings = document["settings"]
+    how = (
+        f" (top {settings['top']} by randomized SVD; energies exact)"
+        if settings["method"] == "randomized"
+        else ""
+    )
+    png = plot_spectrum(document, f"Singular-value spectra of {what} {label}{how}")
+    with atomic_output(plot_path, force=force) as temporary:
+        temporary.write_bytes(png)
+
+
+# -- terminal ---------------------------------------------------------------------------------
+def _rank(value: int | None, module: dict[str, Any]) -> str:
+    return f">{len(module['singular_values'])}" if value is None else str(value)
+
+
+def _energy(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3f}"
+
+
+def _show(document: dict[str, Any], quiet: bool) -> None:
+    if quiet:
+        return
+    modules = document["modules"]
+    longest = max((len(m["singular_values"]) for m in modules), default=1)
+    ranks = [r for r in ("1", "4", "16", "64") if int(r) <= longest][:3]
+    labels = row_labels([m["name"] for m in modules])
+    rows = []
+    for m in modules:
+        s = m["singular_values"]
+        spark = render.sparkline([v / s[0] for v in s[:SPARK_VALUES]]) if s and s[0] > 0 else ""
+        eff = m["effective_rank"]
+        energies = [_energy(_energy_at(m, r)) for r in ranks]
+        shape = "×".join(map(str, m["shape"]))
+        rows.append((labels[m["name"]], shape, f"{s[0]:.3g}" if s else "0", m["stable_rank"],
+                     _rank(eff["0.9"], m), _rank(eff["0.99"], m), *energies, spark))  # fmt: skip
+    title = "Δ = s·B·A" if document["source"] == "adapter" else "ΔW = W_ft − W_base"
+    columns = ["module", "shape", "σ₁", "stable rank", "r@90%", "r@99%"]
+    columns += [f"e({r})" for r in ranks] + ["σᵢ/σ₁"]
+    render.table(f"Spectrum of {title}: {' vs '.join(document['inputs'])}", columns, rows)
+    _show_amplification(modules, labels)
+    for key, label in (("by_type", "module type"), ("by_layer", "layer")):
+        _show_groups(document["summary"][key], label, ranks)
+    _show_model(document)
+
+
+def row_labels(names: list[str]) -> dict[str, str]:
+    """Short row labels: ``layer.type`` (``3.q_proj``) when those are unique, else the full names."""
+    from loratools.ops.spectrum import layer_of, module_type
+
+    short = {n: f"{layer_of(n)}.{module_type(n)}" if layer_of(n) != "-" else n for n in names}
+    return short if len(set(short.values())) == len(short) else {n: n for n in names}
+
+
+def _energy_at(module: dict[str, Any], rank: str) -> float | None:
+    if rank in module["energy_at"]:
+        return module["energy_at"][rank]
+    return 1.0 if module["complete"] else None
+
+
+def _show_amplification(modules: list[dict[str, Any]], labels: dict[str, str]) -> None:
+    amps = [(labels[m["name"]], m["amplification"]) for m in modules if "amplification" in m]
+    if not amps:
+        return
+    rows = [(name, a["rank"], a["delta_norm"], a["projection"], a["factor"], a["random_factor"])
+            for name, a in amps]  # fmt: skip
+    columns = [
+        "module",
+        "r",
+        "‖Δ‖_F",
+        "‖UᵀW0V‖_F",
+        "amplification",
+        "random dirs",
+    ]
+    render.table("Amplification ‖Δ‖_F / ‖UᵀW0V‖_F (paper §7.3; U, V: top-r of Δ)", columns, rows)
+
+
+def _show_groups(groups: dict[str, Any], label: str, ranks: list[str]) -> None:
+    rows = []
+    for name, g in groups.items():
+        energies = [_energy(g["energy_at"].get(r, 1.0)) for r in ranks]
+        uniform = [str(g["uniform_rank"][f]) if g["uniform_rank"][f] else "?" for f in ("0.9", "0.99")]
+        rows.append((name, g["modules"], g["stable_rank_mean"], *uniform, *energies))
+    columns = [
+        label,
+        "modules",
+        "mean stable rank",
+        "rank for 90%",
+        "rank for 99%",
+        *(f"e({r})" for r in ranks),
+    ]
+    render.table(f"By {label} (energy pooled over modules)", columns, rows)
+
+
+def _show_model(document: dict[str, Any]) -> None:
+    model = document["summary"]["model"]
+    if not model.get("modules"):
+        render.note("no module changed")
+        return
+    parts = []
+    for f in ("0.9", "0.99"):
+        uniform, total = model["uniform_rank"][f], model["total_rank"][f]
+        if uniform is None:
+            parts.append(f"{float(f):.0%}: beyond the computed top (use --exact or a larger --top)")
+        else:
+            parts.append(f"{float(f):.0%}: rank {uniform} on every module (or {total} in total, budgeted)")
+    render.note(f"whole model ({model['modules']} modules) — " + "; ".join(parts))
+    if document.get("unchanged"):
+        render.note(f"{len(document['unchanged'])} tensors unchanged (ΔW = 0), not listed")
+    if document.get("skipped"):
+        render.warn(
+            f"{len(document['skipped'])} tensors are in only one checkpoint: {document['skipped'][:4]}"
+        )
