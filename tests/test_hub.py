@@ -191,6 +191,25 @@ def test_hub_id_is_accepted_where_a_checkpoint_is(hub, run_cli, fixtures_dir):
     assert (summary["tensors"], summary["parameters"]) == (local["tensors"], local["parameters"])
 
 
+def test_merge_takes_hub_ids_for_base_and_adapter(hub, run_cli, fixtures_dir, tmp_path):
+    """End to end: the same merge from Hub ids and from local folders writes identical tensors."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub.token)
+    api.create_repo("tester/tiny-base")
+    api.upload_folder(repo_id="tester/tiny-base", folder_path=fixtures_dir / "base")
+    assert run_cli("push", fixtures_dir / "adapter", "tester/demo").exit_code == 0
+    remote = run_cli("merge", "tester/tiny-base", "tester/demo", "-o", tmp_path / "from-hub", "-q")
+    assert remote.exit_code == 0, remote.output
+    local = run_cli("merge", fixtures_dir / "base", fixtures_dir / "adapter", "-o", tmp_path / "local", "-q")
+    assert local.exit_code == 0, local.output
+    got, want = (
+        load_file(tmp_path / "from-hub" / "model.safetensors"),
+        load_file(tmp_path / "local" / "model.safetensors"),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_pushing_an_unchanged_folder_again_makes_no_empty_commit(hub, run_cli, fixtures_dir):
     first = json.loads(run_cli("push", fixtures_dir / "adapter", "tester/demo", "--json").stdout)
     again = run_cli("push", fixtures_dir / "adapter", "tester/demo", "--json")
