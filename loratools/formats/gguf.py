@@ -180,8 +180,8 @@ def qk_heads(gguf_tensor: str, n_head: int, n_kv_head: int) -> int | None:
 def gguf_alpha(adapter: Adapter) -> float:
     """The one ``adapter.lora.alpha`` to write: the most common plain (``alpha/r``) alpha, so
     that a uniform adapter keeps its factors bit for bit."""
-    alphas = [w.with_plain_scaling().alpha for w in adapter.weights.values()]
-    alpha = Counter(alphas).most_common(1)[0][0] if alphas else 1.0
+    counts = Counter(w.with_plain_scaling().alpha for w in adapter.weights.values())
+    alpha = max(counts, key=lambda value: (counts[value], value)) if counts else 1.0  # ties: the largest
     return alpha if alpha != 0 else 1.0
 
 

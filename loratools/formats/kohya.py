@@ -107,16 +107,19 @@ def _group(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
 
 
 def _stored(metadata: Mapping[str, str], stems: Iterable[str]) -> dict[str, Any] | None:
-    """The ``loratools_adapter`` record, if present and naming exactly these stems."""
+    """The ``loratools_adapter`` record, if present and naming exactly these stems.
+
+    Its ``modules`` is a list of ``[module, alpha, use_rslora]`` in the adapter's order.
+    """
     try:
         record = json.loads(metadata.get(ADAPTER_METADATA, "null"))
-        modules = record["modules"]
         prefix = record["prefix"]
+        modules = {str(m): [float(alpha), bool(rslora)] for m, alpha, rslora in record["modules"]}
     except (ValueError, TypeError, KeyError):
         return None
     if {kohya_stem(m, prefix) for m in modules} != set(stems):
         return None  # the file was edited since loratools wrote it: trust the tensors
-    return record  # type: ignore[no-any-return]
+    return {**record, "modules": modules}
 
 
 def resolve_stems(stems: Iterable[str], base_names: Iterable[str]) -> dict[str, str]:
@@ -190,6 +193,7 @@ def to_adapter(
         MissingKeys: names that do not resolve, or no base to resolve them against.
     """
     metadata = metadata or {}
+    base_names = list(base_names) if base_names is not None else None
     groups = _group(tensors)
     record = _stored(metadata, groups)
     if record is not None:
@@ -207,6 +211,10 @@ def to_adapter(
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha, rslora = _alpha(parts, int(down.shape[0]), modules.get(names[stem]))
         weights[names[stem]] = LoraWeight(down, up, alpha, rslora)
+    # safetensors sorts its keys; restore the adapter's (or the base's) module order
+    order = list(modules) if record is not None else [n.removesuffix(".weight") for n in base_names or []]
+    position = {m: i for i, m in enumerate(order)}
+    weights = dict(sorted(weights.items(), key=lambda item: position.get(item[0], len(position))))
     fields = record or {}
     return Adapter(
         weights=weights,
@@ -219,6 +227,12 @@ def to_adapter(
 
 
 # -- Adapter → kohya -------------------------------------------------------------------------------
+def _most_common(values: list[Any], fallback: Any) -> Any:
+    """The most frequent value, ties to the largest (independent of module order)."""
+    counts = Counter(values)
+    return max(counts, key=lambda value: (counts[value], value)) if counts else fallback
+
+
 def _plain(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
@@ -269,11 +283,11 @@ def from_adapter(
 def _metadata(adapter: Adapter, prefix: str) -> dict[str, str]:
     """sd-scripts' ``ss_*`` fields (the most common rank/alpha) plus the loratools record."""
     plain = [w.with_plain_scaling() for w in adapter.weights.values()]
-    rank = Counter(w.rank for w in plain).most_common(1)[0][0] if plain else 0
-    alpha = Counter(w.alpha for w in plain if w.rank == rank).most_common(1)[0][0] if plain else 0.0
+    rank = _most_common([w.rank for w in plain], 0)
+    alpha = _most_common([w.alpha for w in plain if w.rank == rank], 0.0)
     record = {
         "prefix": prefix,
-        "modules": {m: [w.alpha, w.use_rslora] for m, w in adapter.weights.items()},
+        "modules": [[m, w.alpha, w.use_rslora] for m, w in adapter.weights.items()],
         "base_model": adapter.base_model,
         "task_type": adapter.task_type,
         "fan_in_fan_out": adapter.fan_in_fan_out,
