@@ -120,7 +120,11 @@ def to_adapter(
 
 
 def _most_common(values: list[Any], fallback: Any) -> Any:
-    return Counter(values).most_common(1)[0][0] if values else fallback
+    """The most frequent value; ties go to the largest, so the result does not depend on module order."""
+    if not values:
+        return fallback
+    counts = Counter(values)
+    return max(counts, key=lambda value: (counts[value], value))
 
 
 def _covers(target_modules: Any, modules: list[str]) -> bool:
