@@ -375,3 +375,13 @@ def test_bad_repo_ids_are_usage_errors_without_requests(hub, run_cli, fixtures_d
     assert "not a valid repository id" in _error_line(run_cli("push", fixtures_dir / "adapter", "a/b/c"))
     assert "not a Hub repository id" in _error_line(run_cli("pull", "just-a-name", "-o", tmp_path / "x"))
     assert hub.state.requests == []
+
+
+def test_pull_json_and_no_card(hub, run_cli, fixtures_dir, tmp_path):
+    assert run_cli("push", fixtures_dir / "adapter", "tester/demo", "--no-card").exit_code == 0
+    assert "README.md" not in hub.files("tester/demo")
+    result = run_cli("pull", "tester/demo", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["commit"] == hub.state.repos["tester/demo"].branches["main"]
+    assert report["files"] == [".gitattributes", *ADAPTER_FILES] and report["skipped"] == []
