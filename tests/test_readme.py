@@ -20,9 +20,9 @@ def bash_blocks() -> list[str]:
 
 def test_ci_runs_the_readme_test_command() -> None:
     test_command = next(b for b in bash_blocks() if "pytest" in b).strip()
-    after_venv = test_command.split("&& ", 1)[1]  # CI makes its own venv first
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert after_venv.replace("pip install -q", "pip install -q") in ci
+    after_venv = " && ".join(test_command.split(" && ")[2:])  # CI makes and activates its own venv
+    assert after_venv.startswith("pip install")
+    assert after_venv in (ROOT / ".ci" / "run").read_text()
 
 
 @pytest.mark.slow
