@@ -385,3 +385,16 @@ def test_pull_json_and_no_card(hub, run_cli, fixtures_dir, tmp_path):
     report = json.loads(result.stdout)
     assert report["commit"] == hub.state.repos["tester/demo"].branches["main"]
     assert report["files"] == [".gitattributes", *ADAPTER_FILES] and report["skipped"] == []
+
+
+def test_hidden_files_and_pickles_are_not_uploaded(hub, run_cli, fixture_copy):
+    folder = fixture_copy("adapter")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]\n")
+    (folder / "training_args.bin").write_bytes(b"\x80\x04pickle")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "eval.json").write_text("{}")
+    result = run_cli("push", folder, "tester/demo", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["skipped"] == [".git/config", "training_args.bin"]
+    assert set(hub.files("tester/demo")) == {".gitattributes", "README.md", "notes/eval.json", *ADAPTER_FILES}
