@@ -97,10 +97,13 @@ def _spectra_panel(ax: Any, modules: list[dict[str, Any]], colors: dict[str, Any
         s = m["singular_values"]
         if not s or s[0] <= 0:
             continue
-        ax.plot(
-            range(1, len(s) + 1), [v / s[0] for v in s], color=colors[_type_of(m["name"])], alpha=alpha, lw=1
-        )
+        marker = "o" if len(s) < 3 else None  # a one-value spectrum is a point, not a line
+        color = colors[_type_of(m["name"])]
+        ax.plot(range(1, len(s) + 1), [v / s[0] for v in s], color=color, alpha=alpha, lw=1, marker=marker)
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index i of the singular value")
     ax.set_ylabel(r"$\sigma_i\,/\,\sigma_1$ (normalised)")
     ax.set_title("Normalised singular values per module")
@@ -160,13 +163,15 @@ def _rank_heatmap(ax: Any, by_layer: dict[str, Any], modules: list[dict[str, Any
         label.set_visible(False)
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
-    ax.set_title(f"Effective rank at {float(LEVEL):.0%} energy")
+    unknown = any(v is None for v in index.values())
+    note = "\n(?: beyond the computed top-k singular values)" if unknown else ""
+    ax.set_title(f"Effective rank at {float(LEVEL):.0%} energy{note}")
     if len(layers) * len(types) <= 160:
         for row, cells in enumerate(grid):
             for col, value in enumerate(cells):
                 text = "?" if value is None and (layers[row], types[col]) in index else value
                 if text is not None:
-                    light = value is not None and value > 0.6 * top  # dark text on the bright end
+                    light = value is None or value > 0.6 * top  # dark text on bright or empty cells
                     color = "black" if light else "white"
                     ax.text(col, row, str(text), ha="center", va="center", color=color, fontsize=8)
 
