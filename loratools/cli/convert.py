@@ -61,5 +61,11 @@ def convert(
     if as_json:
         render.emit_json(report)
         return
-    rows = [(key, str(value)) for key, value in report.items() if key not in ("modules", "config", "files")]
+    rows = [
+        (key, str(value))
+        for key, value in report.items()
+        if key not in ("modules", "config", "files", "notes")
+    ]
     render.table(f"convert {source}", ["field", "value"], rows, quiet=quiet)
+    for note in report.get("notes", []):
+        render.note(note)

@@ -88,12 +88,14 @@ class GgufModel:
         kv: its metadata as plain values.
         config: the Hugging Face config.json built from ``kv``.
         skipped: GGUF tensors with no Hugging Face counterpart (``rope_freqs.weight``).
+        notes: what the conversion could not carry over (e.g. a tokenizer), for the report.
         dtype: output dtype; None keeps F32/F16/BF16 and turns quantized types into float32.
     """
 
     def __init__(self, path: Path, dtype: torch.dtype | None = None) -> None:
         gguf = _gguf()
         self.path, self.dtype = Path(path), dtype
+        self.notes: list[str] = []
         try:
             self._reader = gguf.GGUFReader(str(path))
         except (ValueError, OSError, IndexError, KeyError) as exc:
@@ -159,24 +161,73 @@ class GgufModel:
             yield name, self.get(name)
 
     def model_files(self) -> dict[str, str]:
-        """Text files for the output folder: config.json, generation_config.json, and the
-        tokenizer.json that the GGUF carries verbatim (``tokenizer.huggingface.json``), if any."""
+        """Text files for the output folder: config.json, generation_config.json and, when the
+        GGUF has a vocabulary, tokenizer.json + tokenizer_config.json. A tokenizer.json the GGUF
+        carries verbatim (``tokenizer.huggingface.json``) is used as is; otherwise it is rebuilt
+        from ``tokenizer.ggml.*`` with transformers' GGUF converter, when transformers is installed.
+        What could not be done is appended to :attr:`notes`."""
         config = {**self.config, "torch_dtype": _dtype_name(self.dtype or self._common_dtype())}
-        files = {"config.json": json.dumps(config, indent=2) + "\n"}
+        files = {"config.json": _json(config)}
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
         if generation:
-            files["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
+            files["generation_config.json"] = _json(generation)
         tokenizer = self.kv.get(names.KEY_HF_TOKENIZER)
+        if not (isinstance(tokenizer, str) and tokenizer) and "tokenizer.ggml.tokens" in self.kv:
+            tokenizer = self._rebuild_tokenizer()
         if isinstance(tokenizer, str) and tokenizer:
             files["tokenizer.json"] = tokenizer
-        if "tokenizer.chat_template" in self.kv:
-            template = {"chat_template": self.kv["tokenizer.chat_template"]}
-            files["tokenizer_config.json"] = json.dumps(template, indent=2) + "\n"
+            files["tokenizer_config.json"] = _json(self._tokenizer_config())
+        elif "tokenizer.ggml.tokens" not in self.kv:
+            self.notes.append(
+                "the GGUF carries no tokenizer; copy the tokenizer files from the original model"
+            )
         return files
+
+    def _rebuild_tokenizer(self) -> str | None:
+        """tokenizer.json from the GGUF vocabulary via transformers (optional), or None with a note."""
+        try:
+            from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+        except ImportError:
+            self.notes.append(
+                "tokenizer.json not written: rebuilding it from the GGUF vocabulary needs transformers "
+                "(pip install transformers), or copy it from the original model"
+            )
+            return None
+        try:
+            architecture, tokenizer, _ = get_gguf_tokenizer(str(self.path))
+            backend, _ = convert_gguf_tokenizer(architecture, tokenizer)
+            text: str = backend.to_str()
+        except (
+            Exception
+        ) as exc:  # an optional best effort through transformers' internals: report, don't fail
+            self.notes.append(f"tokenizer.json not written: transformers could not rebuild it ({exc})")
+            return None
+        self.notes.append("tokenizer.json rebuilt from the GGUF vocabulary with transformers' GGUF converter")
+        return text
+
+    def _tokenizer_config(self) -> dict[str, Any]:
+        """tokenizer_config.json: special tokens by text, BOS/EOS flags and the chat template."""
+        tokens = self.kv.get("tokenizer.ggml.tokens") or []
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for field, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                           ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):  # fmt: skip
+            token_id = self.kv.get(f"tokenizer.ggml.{key}")
+            if isinstance(token_id, int) and 0 <= token_id < len(tokens):
+                config[field] = tokens[token_id]
+        for field in ("add_bos_token", "add_eos_token"):
+            if f"tokenizer.ggml.{field}" in self.kv:
+                config[field] = bool(self.kv[f"tokenizer.ggml.{field}"])
+        if "tokenizer.chat_template" in self.kv:
+            config["chat_template"] = self.kv["tokenizer.chat_template"]
+        return config
 
     def _common_dtype(self) -> torch.dtype:
         dtypes = [self._dtype(t) for t in self._tensors.values() if len(t.shape) > 1]
         return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+
+def _json(document: Any) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -254,7 +254,8 @@ def _prepare_model(options: ConvertOptions) -> Conversion:
         specs = model.specs()
         tensors = model.iter_tensors()
         files = model.model_files()
-        report: dict[str, Any] = {"from": "gguf", "skipped": model.skipped, "config": model.config}
+        report: dict[str, Any] = {"from": "gguf", "skipped": model.skipped, "notes": model.notes}
+        report["config"] = model.config
         copy_from = None
     else:
         ckpt = open_checkpoint(source)

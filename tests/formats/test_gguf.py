@@ -82,6 +82,18 @@ def test_permutation_is_llama_cpp_pairing_and_inverts(n_head: int, half: int, co
     assert torch.equal(names.unpermute_qk(names.permute_qk(bias, n_head), n_head), bias)
 
 
+@pytest.mark.slow  # imports transformers (~5 s)
+def test_unpermute_agrees_with_transformers_gguf_loader() -> None:
+    pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 8, "num_key_value_heads": 2})
+    for name, rows, heads in (("blk.0.attn_q.weight", 64, 8), ("blk.0.attn_k.weight", 16, 2)):
+        w = torch.randn(rows, 12)
+        theirs = processor.process(w.numpy().copy(), name).weights
+        assert torch.equal(torch.from_numpy(theirs), names.unpermute_qk(w, heads)), name
+
+
 def make_adapter(ranks: dict[str, int], alphas: dict[str, float], rslora: bool) -> Adapter:
     shapes = {"q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "down_proj": (32, 64)}
     g = torch.Generator().manual_seed(3)

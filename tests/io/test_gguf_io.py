@@ -28,6 +28,7 @@ def write_gguf_model(
     path: Path,
     qtype: str = "F32",
     tokenizer_json: str | None = None,
+    bpe_vocab: bool = False,
     extra_tensors: dict[str, np.ndarray] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write ``base_dir`` (the fixture model) as a llama.cpp GGUF the way convert_hf_to_gguf does.
@@ -53,6 +54,14 @@ def write_gguf_model(
     writer.add_eos_token_id(config["eos_token_id"])
     if tokenizer_json is not None:
         writer.add_string(gguf.Keys.Tokenizer.HF_JSON, tokenizer_json)
+    if bpe_vocab:  # a byte-level BPE vocabulary the way llama.cpp stores it (Llama 3 style)
+        tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab", "Ġ", "Ġab", *(f"t{i}" for i in range(56))]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+        writer.add_token_merges(["a b", "Ġ ab"])
+        writer.add_chat_template("{{ messages }}")
     originals = {}
     for name, tensor in ckpt.iter_tensors():
         originals[name] = tensor
@@ -127,6 +136,28 @@ def test_model_files_carry_config_and_tokenizer(fixtures_dir: Path, tmp_path: Pa
         assert config[key] == pytest.approx(expected[key]), key
     assert files["tokenizer.json"] == tokenizer
     assert json.loads(files["generation_config.json"]) == {"bos_token_id": 1, "eos_token_id": 2}
+    assert json.loads(files["tokenizer_config.json"])["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_no_tokenizer_is_said_not_invented(fixtures_dir: Path, tmp_path: Path) -> None:
+    write_gguf_model(fixtures_dir / "base", tmp_path / "m.gguf")
+    model = GgufModel(tmp_path / "m.gguf")
+    assert "tokenizer.json" not in model.model_files()
+    assert any("no tokenizer" in note for note in model.notes)
+
+
+@pytest.mark.slow  # imports transformers (~5 s)
+def test_tokenizer_json_is_rebuilt_from_the_gguf_vocabulary(fixtures_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    write_gguf_model(fixtures_dir / "base", tmp_path / "m.gguf", bpe_vocab=True)
+    model = GgufModel(tmp_path / "m.gguf")
+    files = model.model_files()
+    encoded = tokenizers.Tokenizer.from_str(files["tokenizer.json"]).encode("ab ab")
+    assert encoded.ids == [5, 7]  # "ab", "Ġab": the merges were applied
+    config = json.loads(files["tokenizer_config.json"])
+    assert (config["bos_token"], config["eos_token"]) == ("<s>", "</s>")
+    assert config["chat_template"] == "{{ messages }}"
 
 
 def test_rope_freqs_is_skipped_and_unknown_tensors_are_refused(fixtures_dir: Path, tmp_path: Path) -> None:
