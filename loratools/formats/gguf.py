@@ -179,10 +179,11 @@ def qk_heads(gguf_tensor: str, n_head: int, n_kv_head: int) -> int | None:
 # -- adapters ----------------------------------------------------------------------------------------
 def gguf_alpha(adapter: Adapter) -> float:
     """The one ``adapter.lora.alpha`` to write: the most common plain (``alpha/r``) alpha, so
-    that a uniform adapter keeps its factors bit for bit."""
+    that a uniform adapter keeps its factors bit for bit; rounded to float32 as the file stores it,
+    so the folding below is relative to the value llama.cpp will read."""
     counts = Counter(w.with_plain_scaling().alpha for w in adapter.weights.values())
     alpha = max(counts, key=lambda value: (counts[value], value)) if counts else 1.0  # ties: the largest
-    return alpha if alpha != 0 else 1.0
+    return float(torch.tensor(alpha if alpha != 0 else 1.0, dtype=torch.float32))
 
 
 def adapter_tensors(

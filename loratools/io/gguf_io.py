@@ -103,6 +103,11 @@ class GgufModel:
         self.kv = read_gguf_kv(self._reader)
         if self.kv.get(names.KEY_TYPE) == names.ADAPTER_TYPE:
             raise UnknownFormat(f"{path}: a GGUF LoRA adapter, not a model; convert models only")
+        if int(self.kv.get("split.count", 1)) > 1:
+            raise UnknownFormat(
+                f"{path}: one part of a split GGUF ({self.kv['split.count']} files); join them first "
+                "with llama.cpp's `llama-gguf-split --merge`"
+            )
         tensors = {t.name: t for t in self._reader.tensors}
         self.config = names.hf_config(self.kv, has_output="output.weight" in tensors)
         self._permute = names.ARCHITECTURES[self.config["model_type"]].permute_qk

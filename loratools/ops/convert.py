@@ -212,7 +212,7 @@ def _gguf_writer(adapter: Adapter, base: Any, options: ConvertOptions) -> Callab
 
     def write() -> dict[str, Any]:
         with atomic_output(options.output, force=options.force) as path:
-            write_adapter_gguf(path, arch.gguf, alpha, tensors, name=adapter.base_model)
+            write_adapter_gguf(path, arch.gguf, alpha, tensors, name=Path(options.output).stem)
         return {"architecture": arch.gguf, "alpha": alpha, "tensors": len(tensors)}
 
     return write

@@ -143,6 +143,30 @@ def test_folded_scale_gives_the_peft_delta_for_mixed_ranks(rslora: bool) -> None
         assert_close_f32(delta, adapter.delta(module))
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    ranks=st.lists(st.integers(1, 8), min_size=3, max_size=3),
+    alphas=st.lists(st.floats(0.5, 64), min_size=3, max_size=3),
+    rslora=st.booleans(),
+)
+def test_folding_holds_for_any_ranks_and_alphas(ranks: list[int], alphas: list[float], rslora: bool) -> None:
+    modules = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.mlp.down_proj",
+    ]
+    adapter = make_adapter(
+        dict(zip(modules, ranks, strict=True)), dict(zip(modules, alphas, strict=True)), rslora
+    )
+    alpha, tensors = names.adapter_tensors(adapter, {m: f"{m}.weight" for m in modules}, LLAMA, N_HEAD, N_KV)
+    assert alpha == float(torch.tensor(alpha, dtype=torch.float32))  # what the file can hold
+    for module in modules:
+        name = str(names.gguf_name(f"{module}.weight"))
+        delta = llama_cpp_delta(tensors, name, alpha)
+        heads = names.qk_heads(name, N_HEAD, N_KV)
+        assert_close_f32(names.unpermute_qk(delta, heads) if heads else delta, adapter.delta(module))
+
+
 def test_uniform_plain_adapter_keeps_its_alpha_and_factors_bit_for_bit() -> None:
     module = "model.layers.0.self_attn.v_proj"
     adapter = make_adapter({module: 4}, {module: 8.0}, rslora=False)

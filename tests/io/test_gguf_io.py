@@ -170,6 +170,18 @@ def test_rope_freqs_is_skipped_and_unknown_tensors_are_refused(fixtures_dir: Pat
         GgufModel(tmp_path / "b.gguf")
 
 
+def test_split_gguf_parts_are_refused(tmp_path: Path) -> None:
+    writer = gguf.GGUFWriter(str(tmp_path / "m-00001-of-00002.gguf"), "llama")
+    writer.add_uint16("split.count", 2)
+    writer.add_tensor("token_embd.weight", np.ones((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnknownFormat, match="llama-gguf-split"):
+        GgufModel(tmp_path / "m-00001-of-00002.gguf")
+
+
 # -- adapters ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_adapter_gguf_reads_back_with_gguf_reader(tmp_path: Path, dtype: torch.dtype) -> None:
