@@ -30,10 +30,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from queue import Queue
+from threading import Thread
 from typing import Any
 
 import torch
@@ -220,7 +222,7 @@ def apply_update(
     out = total.to(out_dtype) if out_dtype != torch.float32 else total.clone()
     lost = scratch.get(1, w0.shape)
     if out_dtype == w0.dtype and out_dtype != torch.float32:
-        torch.sub(out, total, out=lost)  # round(W0+Δ) − (W0+Δ)
+        lost.copy_(out).sub_(total)  # round(W0+Δ) − (W0+Δ); 2× faster than a mixed-dtype sub
     else:
         lost.copy_(out).sub_(w0.to(out_dtype))  # round(W0+Δ) − round(W0), exact for nearby values
         lost.addmm_(left, right, alpha=-1.0)  # … − Δ
@@ -499,8 +501,35 @@ def _output_layout(ckpt: Checkpoint, options: MergeOptions) -> list[ShardLayout]
 def _write(ckpt: Checkpoint, folder: Path, layout: list[ShardLayout], tensors: Iterator[Any]) -> None:
     index_name = SAFETENSORS_INDEX if ckpt.index_name else None
     with CheckpointWriter(folder, layout, ckpt.metadata or {"format": "pt"}, index_name) as writer:
-        for name, data in tensors:
-            writer.write(name, data)
+        _write_behind(tensors, writer.write)
+
+
+def _write_behind(items: Iterator[tuple[str, Any]], write: Callable[[str, Any], None]) -> None:
+    """Call ``write`` on each item in a second thread, so computing the next tensor overlaps
+    writing this one (reads already run ahead in another). At most one item waits in between."""
+    pending: Queue[tuple[str, Any] | None] = Queue(maxsize=1)
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        while (item := pending.get()) is not None:
+            if not failures:
+                try:
+                    write(*item)
+                except BaseException as exc:  # handed to the producer below
+                    failures.append(exc)
+
+    thread = Thread(target=consume, name="loratools-write", daemon=True)
+    thread.start()
+    try:
+        for item in items:
+            if failures:
+                break
+            pending.put(item)
+    finally:
+        pending.put(None)
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 def _finish_model_dir(ckpt: Checkpoint, folder: Path, options: MergeOptions) -> list[str]:
