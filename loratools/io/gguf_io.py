@@ -117,6 +117,11 @@ class GgufModel:
         if unknown:
             raise UnknownFormat(f"{path}: GGUF tensors with no Hugging Face name: {list_problems(unknown)}")
         self._tensors = {str(hf): tensors[n] for n, hf in mapped.items()}
+        scaling = sorted(k for k in self.kv if k.startswith(f"{self.kv[names.KEY_ARCH]}.rope.scaling"))
+        if scaling:
+            self.notes.append(
+                f"RoPE scaling is not written to config.json ({', '.join(scaling)}); add rope_scaling by hand"
+            )
 
     def specs(self) -> list[TensorSpec]:
         """Name, shape (PyTorch order) and output dtype of every tensor, in file order."""
