@@ -449,3 +449,22 @@ def test_cuda_merge_matches_cpu(fixtures_dir: Path, tmp_path: Path) -> None:
     cpu, gpu = read_all(tmp_path / "cpu"), read_all(tmp_path / "gpu")
     for name in cpu:
         torch.testing.assert_close(gpu[name], cpu[name], **TOL[torch.float32])
+
+
+def test_write_behind_hands_writer_errors_back_and_never_hangs() -> None:
+    from loratools.ops.merge import _write_behind
+
+    written = []
+
+    def write(name: str, data: object) -> None:
+        if name == "b":
+            raise OSError("no space left on device")
+        written.append(name)
+
+    items = iter([(n, None) for n in "abcdefg"])
+    with pytest.raises(OSError, match="no space left"):
+        _write_behind(items, write)
+    assert written == ["a"]
+    order: list[str] = []
+    _write_behind(iter([(n, None) for n in "xyz"]), lambda name, _: order.append(name))
+    assert order == ["x", "y", "z"]
