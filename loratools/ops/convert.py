@@ -117,11 +117,14 @@ class Conversion:
 
 def prepare(options: ConvertOptions) -> Conversion:
     """Open and check the inputs (every input error is raised here, before any output exists)."""
+    from loratools.errors import OutputExists
     from loratools.io.writer import check_not_an_input
 
     check_not_an_input(
         Path(options.output), [Path(options.source), Path(options.base) if options.base else None]
     )
+    if Path(options.output).exists() and not options.force:  # fail before reading anything big
+        raise OutputExists(f"{options.output} already exists; pass --force to replace it")
     if options.to == "safetensors":
         return _prepare_model(options)
     return _prepare_adapter(options)
@@ -187,12 +190,19 @@ def _adapter_writer(adapter: Adapter, base: Any, options: ConvertOptions) -> Cal
 def _write_kohya(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], options: ConvertOptions
 ) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
+    from loratools.io.safetensors_file import SafetensorsWriter
     from loratools.io.writer import atomic_output
 
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     with atomic_output(options.output, force=options.force) as path:
-        save_file(tensors, str(path), metadata=metadata)
+        writer = SafetensorsWriter(path, specs, metadata)
+        try:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+        except BaseException:
+            writer.abort()  # atomic_output removes the partial file
+            raise
+        writer.close()
     return {"prefix": options.prefix, "tensors": len(tensors)}
 
 
