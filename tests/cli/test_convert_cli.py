@@ -317,3 +317,22 @@ def test_bad_output_names_and_prefix_are_one_line_errors(run_cli, tmp_path: Path
         result = run_cli("convert", tmp_path / "peft", *args)
         assert result.exit_code == 1 and expected in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # imports transformers (~5 s)
+def test_gguf_only_model_loads_in_transformers_with_the_same_logits(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tests.io.test_gguf_io import write_gguf_model
+
+    write_gguf_model(fixtures_dir / "base", tmp_path / "m.gguf", bpe_vocab=True)
+    result = run_cli("convert", tmp_path / "m.gguf", "--to", "safetensors", "-o", tmp_path / "hf", "-q")
+    assert result.exit_code == 0, result.output
+    original = transformers.AutoModelForCausalLM.from_pretrained(fixtures_dir / "base")
+    converted = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(converted(tokens).logits, original(tokens).logits)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer("ab ab").input_ids[-2:] == [5, 7] and tokenizer.eos_token == "</s>"
