@@ -23,7 +23,6 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loratools.ops import Progress, no_progress
@@ -102,10 +101,7 @@ def batch_rows(step: int, size: int, n: int, seed: int) -> torch.Tensor:
 def _token_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, autocast: Any) -> torch.Tensor:
     """Σ cross-entropy over target positions: position t predicts labels[t + 1]."""
     with autocast:
-        logits = model(ids)  # (B, T, vocab)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+        return model(ids, labels)  # the model's fused head + loss (see train/loss.py)
 
 
 def _autocast(device: torch.device, bf16: bool) -> Any:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loratools.errors import CheckpointError, MissingKeys, ShapeMismatch, UnknownFormat, list_problems
+from loratools.train.loss import head_loss
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "load_model", "rope_frequencies"]
 
@@ -243,8 +244,15 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids))
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab); or, given labels (B, T), the summed next-token loss (a scalar).
+
+        The loss form never materialises all logits at once (see :mod:`loratools.train.loss`).
+        """
+        hidden = self.model(input_ids)  # (B, T, hidden)
+        if labels is None:
+            return self.lm_head(hidden)
+        return head_loss(hidden, self.lm_head, labels)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer's activations in backward: memory O(layers) → O(1) for ~30% more compute."""

@@ -12,6 +12,7 @@ from loratools.errors import MissingKeys, UnknownFormat
 from loratools.io.adapter_dir import save_adapter
 from loratools.train.inject import inject_lora, lora_layers, to_adapter
 from loratools.train.model import LlamaConfig, load_model
+from tests._tolerances import TOL
 
 transformers = pytest.importorskip("transformers")
 
@@ -149,3 +150,45 @@ def test_mismatched_checkpoints_are_refused(fixtures_dir: Path, fixture_copy) ->
         LlamaConfig.from_dict({**config, "model_type": "gpt2"})
     with pytest.raises(UnknownFormat, match="yarn"):
         LlamaConfig.from_dict({**config, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def _plain_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+@pytest.mark.parametrize("chunk_bytes", [64 * 4 * 5, 32 << 20])  # 5-row chunks, and one chunk
+def test_fused_head_loss_equals_cross_entropy_of_the_logits(
+    fixtures_dir: Path, monkeypatch, chunk_bytes: int
+):
+    from loratools.train import loss
+
+    monkeypatch.setattr(loss, "CHUNK_BYTES", chunk_bytes)
+    model = load_model(fixtures_dir / "base")
+    inject_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4, init="gaussian")
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    ids = _ids(64)
+    labels = ids.clone()
+    labels[0, :10] = -100  # a prompt: no loss there
+    results = []
+    for compute in (lambda: model(ids, labels), lambda: _plain_loss(model, ids, labels)):
+        model.zero_grad()
+        value = compute()
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (fused, fused_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fused, plain, **TOL[torch.float32])
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order
+    assert model(ids, torch.full_like(ids, -100)).item() == 0.0
+
+
+def test_a_trainable_head_takes_the_plain_path(fixtures_dir: Path) -> None:
+    model = load_model(fixtures_dir / "base")
+    inject_lora(model, ["lm_head"], rank=2, alpha=4)
+    ids = _ids(64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, ids), _plain_loss(model, ids, ids), **TOL[torch.float32])
