@@ -25,4 +25,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoratoolsError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LoratoolsError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use cuda:0 … cuda:N-1, or --device cpu"
+        )
     return device

@@ -163,3 +163,15 @@ def test_weight_count_must_match_adapters(run_cli, fixtures_dir: Path, tmp_path:
     )
     assert result.exit_code == 2 and "give one per adapter" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+def test_device_cuda(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    base, adapter = fixtures_dir / "base-bf16", fixtures_dir / "adapter"
+    gpu = ok_json(run_cli("merge", base, adapter, "-o", tmp_path / "g", "--device", "cuda", "--json"))
+    assert run_cli("merge", base, adapter, "-o", tmp_path / "c", "--device", "cpu", "-q").exit_code == 0
+    assert gpu["merged"] == 4
+    cpu_out, gpu_out = read_all(tmp_path / "c"), read_all(tmp_path / "g")
+    for name, tensor in cpu_out.items():
+        assert gpu_out[name].dtype == torch.bfloat16
+        torch.testing.assert_close(gpu_out[name], tensor, atol=0, rtol=EPS[torch.bfloat16])  # ≤ 1 ulp apart
