@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,8 @@ class GgufModel:
             self._reader = gguf.GGUFReader(str(path))
         except (ValueError, OSError, IndexError, KeyError) as exc:
             raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from exc
+        if self._reader.byte_order != "I":
+            raise UnknownFormat(f"{path}: a big-endian GGUF; only little-endian files are supported")
         self.kv = read_gguf_kv(self._reader)
         if self.kv.get(names.KEY_TYPE) == names.ADAPTER_TYPE:
             raise UnknownFormat(f"{path}: a GGUF LoRA adapter, not a model; convert models only")
@@ -149,26 +152,44 @@ class GgufModel:
         return names.model_heads(self.config)
 
     def _load(self, t: Any) -> torch.Tensor:
-        """Read ``t`` from the memory map: float types bit-exact, others via gguf.quants."""
+        """Read ``t``: float types bit-exact, quantized types dequantized with gguf.quants."""
         shape = self._shape(t)
         kind = t.tensor_type.name
+        raw = self._read(t)
         if kind in ("F32", "F16"):
-            return torch.from_numpy(np.array(t.data)).reshape(shape)
+            return torch.from_numpy(raw.view(np.float32 if kind == "F32" else np.float16)).reshape(shape)
         if kind == "BF16":
-            words = np.array(t.data).view(np.int16)
-            return torch.from_numpy(words).view(torch.bfloat16).reshape(shape)
+            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(shape)
         try:
-            values = _gguf().quants.dequantize(t.data, t.tensor_type)
+            values = _gguf().quants.dequantize(raw.reshape(t.data.shape), t.tensor_type)
         except NotImplementedError as exc:
             raise UnknownFormat(
                 f"{self.path}: tensor {t.name} has type {kind}, which gguf cannot dequantize"
             ) from exc
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
+    def _read(self, t: Any) -> np.ndarray:
+        """``t``'s stored bytes, read into fresh memory rather than through the reader's memory
+        map, so that resident memory is the tensor in hand, not every page of the file touched."""
+        buffer = np.empty(t.n_bytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(t.data_offset)
+            if f.readinto(buffer) != t.n_bytes:  # type: ignore[attr-defined]
+                raise CheckpointError(f"{self.path}: truncated inside tensor {t.name}; re-download it")
+        return buffer
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` in file order, one at a time."""
-        for name in self._tensors:
-            yield name, self.get(name)
+        """``(name, tensor)`` in file order, one at a time, reading the next while the caller writes."""
+        order = list(self._tensors)
+        if not order:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-gguf") as pool:
+            pending = pool.submit(self.get, order[0])
+            for position, name in enumerate(order):
+                tensor = pending.result()
+                if position + 1 < len(order):
+                    pending = pool.submit(self.get, order[position + 1])
+                yield name, tensor
 
     def model_files(self) -> dict[str, str]:
         """Text files for the output folder: config.json, generation_config.json and, when the
