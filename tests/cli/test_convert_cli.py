@@ -336,3 +336,65 @@ def test_gguf_only_model_loads_in_transformers_with_the_same_logits(
         assert torch.equal(converted(tokens).logits, original(tokens).logits)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer("ab ab").input_ids[-2:] == [5, 7] and tokenizer.eos_token == "</s>"
+
+
+@pytest.mark.slow  # imports peft + transformers (~10 s)
+def test_real_peft_adapter_through_kohya_gives_peft_outputs(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    peft = pytest.importorskip("peft")
+    from tests import peft_helpers
+
+    base = fixtures_dir / "base"
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "down_proj"],
+        rank_pattern={"k_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        init_lora_weights=False,  # random B, so the adapter is not a no-op
+    )
+    torch.manual_seed(0)
+    peft.get_peft_model(peft_helpers.load_llama(base), config).save_pretrained(tmp_path / "peft")
+    ids = peft_helpers.tokens()
+    expected = peft_helpers.logits_through_peft(base, tmp_path / "peft", ids)
+
+    kohya_file = tmp_path / "k.safetensors"
+    assert run_cli("convert", tmp_path / "peft", "--to", "kohya", "-o", kohya_file).exit_code == 0
+    tensors = load_file(kohya_file)
+    model = peft_helpers.load_llama(base)
+    state = model.state_dict()
+    weight_of = {"lora_unet_" + n.removesuffix(".weight").replace(".", "_"): n for n in state}
+    stems = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")}
+    assert len(stems) == 6
+    for stem in stems:  # merge by hand the way a kohya reader does: W += alpha/r · up @ down
+        down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
+        state[weight_of[stem]] += float(tensors[f"{stem}.alpha"]) / down.shape[0] * up @ down
+    model.load_state_dict(state)
+    torch.testing.assert_close(peft_helpers.logits(model, ids), expected, rtol=1e-4, atol=1e-5)
+
+    back = tmp_path / "back"
+    assert run_cli("convert", kohya_file, "--to", "peft", "-o", back).exit_code == 0
+    torch.testing.assert_close(
+        peft_helpers.logits_through_peft(base, back, ids), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_foreign_kohya_converts_straight_to_gguf(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    g = torch.Generator().manual_seed(1)
+    stem = "lora_unet_model_layers_1_self_attn_k_proj"
+    down, up = torch.randn(3, 32, generator=g), torch.randn(16, 3, generator=g)
+    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}, tmp_path / "k.safetensors")
+    out = tmp_path / "k.gguf"
+    result = run_cli(
+        "convert", tmp_path / "k.safetensors", "--to", "gguf", "-o", out, "--base", fixtures_dir / "base"
+    )
+    assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(str(out))
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    a, b = tensors["blk.1.attn_k.weight.lora_a"], tensors["blk.1.attn_k.weight.lora_b"]
+    assert alpha == 3.0  # no .alpha in the file: alpha = r
+    delta_close(gguf_names.unpermute_qk(alpha / 3 * b @ a, 2), up @ down)
