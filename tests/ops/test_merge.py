@@ -470,3 +470,16 @@ def test_write_behind_hands_writer_errors_back_and_never_hangs() -> None:
     order: list[str] = []
     _write_behind(iter([(n, None) for n in "xyz"]), lambda name, _: order.append(name))
     assert order == ["x", "y", "z"]
+
+
+def test_precision_stats_of_big_tensors_are_row_sampled_estimates_of_the_exact_ones() -> None:
+    gen = torch.Generator().manual_seed(8)
+    w0 = torch.randn(3000, 1024, generator=gen).bfloat16()  # 3.1 M elements: every 3rd row is used
+    left, right = torch.randn(3000, 4, generator=gen) * 1e-3, torch.randn(4, 1024, generator=gen)
+    out, stats = apply_update("t", w0, left, right, torch.bfloat16)
+    exact_lost = (out.double() - w0.double() - left.double() @ right.double()).norm()
+    assert stats.lost_norm == pytest.approx(float(exact_lost), rel=0.02)
+    assert stats.base_norm == pytest.approx(float(w0.double().norm()), rel=0.02)
+    assert stats.delta_norm == pytest.approx(float((left.double() @ right.double()).norm()), rel=1e-4)
+    merged32, _ = apply_update("t", w0.float(), left, right, torch.float32)
+    torch.testing.assert_close(merged32, w0.float() + left @ right, **TOL[torch.float32])  # stats leave it be
