@@ -196,15 +196,7 @@ def to_adapter(
     base_names = list(base_names) if base_names is not None else None
     groups = _group(tensors)
     record = _stored(metadata, groups)
-    if record is not None:
-        names = {kohya_stem(m, record["prefix"]): m for m in record["modules"]}
-    elif base_names is not None:
-        names = resolve_stems(groups, base_names)
-    else:
-        raise MissingKeys(
-            "kohya module names are ambiguous ('_' stands for both '.' and '_'); pass the base model "
-            "(--base BASE) so they can be resolved against its tensor names"
-        )
+    names = _module_names(groups, record, base_names)
     modules = record["modules"] if record is not None else {}
     weights = {}
     for stem, parts in groups.items():
@@ -222,8 +214,31 @@ def to_adapter(
         task_type=fields.get("task_type"),
         fan_in_fan_out=bool(fields.get("fan_in_fan_out", False)),
         extra_config=dict(fields.get("extra_config") or {}),
-        provenance=json.loads(metadata.get("loratools", "{}")),
+        provenance=_provenance(metadata),
     )
+
+
+def _module_names(
+    groups: Mapping[str, Any], record: Mapping[str, Any] | None, base_names: list[str] | None
+) -> dict[str, str]:
+    """stem → dotted module path: from the loratools record, else resolved against the base."""
+    if record is not None:
+        return {kohya_stem(m, record["prefix"]): m for m in record["modules"]}
+    if base_names is not None:
+        return resolve_stems(groups, base_names)
+    raise MissingKeys(
+        "kohya module names are ambiguous ('_' stands for both '.' and '_'); pass the base model "
+        "(--base BASE) so they can be resolved against its tensor names"
+    )
+
+
+def _provenance(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The ``loratools`` provenance entry, or ``{}`` when absent or not a JSON object."""
+    try:
+        value = json.loads(metadata.get("loratools", "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # -- Adapter → kohya -------------------------------------------------------------------------------

@@ -207,3 +207,11 @@ def test_an_adapter_gguf_is_not_a_model(tmp_path: Path) -> None:
     write_adapter_gguf(tmp_path / "a.gguf", "llama", 4.0, {"blk.0.attn_q.weight.lora_a": torch.ones(2, 8)})
     with pytest.raises(UnknownFormat, match="adapter"):
         GgufModel(tmp_path / "a.gguf")
+
+
+def test_missing_gguf_package_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from loratools.errors import MissingExtra
+
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # makes `import gguf` fail
+    with pytest.raises(MissingExtra, match=r"loratools\[gguf\]"):
+        GgufModel(tmp_path / "m.gguf")
