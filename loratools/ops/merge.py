@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from queue import Queue
@@ -91,11 +93,15 @@ class MergeOptions:
         dtype: output dtype of floating tensors; None keeps each tensor's own.
         device: where the matmuls run (``cpu``, ``cuda``, ``cuda:N``).
         lost_warning: warn when more than this fraction of the update is lost to rounding.
+        threads: torch's intra-op threads for the CPU math; 0 means the cores less the two that
+            the reader and writer threads keep busy (at least 1). Oversubscribed OpenMP regions
+            slow every op several-fold (a 16×16 Gram matrix took 80 ms instead of 0.05 ms).
     """
 
     dtype: torch.dtype | None = None
     device: str = "cpu"
     lost_warning: float = 0.5
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
@@ -104,6 +110,12 @@ class MergeOptions:
             )
         if not 0.0 < self.lost_warning <= 1.0:
             raise LoratoolsError(f"lost_warning={self.lost_warning}: must be in (0, 1]")
+        if self.threads < 0:
+            raise LoratoolsError(f"threads={self.threads}: must be 0 (automatic) or more")
+
+    def intra_op_threads(self, cores: int) -> int:
+        """The thread count for the math on a machine with ``cores`` cores."""
+        return self.threads or max(1, cores - 2)
 
 
 @dataclass
@@ -502,6 +514,16 @@ def merged_tensors(
         progress(name)
 
 
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _output_layout(ckpt: Checkpoint, options: MergeOptions) -> list[ShardLayout]:
     dtype_of = {}
     if options.dtype is not None:
@@ -611,7 +633,8 @@ def merge_checkpoint(
     layout = _output_layout(ckpt, options)
     stats: list[ModuleStats] = []
     files: list[str] = []
-    with atomic_output(output, force=force) as temporary:
+    threads = options.intra_op_threads(os.cpu_count() or 1)
+    with atomic_output(output, force=force) as temporary, _intra_op_threads(threads):
         tensors = merged_tensors(ckpt, plan, options, stats, progress)
         if ckpt.model_dir is None:  # a single file in, a single file out
             _write(ckpt, temporary.parent, [replace(layout[0], filename=temporary.name)], tensors)
