@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,8 @@ class ConvertOptions:
             raise LoratoolsError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.to == "gguf" and self.base is None:
             raise LoratoolsError(
-                "--to gguf needs --base BASE_DIR (its config.json gives llama.cpp the architecture)"
+                "--to gguf needs --base BASE (a model folder with config.json, or the GGUF model): "
+                "it gives llama.cpp the architecture"
             )
         if self.to == "kohya" and not kohya.PREFIX.match(self.prefix):
             raise LoratoolsError(
@@ -136,11 +137,41 @@ def convert(options: ConvertOptions, progress: Progress = no_progress) -> dict[s
 
 
 # -- adapters ----------------------------------------------------------------------------------------
-def _base_checkpoint(base: str | None) -> Any:
+@dataclass(frozen=True)
+class BaseModel:
+    """What adapter conversions need from ``--base``: tensor names and shapes, and its config.
+
+    Attributes:
+        path: the base as given.
+        shapes: tensor name → shape, in storage order.
+        config: the Hugging Face config.json contents, if any.
+    """
+
+    path: str
+    shapes: dict[str, tuple[int, ...]]
+    config: dict[str, Any] | None
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+
+def _open_base(base: str | None) -> BaseModel | None:
+    """``--base`` as a checkpoint (file, folder, Hub id) or a GGUF model file (names mapped to HF)."""
     from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
 
-    return open_checkpoint(resolve_path(base)) if base else None
+    if base is None:
+        return None
+    path = resolve_path(base)
+    if path.suffix == ".gguf":
+        from loratools.io.gguf_io import GgufModel
+
+        model = GgufModel(path)
+        return BaseModel(base, {s.name: s.shape for s in model.specs()}, model.config)
+    ckpt = open_checkpoint(path)
+    config_file = ckpt.model_dir / "config.json" if ckpt.model_dir is not None else None
+    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else None
+    return BaseModel(base, {i.name: tuple(i.shape) for i in ckpt.infos()}, config)
 
 
 def _record(adapter: Adapter, source_format: str, target: str) -> Adapter:
@@ -155,10 +186,12 @@ def _prepare_adapter(options: ConvertOptions) -> Conversion:
 
     source = resolve_path(options.source, what="adapter")
     fmt = adapter_format(source)
-    base = _base_checkpoint(options.base)
+    base = _open_base(options.base)
     adapter = load_adapter(source, base_names=base.names() if base is not None else None)
     if options.dtype:
         adapter = adapter.with_weights({m: w.to(DTYPES[options.dtype]) for m, w in adapter.weights.items()})
+    if adapter.base_model is None and options.base is not None:
+        adapter = replace(adapter, base_model=options.base)  # kohya files do not name their base
     adapter = _record(adapter, fmt, options.to)
     write = _adapter_writer(adapter, base, options)
 
@@ -175,7 +208,9 @@ def _prepare_adapter(options: ConvertOptions) -> Conversion:
     return Conversion(len(adapter.weights), run)
 
 
-def _adapter_writer(adapter: Adapter, base: Any, options: ConvertOptions) -> Callable[[], dict[str, Any]]:
+def _adapter_writer(
+    adapter: Adapter, base: BaseModel | None, options: ConvertOptions
+) -> Callable[[], dict[str, Any]]:
     """Check that ``adapter`` can be written as ``options.to``; return the function that writes it."""
     if options.to == "peft":
         from loratools.io.adapter_dir import save_adapter
@@ -206,12 +241,19 @@ def _write_kohya(
     return {"prefix": options.prefix, "tensors": len(tensors)}
 
 
-def _gguf_writer(adapter: Adapter, base: Any, options: ConvertOptions) -> Callable[[], dict[str, Any]]:
+def _gguf_writer(
+    adapter: Adapter, base: BaseModel | None, options: ConvertOptions
+) -> Callable[[], dict[str, Any]]:
     from loratools.formats.names import resolve_modules
     from loratools.io.gguf_io import write_adapter_gguf
     from loratools.io.writer import atomic_output
 
-    config = _read_config(base)
+    if base is None or base.config is None:
+        where = base.path if base is not None else "(none)"
+        raise LoratoolsError(
+            f"--base {where}: needs config.json beside the weights (or a GGUF model) for llama.cpp"
+        )
+    config = base.config
     arch = gguf_names.arch_for(config.get("model_type"))
     base_tensor_of = resolve_modules(adapter.modules, base.names())
     _check_shapes(adapter, base, base_tensor_of)
@@ -228,23 +270,13 @@ def _gguf_writer(adapter: Adapter, base: Any, options: ConvertOptions) -> Callab
     return write
 
 
-def _read_config(base: Any) -> dict[str, Any]:
-    folder = base.model_dir
-    if folder is None or not (folder / "config.json").is_file():
-        raise LoratoolsError(
-            f"--base {base.path}: needs a model folder with config.json (for the architecture)"
-        )
-    config: dict[str, Any] = json.loads((folder / "config.json").read_text())
-    return config
-
-
-def _check_shapes(adapter: Adapter, base: Any, base_tensor_of: dict[str, str]) -> None:
+def _check_shapes(adapter: Adapter, base: BaseModel, base_tensor_of: dict[str, str]) -> None:
     from loratools.errors import ShapeMismatch, list_problems
 
     bad = [
-        f"{m} {w.shape} vs {base.info(base_tensor_of[m]).shape}"
+        f"{m} {w.shape} vs {base.shapes[base_tensor_of[m]]}"
         for m, w in adapter.weights.items()
-        if tuple(base.info(base_tensor_of[m]).shape) != w.shape
+        if tuple(base.shapes[base_tensor_of[m]]) != w.shape
     ]
     if bad:
         raise ShapeMismatch(f"adapter modules do not fit the base: {list_problems(bad)}; wrong --base?")

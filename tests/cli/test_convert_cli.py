@@ -7,6 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -398,3 +399,44 @@ def test_foreign_kohya_converts_straight_to_gguf(run_cli, fixtures_dir: Path, tm
     a, b = tensors["blk.1.attn_k.weight.lora_a"], tensors["blk.1.attn_k.weight.lora_b"]
     assert alpha == 3.0  # no .alpha in the file: alpha = r
     delta_close(gguf_names.unpermute_qk(alpha / 3 * b @ a, 2), up @ down)
+
+
+def test_a_gguf_model_can_be_the_base(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    from tests.io.test_gguf_io import write_gguf_model
+
+    write_gguf_model(fixtures_dir / "base", tmp_path / "m.gguf", qtype="Q8_0")
+    write_peft(tmp_path / "peft")
+    from_dir = tmp_path / "a.gguf"
+    from_gguf = tmp_path / "b.gguf"
+    assert (
+        run_cli(
+            "convert", tmp_path / "peft", "--to", "gguf", "-o", from_dir, "--base", fixtures_dir / "base"
+        ).exit_code
+        == 0
+    )
+    result = run_cli(
+        "convert", tmp_path / "peft", "--to", "gguf", "-o", from_gguf, "--base", tmp_path / "m.gguf"
+    )
+    assert result.exit_code == 0, result.output
+    assert from_dir.read_bytes()[:4] == b"GGUF"
+    import gguf
+
+    first, second = gguf.GGUFReader(str(from_dir)), gguf.GGUFReader(str(from_gguf))
+    assert [t.name for t in first.tensors] == [t.name for t in second.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(first.tensors, second.tensors, strict=True))
+    # kohya names resolve against a GGUF base too
+    kohya_file = tmp_path / "k.safetensors"
+    stem = "lora_unet_model_layers_0_mlp_down_proj"
+    save_file(
+        {f"{stem}.lora_down.weight": torch.ones(1, 64), f"{stem}.lora_up.weight": torch.ones(32, 1)},
+        kohya_file,
+    )
+    result = run_cli(
+        "convert", kohya_file, "--to", "peft", "-o", tmp_path / "p", "--base", tmp_path / "m.gguf"
+    )
+    assert result.exit_code == 0, result.output
+    saved = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight" in saved
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "m.gguf")  # the base it was resolved against
