@@ -48,19 +48,48 @@ class Measurement:
         return self
 
 
+# A process's ru_maxrss starts at the high-water mark of the memory it was exec'd from (Linux keeps
+# it across exec), so a command started straight from this (large, torch-importing) process would
+# report at least our own peak. A small launcher forks it from a fresh address space instead and
+# reports the command's own peak RSS through a pipe.
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+os.write(int(sys.argv[1]), str(usage.ru_maxrss).encode())
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Measurement:
     """Run ``cmd`` in its own process; wall time and peak RSS (from wait4's rusage) of that process."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        read_end, write_end = os.pipe()
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})}, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
+        launcher = [sys.executable, "-S", "-c", _LAUNCHER, str(write_end), *cmd]
+        proc = subprocess.Popen(
+            launcher,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            pass_fds=(write_end,),
+        )
+        os.close(write_end)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        with os.fdopen(read_end) as pipe:
+            peak_kib = int(pipe.read() or 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         return Measurement(
             wall_s=wall,
-            peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports KiB
+            peak_rss_mb=peak_kib / 1024,  # Linux reports KiB
             returncode=proc.returncode,
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
