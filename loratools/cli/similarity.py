@@ -84,8 +84,16 @@ def _show(document: dict[str, Any], quiet: bool) -> None:
     for m in document["modules"]:
         diagonal = m["diagonal"]
         rows.append((labels[m["name"]], f"{m['ranks'][0]}×{m['ranks'][1]}", diagonal[0], diagonal[-1],
-                     render.sparkline(diagonal[:24]), m["shared_directions"]))  # fmt: skip
-    columns = ["module", "r₁×r₂", "φ(1,1)", "φ(r,r)", "φ(i,i), i = 1…", f"shared (cos²>{t})"]
+                     render.sparkline(diagonal[:24]), m["random_phi"], m["shared_directions"]))  # fmt: skip
+    columns = [
+        "module",
+        "r₁×r₂",
+        "φ(1,1)",
+        "φ(r,r)",
+        "φ(i,i), i = 1…",
+        "random φ(r₁,r₂)",
+        f"shared (cos²>{t})",
+    ]
     render.table(
         f"Subspace similarity ({document['side']} side): {' vs '.join(document['adapters'])}", columns, rows
     )

@@ -101,11 +101,20 @@ class ModuleSimilarity:
         name: module path.
         phi: (r₁, r₂) float64, φ(i, j) at [i-1, j-1].
         cosines: principal cosines between the two whole subspaces, descending.
+        dimension: n, the dimension of the space the directions live in (in or out features).
     """
 
     name: str
     phi: torch.Tensor
     cosines: torch.Tensor
+    dimension: int
+
+    def random_phi(self, i: int, j: int) -> float:
+        """E[φ(i, j)] for uniformly random subspaces: ``i·j/n / min(i, j) = max(i, j) / n``.
+
+        The baseline to read φ against: in a small space even unrelated subspaces overlap.
+        """
+        return min(1.0, max(i, j) / self.dimension)
 
     @property
     def diagonal(self) -> list[float]:
@@ -129,6 +138,8 @@ class ModuleSimilarity:
             "principal_cosines": self.cosines.tolist(),
             "shared_directions": self.shared_directions(threshold),
             "diagonal_above_threshold": self.diagonal_above(threshold),
+            "dimension": self.dimension,
+            "random_phi": self.random_phi(*self.phi.shape),
         }
 
 
@@ -209,7 +220,7 @@ def adapter_similarity(
     for name in shared:
         u1 = singular_basis(first.weights[name], options.side)
         u2 = singular_basis(second.weights[name], options.side)
-        modules.append(ModuleSimilarity(name, phi_matrix(u1, u2), principal_cosines(u1, u2)))
+        modules.append(ModuleSimilarity(name, phi_matrix(u1, u2), principal_cosines(u1, u2), u1.shape[0]))
         progress(name)
     only_first = [n for n in first.weights if n not in second.weights]
     only_second = [n for n in second.weights if n not in first.weights]

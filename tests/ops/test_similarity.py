@@ -134,3 +134,18 @@ def test_errors():
         SimilarityOptions(side="up")  # type: ignore[arg-type]
     with pytest.raises(LoratoolsError, match="--threshold"):
         SimilarityOptions(threshold=2.0)
+
+
+def test_random_baseline_is_the_expected_phi_of_random_subspaces():
+    gen = torch.Generator().manual_seed(11)
+    n, r1, r2 = 20, 3, 5
+    phis = []
+    for _ in range(400):
+        u1 = torch.linalg.qr(torch.randn(n, r1, generator=gen, dtype=torch.float64)).Q
+        u2 = torch.linalg.qr(torch.randn(n, r2, generator=gen, dtype=torch.float64)).Q
+        phis.append(float(phi_matrix(u1, u2)[-1, -1]))
+    module = adapter_similarity(
+        Adapter({"m": _weight(r1, n, 4, 0)}), Adapter({"m": _weight(r2, n, 4, 1)})
+    ).modules[0]
+    assert module.dimension == n and module.random_phi(r1, r2) == pytest.approx(5 / 20)
+    assert sum(phis) / len(phis) == pytest.approx(module.random_phi(r1, r2), abs=0.02)
