@@ -483,3 +483,28 @@ def test_precision_stats_of_big_tensors_are_row_sampled_estimates_of_the_exact_o
     assert stats.delta_norm == pytest.approx(float((left.double() @ right.double()).norm()), rel=1e-4)
     merged32, _ = apply_update("t", w0.float(), left, right, torch.float32)
     torch.testing.assert_close(merged32, w0.float() + left @ right, **TOL[torch.float32])  # stats leave it be
+
+
+def test_thread_count_leaves_two_cores_to_io_and_is_restored(fixtures_dir: Path, tmp_path: Path) -> None:
+    assert MergeOptions().intra_op_threads(2) == 1 and MergeOptions().intra_op_threads(16) == 14
+    assert MergeOptions(threads=3).intra_op_threads(16) == 3
+    with pytest.raises(Exception, match="threads=-1"):
+        MergeOptions(threads=-1)
+    before = torch.get_num_threads()
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "o", add=[(str(fixtures_dir / "adapter"), 1.0)])
+    assert torch.get_num_threads() == before
+
+
+def test_a_kohya_adapter_merges_like_its_peft_twin(fixtures_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from loratools.formats import kohya
+
+    tensors, metadata = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
+    save_file(tensors, str(tmp_path / "kohya.safetensors"), metadata=metadata)
+    base = str(fixtures_dir / "base-sharded")
+    merge_paths(base, tmp_path / "k", add=[(str(tmp_path / "kohya.safetensors"), 1.0)])
+    merge_paths(base, tmp_path / "p", add=[(str(fixtures_dir / "adapter"), 1.0)])
+    kohya_out, peft_out = read_all(tmp_path / "k"), read_all(tmp_path / "p")
+    for name, tensor in peft_out.items():
+        torch.testing.assert_close(kohya_out[name], tensor, **TOL[torch.float32])
