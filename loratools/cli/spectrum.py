@@ -72,20 +72,20 @@ def _adapter(path: str, base_path: str | None, options: Any, quiet: bool) -> Any
     from loratools.io.resolve import resolve_path
     from loratools.ops.spectrum import adapter_spectrum
 
-    adapter = _load_adapter(path)
     base = open_checkpoint(resolve_path(base_path)) if base_path else None
+    adapter = _load_adapter(path, base.names() if base is not None else None)  # kohya needs the names
     with render.progress(len(adapter.weights), "spectrum", quiet=quiet) as advance:
         return adapter_spectrum(adapter, options, base=base, progress=advance)
 
 
-def _load_adapter(path: str) -> Any:
+def _load_adapter(path: str, base_names: list[str] | None = None) -> Any:
     """The adapter at ``path``; a model checkpoint there gets an error that names the two-argument form."""
     from loratools.errors import LoratoolsError, UnknownFormat
     from loratools.io.adapter_dir import load_adapter
     from loratools.io.checkpoint import open_checkpoint
 
     try:
-        return load_adapter(path)
+        return load_adapter(path, base_names=base_names)
     except UnknownFormat:
         try:
             open_checkpoint(path)

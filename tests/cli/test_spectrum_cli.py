@@ -195,3 +195,13 @@ def test_similarity_of_unrelated_adapters_is_an_error(run_cli, fixtures_dir: Pat
     save_adapter(other, tmp_path / "other")
     result = run_cli("similarity", fixtures_dir / "adapter", tmp_path / "other")
     assert result.exit_code == 1 and "no module in common" in result.stderr
+
+
+def test_kohya_file_has_the_same_spectrum(run_cli, fixtures_dir: Path, tmp_path: Path):
+    kohya = tmp_path / "adapter.safetensors"
+    assert run_cli("convert", fixtures_dir / "adapter", "--to", "kohya", "-o", kohya, "-q").exit_code == 0
+    peft = json.loads(run_cli("spectrum", fixtures_dir / "adapter", "--json").stdout)
+    other = json.loads(run_cli("spectrum", kohya, "--base", fixtures_dir / "base", "--json").stdout)
+    assert [m["name"] for m in other["modules"]] == [m["name"] for m in peft["modules"]]
+    for a, b in zip(peft["modules"], other["modules"], strict=True):
+        assert a["singular_values"] == pytest.approx(b["singular_values"], rel=1e-6)
