@@ -215,3 +215,17 @@ def test_missing_gguf_package_names_the_extra(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # makes `import gguf` fail
     with pytest.raises(MissingExtra, match=r"loratools\[gguf\]"):
         GgufModel(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("keep", [100, 3000])
+def test_truncated_or_foreign_files_are_checkpoint_errors(
+    fixtures_dir: Path, tmp_path: Path, keep: int
+) -> None:
+    from loratools.errors import CheckpointError
+
+    write_gguf_model(fixtures_dir / "base", tmp_path / "m.gguf")
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "m.gguf").read_bytes()[:keep])
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    for name in ("cut.gguf", "junk.gguf"):
+        with pytest.raises(CheckpointError, match="not a readable GGUF"):
+            GgufModel(tmp_path / name)
