@@ -171,6 +171,8 @@ class ModuleSpectrum:
     def effective_rank(self, fraction: float) -> int | None:
         """Smallest r with ``e(r) ≥ fraction``; None when the computed top does not reach it."""
         s = self.singular_values
+        if self.energy <= 0:
+            return 0  # a zero update (an untrained adapter's B = 0) needs no rank at all
         r = linalg.rank_for_energy(s, fraction, self.energy)
         if not self.complete and r == len(s) and (self.energy_at(r) or 0.0) < fraction - 1e-12:
             return None

@@ -253,3 +253,10 @@ def test_report_summary_has_every_type_and_layer(fixtures_dir: Path):
     assert set(summary["by_type"]) == {"q_proj", "v_proj"}
     assert list(summary["by_layer"]) == ["0", "1"]
     assert summary["model"]["modules"] == 4
+
+
+def test_untrained_adapter_with_zero_b_has_zero_rank():
+    weight = LoraWeight(torch.randn(4, 10), torch.zeros(12, 4), alpha=8.0)  # PEFT's initialisation
+    module = adapter_spectrum(Adapter({"m": weight})).modules[0]
+    assert module.energy == 0.0 and module.stable_rank == 0.0
+    assert module.effective_rank(0.9) == 0 and module.to_dict()["effective_rank"] == {"0.9": 0, "0.99": 0}
