@@ -508,3 +508,18 @@ def test_a_kohya_adapter_merges_like_its_peft_twin(fixtures_dir: Path, tmp_path:
     kohya_out, peft_out = read_all(tmp_path / "k"), read_all(tmp_path / "p")
     for name, tensor in peft_out.items():
         torch.testing.assert_close(kohya_out[name], tensor, **TOL[torch.float32])
+
+
+@pytest.mark.filterwarnings("ignore:.*PyTorch pickle checkpoint")
+def test_a_pytorch_bin_base_is_written_as_safetensors(fixtures_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    torch.save(read_all(fixtures_dir / "base"), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_bytes((fixtures_dir / "base" / "config.json").read_bytes())
+    adapter = [(str(fixtures_dir / "adapter"), 1.0)]
+    merge_paths(str(tmp_path / "bin"), tmp_path / "from-bin", add=adapter)
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "from-st", add=adapter)
+    assert sorted(p.name for p in (tmp_path / "from-bin").iterdir()) == ["config.json", "model.safetensors"]
+    from_bin, from_st = read_all(tmp_path / "from-bin"), read_all(tmp_path / "from-st")
+    assert from_bin.keys() == from_st.keys()
+    for name, tensor in from_st.items():
+        assert torch.equal(from_bin[name], tensor)
