@@ -86,11 +86,11 @@ def _load_adapter(path: str, base_names: list[str] | None = None) -> Any:
 
     try:
         return load_adapter(path, base_names=base_names)
-    except UnknownFormat:
+    except UnknownFormat as not_adapter:
         try:
             open_checkpoint(path)
         except LoratoolsError:
-            raise
+            raise not_adapter from None  # neither: the adapter loader's reason is the useful one
         raise UnknownFormat(
             f"{path}: a model checkpoint, not an adapter; for a full fine-tune's ΔW pass both: "
             "loratools spectrum BASE FINETUNED"

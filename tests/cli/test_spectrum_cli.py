@@ -205,3 +205,8 @@ def test_kohya_file_has_the_same_spectrum(run_cli, fixtures_dir: Path, tmp_path:
     assert [m["name"] for m in other["modules"]] == [m["name"] for m in peft["modules"]]
     for a, b in zip(peft["modules"], other["modules"], strict=True):
         assert a["singular_values"] == pytest.approx(b["singular_values"], rel=1e-6)
+
+
+def test_neither_adapter_nor_checkpoint_keeps_the_adapter_error(run_cli, tmp_path: Path):
+    result = run_cli("spectrum", tmp_path)
+    assert result.exit_code == 1 and "not an adapter folder" in result.stderr
