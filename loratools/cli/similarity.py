@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from loratools.cli import render
-from loratools.cli.options import force_flag, reporting
+from loratools.cli.options import reporting
 
 
 @click.command()
@@ -25,7 +25,7 @@ from loratools.cli.options import force_flag, reporting
 @click.option(
     "--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw φ heatmaps to FILE.png."
 )
-@force_flag
+@click.option("--force", is_flag=True, help="Replace the --plot FILE if it exists.")
 @reporting
 def similarity(
     first: str,

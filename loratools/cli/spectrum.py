@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from loratools.cli import render
-from loratools.cli.options import device_option, force_flag, reporting
+from loratools.cli.options import device_option, reporting
 
 SPARK_VALUES = 24  # singular values drawn in each module's sparkline
 
@@ -26,7 +26,7 @@ SPARK_VALUES = 24  # singular values drawn in each module's sparkline
 @click.option(
     "--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the spectra to FILE.png."
 )
-@force_flag
+@click.option("--force", is_flag=True, help="Replace the --plot FILE if it exists.")
 @device_option
 @reporting
 def spectrum(
