@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -83,15 +84,20 @@ def run(args: argparse.Namespace) -> str:
     ]  # fmt: skip
     peft_cmd = [sys.executable, "-c", PEFT_WORKER, str(base), str(data), str(args.steps)]
     peft_cmd += [str(args.batch_size), str(args.rank), "1e-4"]
-    results = {}
-    for name, cmd in (("loratools", ours_cmd), ("peft+transformers", peft_cmd)):
-        m = run_measured(cmd, env={"PYTHONPATH": str(ROOT)}).check()
-        report = json.loads(m.stdout)
-        results[name] = (report["tokens_per_s"], m.wall_s, m.peak_rss_mb, report["losses"])
-        print(
-            f"{name}: {report['tokens_per_s']:.0f} tok/s, {m.wall_s:.1f} s, {m.peak_rss_mb:.0f} MB",
-            file=sys.stderr,
-        )
+    runs: dict[str, list[tuple[float, float, float, list[float]]]] = {
+        "loratools": [],
+        "peft+transformers": [],
+    }
+    for _ in range(args.repeat):  # interleaved, so both sides see the same machine load
+        for name, cmd in (("loratools", ours_cmd), ("peft+transformers", peft_cmd)):
+            m = run_measured(cmd, env={"PYTHONPATH": str(ROOT)}).check()
+            report = json.loads(m.stdout)
+            runs[name].append((report["tokens_per_s"], m.wall_s, m.peak_rss_mb, report["losses"]))
+            print(
+                f"{name}: {report['tokens_per_s']:.0f} tok/s, {m.wall_s:.1f} s, {m.peak_rss_mb:.0f} MB",
+                file=sys.stderr,
+            )
+    results = {name: _median(measured) for name, measured in runs.items()}
     ours, peft = results["loratools"], results["peft+transformers"]
     rows = [
         [
@@ -112,9 +118,20 @@ def run(args: argparse.Namespace) -> str:
     return (
         f"Model: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, 8/2 heads, vocab 32000 "
         f"(≈{params / 1e6:.0f} M parameters), float32 on CPU; LoRA r={args.rank} on q_proj,v_proj; "
-        f"batch {args.batch_size} × seq {args.seq_len}, {args.steps} steps.\n\n{table}\n\n"
+        f"batch {args.batch_size} × seq {args.seq_len}, {args.steps} steps; median of {args.repeat} "
+        f"interleaved run(s) per side.\n\n{table}\n\n"
         f"tokens/s ratio loratools/peft = {ours[0] / peft[0]:.2f}; "
         f"peak RSS ratio = {ours[2] / peft[2]:.2f}\n\nMachine: {machine_note()}\n"
+    )
+
+
+def _median(runs: list[tuple[float, float, float, list[float]]]) -> tuple[float, float, float, list[float]]:
+    """Per-column medians of repeated runs (the losses of the first run: they are deterministic)."""
+    return (
+        statistics.median(r[0] for r in runs),
+        statistics.median(r[1] for r in runs),
+        statistics.median(r[2] for r in runs),
+        runs[0][3],
     )
 
 
@@ -135,6 +152,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=1, help="Interleaved runs per side; medians reported.")
     parser.add_argument("--root", default="/tmp/loratools-bench-train")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
