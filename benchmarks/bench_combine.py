@@ -157,29 +157,40 @@ def run(args: argparse.Namespace, weights: list[float]) -> None:
     shutil.rmtree(theirs, ignore_errors=True)
     flags = [f"--weight={w}" for w in weights]
     cli = [*loratools_command(), "combine", *map(str, adapters), *flags, "-r", str(args.rank)]
-    lt = run_measured([*cli, "-o", str(ours), "--force", "--json", "-q"]).check()
     me = [sys.executable, __file__, "--root", str(args.root), "--adapters", str(args.adapters), "--rank"]
-    lt_op = json.loads(run_measured([*me, str(args.rank), "--worker", "loratools"]).check().stdout)
+    runs = {}
+    # on a loaded machine two OpenMP threads thrash on loratools' small matrices; show both settings
+    for threads, env in (("default", None), ("1", {"OMP_NUM_THREADS": "1"})):
+        cli_run = run_measured([*cli, "-o", str(ours), "--force", "--json", "-q"], env=env).check()
+        op = json.loads(run_measured([*me, str(args.rank), "--worker", "loratools"], env=env).check().stdout)
+        runs[threads] = (cli_run, op)
     peft = run_measured([*me, str(args.rank), "--worker", "peft", "--peft-out", str(theirs)]).check()
     peft_times = json.loads(peft.stdout.strip().splitlines()[-1])
     agreement = compare(ours, theirs / "combined")
-    report(args, cli, lt, lt_op, peft, peft_times, agreement)
+    report(args, cli, runs, peft, peft_times, agreement)
 
 
-def report(args, cli, lt, lt_op, peft, peft_times, agreement) -> None:  # type: ignore[no-untyped-def]
+def report(args, cli, runs, peft, peft_times, agreement) -> None:  # type: ignore[no-untyped-def]
     h, i = args.hidden, args.intermediate
     config = llama_config(args.layers, h, i, 32, 4, 32000)
     blocks = sum(torch.Size(s).numel() for s in _shapes(config).values()) * args.layers
     params = blocks + 2 * 32000 * h + (2 * args.layers + 1) * h
-    rows = [
-        ["loratools combine -r", f"{lt.wall_s:.1f}", f"{lt_op['op_s']:.3f}", f"{lt.peak_rss_mb:.0f}"],
-        [
-            "PEFT add_weighted_adapter svd",
-            f"{peft.wall_s:.1f}",
-            f"{peft_times['op_s']:.1f}",
-            f"{peft.peak_rss_mb:.0f}",
-        ],
-    ]
+    rows, ratios = [], []
+    for threads, (lt, op) in runs.items():
+        label = f"loratools combine -r (OMP threads: {threads})"
+        rows.append(
+            [label, f"{lt.wall_s:.1f}", f"{op['op_s']:.3f}", f"{op['first_s']:.2f}", f"{lt.peak_rss_mb:.0f}"]
+        )
+        ratios.append(
+            f"- OMP threads {threads}: combine call {peft_times['op_s'] / op['op_s']:.0f}× faster, whole "
+            f"process {peft.wall_s / lt.wall_s:.1f}× faster, peak RSS {lt.peak_rss_mb / peft.peak_rss_mb:.2f}× "
+            "of PEFT's."
+        )
+    op_s, wall = f"{peft_times['op_s']:.1f}", f"{peft.wall_s:.1f}"
+    rows.append(["PEFT add_weighted_adapter svd", wall, op_s, op_s, f"{peft.peak_rss_mb:.0f}"])
+    columns = ["tool", "process wall s", "combine call s (best of 3)", "first call s", "peak RSS MB"]
+    table = markdown_table(columns, rows)
+    ratio_lines = "\n".join(ratios)
     text = f"""# combine: loratools vs PEFT add_weighted_adapter(combination_type="svd")
 
 Date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Machine: {machine_note()}
@@ -196,12 +207,10 @@ combined to rank {args.rank}. The loratools run is the CLI (`{" ".join(cli[1:3])
 PEFT's is a script that loads the base model, the adapters, calls `add_weighted_adapter` with its
 defaults (`full_matrices=True`) and saves the result. Each runs in its own process.
 
-{markdown_table(["tool", "process wall s", "combine call s", "peak RSS MB"], rows)}
+{table}
 
-- combine call (loratools: best of 3 in one process, first call {lt_op["first_s"]:.2f} s; PEFT: one
-  call): loratools {peft_times["op_s"] / lt_op["op_s"]:.0f}× faster; whole process
-  {peft.wall_s / lt.wall_s:.1f}× faster (the loratools process is mostly Python + torch start-up).
-- peak RSS: loratools {lt.peak_rss_mb / peft.peak_rss_mb:.2f}× of PEFT's.
+Ratios (loratools vs PEFT, same run):
+{ratio_lines}
 - agreement: max relative difference of the kept singular values
   {agreement["max_rel_singular_value_diff"]:.2e}; max relative difference of the products B·A
   (‖ΔW_loratools − ΔW_PEFT‖_F / ‖ΔW_loratools‖_F, computed in factored form)

@@ -243,8 +243,15 @@ def _combine_module(
         svd = factored_svd_sum(pairs)
         rank = _pick_rank(svd.s, options)
         return lora_from_svd(svd, rank, options.split, dtype), energy_kept(svd.s, rank)
-    deltas = torch.stack([b @ a for b, a in pairs])  # (n, d, k): ties/dare are element-wise
-    assert options.density is not None
+    return _dense_module(name, pairs, options, dtype)
+
+
+def _dense_module(
+    name: str, pairs: list[Pair], options: CombineOptions, dtype: torch.dtype
+) -> tuple[LoraWeight, float]:
+    """ties/dare: element-wise on the dense deltas (n·d·k floats), then a truncated SVD."""
+    assert options.density is not None  # guaranteed by CombineOptions.__post_init__
+    deltas = torch.stack([b @ a for b, a in pairs])  # (n, d, k)
     if options.method == "ties":
         merged = ties_merge(deltas, options.density)
     else:
@@ -252,7 +259,7 @@ def _combine_module(
         merged = dare_merge(deltas, options.density, generator)
     del deltas
     total = float(merged.double().square().sum())
-    if options.energy is not None:
+    if options.energy is not None:  # needs the whole spectrum
         svd = exact_svd(merged)
         rank = _pick_rank(svd.s, options)
     else:

@@ -217,6 +217,10 @@ def _expected(case: str, adapters: dict[str, Path], out: Path) -> dict[str, torc
         return dense_sum([adapters["rs"]], [-1.0])
     if case == "resize":
         return {n: truncated(d, 3) for n, d in dense_sum([adapters["rs"]], [1.0]).items()}
+    if case == "budget":  # the rank choice is tested in tests/ops; here: the rank_pattern PEFT reads
+        ranks = load_adapter(out).ranks
+        assert len(set(ranks.values())) > 1
+        return {n: truncated(d, ranks[n]) for n, d in dense_sum([adapters["mixed"]], [1.0]).items()}
     assert case == "ties"
     merged = {}
     inputs = [load_adapter(p) for p in three[:2]]
@@ -233,6 +237,7 @@ CASES = {
     "svd": ["combine", "{peft}", "{rs}", "{mixed}", "-w", "0.7", "-w", "0.3", "-w", "-1", "-r", "5"],
     "negate": ["combine", "{rs}", "-w", "-1"],
     "resize": ["resize", "{rs}", "-r", "3"],
+    "budget": ["resize", "{mixed}", "--budget", "9"],
     "ties": [
         "combine",
         "{peft}",
