@@ -351,3 +351,17 @@ def test_property_svd_error_is_the_eckart_young_tail(
     error = float((dense - out.delta().double()).square().sum())
     assert out.rank == min(target, sum(r), d, k)
     assert error == pytest.approx(tail, abs=1e-5 * float(s.square().sum()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["svd", "dare"])
+def test_cuda_gives_the_cpu_result(method: str) -> None:
+    adapters = [random_adapter(4, 8, seed=28), random_adapter(6, 6, rslora=True, seed=29)]
+    # dare: --energy takes the exact SVD (the randomized sketch differs between devices)
+    truncation = {"energy": 0.9, "density": 0.5} if method == "dare" else {"rank": 3}
+    options = {"weights": (1.0, -0.5), "method": method, **truncation}
+    cpu = combine_adapters(adapters, CombineOptions(**options)).adapter  # type: ignore[arg-type]
+    cuda = combine_adapters(adapters, CombineOptions(**options, device="cuda")).adapter  # type: ignore[arg-type]
+    for name, weight in cpu.weights.items():
+        assert cuda.weights[name].a.device.type == "cpu"  # results come back to the CPU
+        assert_rel_close(cuda.weights[name].delta(), weight.delta(), 1e-4)
