@@ -63,11 +63,20 @@ def _summary(report: Any, quiet: bool) -> None:
         report.modules, key=lambda m: -(m.lost_fraction if m.lost_fraction == m.lost_fraction else 0)
     )
     shown = modules[:TABLE_ROWS] if len(modules) > TABLE_ROWS else report.modules
-    rows = [(m.name, "×".join(map(str, m.shape)), m.dtype, m.relative_delta, m.lost_fraction) for m in shown]
+    rows = [
+        (
+            m.name.removesuffix(".weight"),
+            "×".join(map(str, m.shape)),
+            m.dtype,
+            m.relative_delta,
+            m.lost_fraction,
+        )
+        for m in shown
+    ]
     title = f"{report.operation}: {len(report.modules)} tensor(s) updated"
     if len(shown) < len(modules):
         title += f" (the {len(shown)} losing most to rounding; --json lists all)"
-    render.table(title, ["tensor", "shape", "dtype", "‖Δ‖/‖W0‖", "lost to rounding"], rows, quiet=quiet)
+    render.table(title, ["module", "shape", "dtype", "‖Δ‖/‖W0‖", "lost"], rows, quiet=quiet)
     if not quiet:
         render.note(
             f"{report.operation}: {len(report.modules)} updated, {len(report.replaced)} replaced, "

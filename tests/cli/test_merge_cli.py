@@ -105,7 +105,7 @@ def test_bf16_vanishing_update_warns_and_suggests_float32(
 def test_table_and_summary_on_stderr(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
     result = run_cli("merge", fixtures_dir / "base-sharded", fixtures_dir / "adapter", "-o", tmp_path / "o")
     assert result.exit_code == 0 and result.stdout == ""
-    assert "lost to rounding" in result.stderr and "4 updated, 0 replaced, 17 copied" in result.stderr
+    assert "‖Δ‖/‖W0‖" in result.stderr and "4 updated, 0 replaced, 17 copied" in result.stderr
     assert "made for base model 'fixtures/base'" in result.stderr  # a warning, not a refusal
     quiet = run_cli("merge", fixtures_dir / "base", fixtures_dir / "adapter", "-o", tmp_path / "q", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
