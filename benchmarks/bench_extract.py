@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -126,14 +127,21 @@ def error_ratios(base: Path, finetuned: Path, adapter: Path, spectra: dict, rank
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def measure(label: str, cmd: list[str], runs: dict) -> None:
+def measure(label: str, cmd: list[str], runs: dict, repeat: int = 1) -> None:
+    """Run ``cmd`` ``repeat`` times; keep the run with the median wall time, and the load average."""
     from benchmarks.common import run_measured
 
     print(f"running {label}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    runs[label] = (run_measured(cmd).check(), " ".join(cmd))
-    print(
-        f"  {runs[label][0].wall_s:.1f} s, {runs[label][0].peak_rss_mb:.0f} MB", file=sys.stderr, flush=True
-    )
+    done = []
+    for _ in range(repeat):
+        load = os.getloadavg()[0]
+        done.append((run_measured(cmd).check(), load))
+        print(
+            f"  {done[-1][0].wall_s:.1f} s, {done[-1][0].peak_rss_mb:.0f} MB, load {load:.1f}",
+            file=sys.stderr,
+        )
+    done.sort(key=lambda item: item[0].wall_s)
+    runs[label] = (*done[len(done) // 2], " ".join(cmd), [m.wall_s for m, _ in done])
 
 
 def main() -> None:
@@ -143,6 +151,10 @@ def main() -> None:
     parser.add_argument("--extra-rank", type=int, default=32, help="a rank inside the noise spectrum")
     parser.add_argument("--root", type=Path, default=Path("/tmp/loratools-bench-extract"))
     parser.add_argument("--mergekit", default="/tmp/mergekit-venv/bin/mergekit-extract-lora")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of floor and loratools (median kept)")
+    parser.add_argument(
+        "--rss-layers", type=int, nargs="*", default=[], help="also run loratools on these depths"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["kohya", "mergekit"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extract.md")
     args = parser.parse_args()
@@ -157,7 +169,7 @@ def main() -> None:
     py, me, r = sys.executable, str(Path(__file__).resolve()), str(args.rank)
     runs: dict = {}
     measure("warm-up (page cache)", [py, me, "floor", str(base), str(ft), str(work / "warm"), r], runs)
-    measure("floor", [py, me, "floor", str(base), str(ft), str(work / "floor"), r], runs)
+    measure("floor", [py, me, "floor", str(base), str(ft), str(work / "floor"), r], runs, args.repeat)
     lt = str(ROOT / ".venv" / "bin" / "loratools")
     for rank in (args.rank, args.extra_rank):
         cmd = [
@@ -170,18 +182,25 @@ def main() -> None:
             "-o",
             str(work / f"loratools-r{rank}"),
             "--quiet",
+            "--force",
         ]
-        measure(f"loratools r={rank}", cmd, runs)
+        measure(f"loratools r={rank}", cmd, runs, args.repeat)
     if "kohya" not in args.skip:
         measure("kohya-style dense", [py, me, "kohya", str(base), str(ft), str(work / "kohya"), r], runs)
     if "mergekit" not in args.skip and Path(args.mergekit).exists():
         cmd = [args.mergekit, "--model", str(ft), "--base-model", str(base), "--out-path", str(work / "mergekit"),
                "--max-rank", r]  # fmt: skip
         measure("mergekit-extract-lora", cmd, runs)
-    report(args, base, ft, work, runs)
+    depth_runs: dict = {}
+    for layers in args.rss_layers:
+        other_base, other_ft = make_llama_pair(args.root / f"layers{layers}", layers=layers)
+        out = str(args.root / f"layers{layers}" / "loratools")
+        cmd = [lt, "extract", str(other_base), str(other_ft), "-r", r, "-o", out, "--quiet", "--force"]
+        measure(f"loratools r={r}, {layers} layers", cmd, depth_runs)
+    report(args, base, ft, work, runs, depth_runs)
 
 
-def report(args: argparse.Namespace, base: Path, ft: Path, work: Path, runs: dict) -> None:
+def report(args: argparse.Namespace, base: Path, ft: Path, work: Path, runs: dict, depth_runs: dict) -> None:
     from benchmarks.common import machine_note, markdown_table
 
     spectra_file = work / "kohya" / "spectra.json"
@@ -191,7 +210,7 @@ def report(args: argparse.Namespace, base: Path, ft: Path, work: Path, runs: dic
                "kohya-style dense": work / "kohya", "mergekit-extract-lora": work / "mergekit"}  # fmt: skip
     floor_s = runs["floor"][0].wall_s
     rows = []
-    for label, (m, _) in runs.items():
+    for label, (m, load, _, walls) in runs.items():
         if label.startswith("warm-up"):
             continue
         rank = args.extra_rank if label.endswith(f"r={args.extra_rank}") else args.rank
@@ -200,19 +219,44 @@ def report(args: argparse.Namespace, base: Path, ft: Path, work: Path, runs: dic
         )
         mean = f"{sum(ratios) / len(ratios):.4f}" if ratios else "–"
         worst = f"{max(ratios):.4f}" if ratios else "–"
+        wall = f"{m.wall_s:.1f}" + (f" ({', '.join(f'{w:.1f}' for w in walls)})" if len(walls) > 1 else "")
         rows.append(
-            [label, rank, f"{m.wall_s:.1f}", f"{m.wall_s / floor_s:.2f}", f"{m.peak_rss_mb:.0f}", mean, worst]
+            [
+                label,
+                rank,
+                wall,
+                f"{m.wall_s / floor_s:.2f}",
+                f"{m.peak_rss_mb:.0f}",
+                f"{load:.1f}",
+                mean,
+                worst,
+            ]
         )
-    table = markdown_table(
-        ["run", "rank", "wall s", "× floor", "peak RSS MB", "mean err/opt", "worst err/opt"], rows
-    )
-    commands = "\n".join(f"- {label}: `{cmd}`" for label, (_, cmd) in runs.items())
+    columns = [
+        "run",
+        "rank",
+        "wall s (all runs)",
+        "× floor",
+        "peak RSS MB",
+        "load avg",
+        "mean err/opt",
+        "worst err/opt",
+    ]
+    table = markdown_table(columns, rows)
+    depth_rows = [[label, f"{m.wall_s:.1f}", f"{m.peak_rss_mb:.0f}"] for label, (m, *_) in depth_runs.items()]
+    if depth_rows:
+        table += "\n\nPeak RSS against depth:\n\n" + markdown_table(
+            ["run", "wall s", "peak RSS MB"], depth_rows
+        )
+    commands = "\n".join(f"- {label}: `{cmd}`" for label, (_, _, cmd, _) in runs.items())
     size = sum(f.stat().st_size for f in Path(ft).glob("*.safetensors")) / 1e9
     text = (
-        f"# extract benchmark\n\n{machine_note()}; shared machine (other jobs running), numbers are one run.\n\n"
+        f"# extract benchmark\n\n{machine_note()}; shared machine (other jobs running), wall time is the median of the runs listed; load avg is the 1-minute load when the kept run started.\n\n"
         f"Pair: `make_llama_pair(layers={args.layers})` (TinyLlama shapes, bf16, {size:.2f} GB per checkpoint).\n\n"
         f"Command: `.venv/bin/python benchmarks/bench_extract.py --layers {args.layers} --rank {args.rank} "
-        f"--extra-rank {args.extra_rank}`\n\n{table}\n\nExact commands:\n\n{commands}\n"
+        f"--extra-rank {args.extra_rank} --repeat {args.repeat}"
+        + (f" --rss-layers {' '.join(map(str, args.rss_layers))}" if args.rss_layers else "")
+        + f"`\n\n{table}\n\nExact commands:\n\n{commands}\n"
     )
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
