@@ -138,7 +138,8 @@ def fit(
     """Train ``model``'s LoRA factors in place for ``opts.steps`` optimizer steps.
 
     Args:
-        model: a model with LoRA layers injected (frozen elsewhere), on ``info.device``.
+        model: a model with LoRA layers injected (frozen elsewhere), on ``info.device``, whose
+            ``forward(input_ids, labels)`` returns the summed next-token loss (LlamaForCausalLM).
         train: packed training rows (all of them, on every rank; each rank reads its slice).
         evaluation: held-out rows for the eval loss, or None.
         opts: the loop's options.

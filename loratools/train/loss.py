@@ -37,11 +37,14 @@ class _FusedHeadLoss(torch.autograd.Function):
         for start in range(0, h.shape[0], rows):
             h_c, y = h[start : start + rows], targets[start : start + rows]  # (C, H), (C,)
             logits = (h_c @ weight.T).float()  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, y[:, None]).squeeze(1)  # (C,) the targets' logits
+            peak = logits.amax(dim=-1, keepdim=True)  # (C, 1), for a stable exp
+            probs = logits.sub_(peak).exp_()  # one exp pass, in the logits' memory
+            mass = probs.sum(dim=-1, keepdim=True)  # (C, 1)
+            total += (peak + mass.log()).squeeze(1).sub(picked).sum()  # Σ logsumexp − picked
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                probs.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
+                probs.div_(mass)  # softmax
+                probs.scatter_add_(1, y[:, None], torch.full_like(picked[:, None], -1.0))
                 grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(h.dtype)  # (C, H)
         ctx.save_for_backward(grad)
         return total

@@ -19,7 +19,7 @@ import torch
 from loratools.errors import CheckpointError, LoratoolsError, OutputExists
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.io.resolve import resolve_path
-from loratools.io.writer import atomic_output
+from loratools.io.writer import atomic_output, check_not_an_input
 from loratools.ops import Progress, no_progress
 from loratools.train.data import Packed, check_vocab, pack, read_examples, split_examples
 from loratools.train.distributed import DistInfo, barrier, init_distributed, shutdown
@@ -153,6 +153,30 @@ def _provenance(
     return record
 
 
+def _build(
+    model_dir: Path,
+    opts: TrainOptions,
+    info: DistInfo,
+    init_adapter: str | Path | None,
+    resume: str | Path | None,
+) -> tuple[LlamaForCausalLM, dict[str, Any] | None, str | None]:
+    """The model with LoRA layers: fresh, from an adapter, or from a checkpoint (+ its trainer state)."""
+    torch.manual_seed(opts.seed)  # the same LoRA init on every rank
+    net = load_model(model_dir, dtype=DTYPES[opts.dtype], device=info.device)
+    if resume is not None:
+        folder = _latest_checkpoint(Path(resume))
+        load_lora_adapter(net, load_adapter(folder), dropout=opts.dropout)
+        return net, torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True), str(folder)
+    if init_adapter is not None:
+        load_lora_adapter(net, load_adapter(init_adapter), dropout=opts.dropout)
+        return net, None, None
+    targets = opts.targets if isinstance(opts.targets, str) else list(opts.targets)
+    inject_lora(
+        net, targets, opts.rank, opts.alpha, dropout=opts.dropout, use_rslora=opts.use_rslora, init=opts.init
+    )
+    return net, None, None
+
+
 def train_adapter(
     model: str | Path,
     data: str | Path,
@@ -185,29 +209,10 @@ def train_adapter(
     if output.exists() and not force:
         raise OutputExists(f"{output} already exists; pass --force to replace it")
     model_dir = resolve_path(model, what="model")
+    check_not_an_input(output, [model_dir, Path(data), Path(resume) if resume else None])
     info = init_distributed(opts.device)
     try:
-        torch.manual_seed(opts.seed)  # same LoRA init on every rank
-        net = load_model(model_dir, dtype=DTYPES[opts.dtype], device=info.device)
-        state, resumed = None, None
-        if resume is not None:
-            folder = _latest_checkpoint(Path(resume))
-            load_lora_adapter(net, load_adapter(folder), dropout=opts.dropout)
-            state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
-            resumed = str(folder)
-        elif init_adapter is not None:
-            load_lora_adapter(net, load_adapter(init_adapter), dropout=opts.dropout)
-        else:
-            targets = opts.targets if isinstance(opts.targets, str) else list(opts.targets)
-            inject_lora(
-                net,
-                targets,
-                opts.rank,
-                opts.alpha,
-                dropout=opts.dropout,
-                use_rslora=opts.use_rslora,
-                init=opts.init,
-            )
+        net, state, resumed = _build(model_dir, opts, info, init_adapter, resume)
         net.set_gradient_checkpointing(opts.gradient_checkpointing)
         train, held = _data(
             Path(data), net, model_dir if model_dir.is_dir() else model_dir.parent, opts, tokenizer
