@@ -30,11 +30,15 @@ def _targets(value: str | None, regex: str | None) -> tuple[str, ...] | str:
 @click.option("--dropout", default=0.0, show_default=True, help="LoRA dropout.")
 @click.option("--rslora", is_flag=True, help="Scale by alpha / sqrt(r) (rsLoRA).")
 @click.option(
-    "--init", "init", type=click.Choice(["kaiming", "gaussian"]), default="kaiming", show_default=True
+    "--init",
+    type=click.Choice(["kaiming", "gaussian"]),
+    default="kaiming",
+    show_default=True,
+    help="How A starts (B starts at zero).",
 )
 @click.option("--steps", default=100, show_default=True, help="Optimizer steps.")
 @click.option("--lr", default=2e-4, show_default=True, help="Peak learning rate.")
-@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True, help="AdamW weight decay on A and B.")
 @click.option("--warmup", "warmup_steps", type=int, default=None, help="Warmup steps [default: 5% of steps].")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per micro-batch per process.")
 @click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
@@ -45,8 +49,14 @@ def _targets(value: str | None, regex: str | None) -> tuple[str, ...] | str:
 @click.option(
     "--save-every", default=0, show_default=True, help="Checkpoint every N steps to OUT-checkpoints/."
 )
-@click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seeds LoRA init, data order, split and dropout.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Base weights' dtype (LoRA factors stay float32; CUDA float32 runs under bf16 autocast).",
+)
 @click.option(
     "--gradient-checkpointing", is_flag=True, help="Recompute activations: less memory, ~30% slower."
 )

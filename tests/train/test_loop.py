@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loratools.errors import LoratoolsError
 from loratools.io.adapter_dir import load_adapter
 from loratools.train.data import Packed, pack, read_examples, split_examples
 from loratools.train.distributed import DistInfo
@@ -161,3 +162,13 @@ def test_cli_refuses_bad_options(run_cli, fixtures_dir: Path, tmp_path: Path, fl
     )
     assert result.exit_code == 1 and message in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_an_output_inside_the_model_folder_is_refused(fixture_copy, fixtures_dir: Path) -> None:
+    model = fixture_copy("base")
+    before = sorted(p.name for p in model.iterdir())
+    with pytest.raises(LoratoolsError, match="overlaps the input"):
+        train_adapter(
+            model, fixtures_dir / "train" / "ids.jsonl", model / "adapter", TrainOptions(device="cpu")
+        )
+    assert sorted(p.name for p in model.iterdir()) == before
