@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,8 +79,9 @@ def worker(kind: str, adapter_path: str, out: str, limit: int) -> None:
 def measure(kind: str, adapter: Path, root: Path, limit: int) -> dict:
     out = root / f"{adapter.name}-{kind}.json"
     cmd = [sys.executable, __file__, "--worker", kind, str(adapter), str(out), "--dense-modules", str(limit)]
+    load = os.getloadavg()[0]  # a shared machine: say how busy it was when this ran
     m = run_measured(cmd).check()
-    return {**json.loads(out.read_text()), "wall_s": m.wall_s, "rss_mb": m.peak_rss_mb}
+    return {**json.loads(out.read_text()), "wall_s": m.wall_s, "rss_mb": m.peak_rss_mb, "load": load}
 
 
 def agreement(factored: dict[str, list[float]], dense: dict[str, list[float]]) -> float:
@@ -108,14 +110,15 @@ def run(args: argparse.Namespace) -> str:
         per_fact = fact["compute_s"] / fact["modules"]
         per_dense = dense["compute_s"] / dense["modules"]
         rows.append([rank, fact["modules"], fact["compute_s"], per_fact * 1e3, dense["modules"], per_dense,
-                     per_dense / per_fact, per_dense * fact["modules"], agreement(fact["values"], dense["values"])])  # fmt: skip
+                     per_dense / per_fact, per_dense * fact["modules"], agreement(fact["values"], dense["values"]),
+                     f"{fact['load']:.1f} / {dense['load']:.1f}"])  # fmt: skip
         cli_rows.append([rank, read["read_s"], fact["read_s"] + fact["compute_s"], cli.wall_s,
                          read["rss_mb"], fact["rss_mb"], dense["rss_mb"], cli.peak_rss_mb])  # fmt: skip
         print(f"r={rank}: factored {fact['compute_s']:.4f}s, dense {per_dense:.1f}s/module", flush=True)
     table = markdown_table(
         ["r", "modules", "factored total (s)", "factored / module (ms)", "dense modules timed",
          "dense / module (s)", "speed-up / module", "dense for all modules (s, per-module × n)",
-         "max rel. diff of σ"],
+         "max rel. diff of σ", "load avg factored / dense"],
         rows,
     )  # fmt: skip
     io_table = markdown_table(
