@@ -90,6 +90,9 @@ def _report(summary: dict, as_json: bool, quiet: bool) -> None:
             f"{len(skipped)} changed tensor(s) not in the adapter: {shown}"
             + (" …" if len(skipped) > 3 else "")
         )
+    new = summary["only_in_finetuned"]
+    if new:
+        render.warn(f"{len(new)} tensor(s) only in the fine-tune, not carried: {', '.join(new[:3])}")
     if as_json:
         render.emit_json(summary)
         return

@@ -313,3 +313,15 @@ def test_provenance_and_model_card(fixtures_dir):
     summary = result.summary("out")
     assert summary["output"] == "out"
     assert {"name", "rank", "relative_error"} <= set(summary["modules"][0])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(fixtures_dir):
+    base, ft = open_checkpoint(fixtures_dir / "base"), open_checkpoint(fixtures_dir / "finetuned")
+    cpu = extract(base, ft, ExtractOptions(rank=4))
+    gpu = extract(base, ft, ExtractOptions(rank=4), workers=Workers(device=torch.device("cuda")))
+    assert gpu.adapter.weights["model.layers.0.mlp.up_proj"].a.device.type == "cpu"
+    for module in cpu.adapter.weights:
+        torch.testing.assert_close(gpu.adapter.delta(module), cpu.adapter.delta(module), rtol=1e-3, atol=1e-5)
+    for one, two in zip(cpu.modules, gpu.modules, strict=True):
+        assert two.relative_error == pytest.approx(one.relative_error, rel=1e-3)
