@@ -3,7 +3,8 @@
 Two sources of a weight update Δ (out × in) per module:
 
 - an adapter: ``Δ = s·B·A`` whose SVD comes from QR(B), QR(Aᵀ) and an r×r core —
-  O((out + in)·r²), never the out×in product (:func:`loratools.linalg.factored_svd`);
+  O((out + in)·r²), never the out×in product (:func:`loratools.linalg.factored_svd`, or
+  :func:`factored_singular_values` when the vectors are not needed);
 - a full fine-tune: ``ΔW = W_ft − W_base``, streamed one tensor pair at a time, with the top-k
   singular values by randomized SVD and the exact ``‖ΔW‖²_F``, so energy fractions are exact
   even when only the top of the spectrum is computed.
@@ -47,6 +48,7 @@ __all__ = [
     "adapter_spectrum",
     "amplification",
     "delta_spectrum",
+    "factored_singular_values",
     "plan_delta",
     "summarize",
 ]
@@ -280,13 +282,32 @@ def _adapter_module(
 ) -> ModuleSpectrum:
     """One module's factored spectrum, and its amplification when base weights come along."""
     b, a = (t.to(options.device) for t in weight.scaled_factors())  # (out, r), (r, in)
-    svd = linalg.factored_svd(b, a)
-    s = svd.s.double().cpu()
-    amp = None
-    if w0s is not None:
+    if w0s is None:
+        s, amp = factored_singular_values(b, a).double().cpu(), None
+    else:  # the amplification needs the singular vectors too
+        svd = linalg.factored_svd(b, a)
         w0 = next(w0s).to(options.device)
-        amp = amplification(svd, w0.T if fan_in_fan_out else w0, seed=options.seed)
+        s, amp = svd.s.double().cpu(), amplification(svd, w0.T if fan_in_fan_out else w0, seed=options.seed)
     return ModuleSpectrum(name, weight.shape, s, float(s.square().sum()), True, amp)
+
+
+def factored_singular_values(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``b @ a`` alone: :func:`linalg.factored_svd` without the vectors.
+
+    ``B A = Q_b (R_b R_aᵀ) Q_aᵀ`` with orthonormal Q's, so the σ of B·A are those of the small
+    core ``R_b R_aᵀ``. Only the R factors are needed (Householder QR without forming Q) and no
+    (d, r) products follow: about 3× fewer flops than the full factored SVD at d = 4096, r = 64.
+
+    Args:
+        b: (d, r).
+        a: (r, k).
+
+    Returns:
+        (min(r, d, k),) descending, in b's float dtype.
+    """
+    r_b = torch.linalg.qr(b, mode="r").R  # (min(d, r), r)
+    r_a = torch.linalg.qr(a.T, mode="r").R  # (min(k, r), r)
+    return torch.linalg.svdvals(r_b @ r_a.T)  # core (min(d, r), min(k, r))
 
 
 @contextmanager

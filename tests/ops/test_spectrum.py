@@ -22,6 +22,7 @@ from loratools.ops.spectrum import (
     adapter_spectrum,
     amplification,
     delta_spectrum,
+    factored_singular_values,
     group_summary,
     layer_of,
     module_type,
@@ -80,6 +81,20 @@ def test_linalg_factored_svd_matches_dense_in_float64(shape):
     svd = linalg.factored_svd(b, a)
     torch.testing.assert_close(svd.s, torch.linalg.svdvals(b @ a)[: svd.rank], **TOL[torch.float64])
     torch.testing.assert_close((svd.u * svd.s) @ svd.vh, b @ a, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_values_only_path_matches_dense_in_float64(shape):
+    d, k, r, seed = shape
+    gen = torch.Generator().manual_seed(seed)
+    b, a = (
+        torch.randn(d, r, generator=gen, dtype=torch.float64),
+        torch.randn(r, k, generator=gen, dtype=torch.float64),
+    )
+    s = factored_singular_values(b, a)
+    assert s.shape == (min(d, k, r),)
+    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[: len(s)], rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=60, deadline=None)
