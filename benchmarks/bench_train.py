@@ -84,13 +84,14 @@ def run(args: argparse.Namespace) -> str:
     ]  # fmt: skip
     peft_cmd = [sys.executable, "-c", PEFT_WORKER, str(base), str(data), str(args.steps)]
     peft_cmd += [str(args.batch_size), str(args.rank), "1e-4"]
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     runs: dict[str, list[tuple[float, float, float, list[float]]]] = {
         "loratools": [],
         "peft+transformers": [],
     }
     for _ in range(args.repeat):  # interleaved, so both sides see the same machine load
         for name, cmd in (("loratools", ours_cmd), ("peft+transformers", peft_cmd)):
-            m = run_measured(cmd, env={"PYTHONPATH": str(ROOT)}).check()
+            m = run_measured(cmd, env={"PYTHONPATH": str(ROOT), **threads}).check()
             report = json.loads(m.stdout)
             runs[name].append((report["tokens_per_s"], m.wall_s, m.peak_rss_mb, report["losses"]))
             print(
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> str:
         f"Model: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, 8/2 heads, vocab 32000 "
         f"(≈{params / 1e6:.0f} M parameters), float32 on CPU; LoRA r={args.rank} on q_proj,v_proj; "
         f"batch {args.batch_size} × seq {args.seq_len}, {args.steps} steps; median of {args.repeat} "
-        f"interleaved run(s) per side.\n\n{table}\n\n"
+        f"interleaved run(s) per side; threads: {args.threads or 'torch default'}.\n\n{table}\n\n"
         f"tokens/s ratio loratools/peft = {ours[0] / peft[0]:.2f}; "
         f"peak RSS ratio = {ours[2] / peft[2]:.2f}\n\nMachine: {machine_note()}\n"
     )
@@ -153,6 +154,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=1, help="Interleaved runs per side; medians reported.")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="OMP_NUM_THREADS for both sides (0: torch's default)."
+    )
     parser.add_argument("--root", default="/tmp/loratools-bench-train")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

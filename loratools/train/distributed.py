@@ -10,6 +10,7 @@ LoRA gradients (NCCL on GPUs, gloo on CPUs), and only rank 0 writes files.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -68,7 +69,13 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # RoPE tables are the only buffers and are equal everywhere: no per-step buffer broadcast.
+    # (torch ≥ 2.13 renamed broadcast_buffers to forward_sync_buffers.)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    quiet = (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    )
+    return DistributedDataParallel(model, device_ids=ids, **quiet)
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

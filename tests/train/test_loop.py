@@ -172,3 +172,23 @@ def test_an_output_inside_the_model_folder_is_refused(fixture_copy, fixtures_dir
             model, fixtures_dir / "train" / "ids.jsonl", model / "adapter", TrainOptions(device="cpu")
         )
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_learns(fixtures_dir: Path, counting) -> None:
+    train, held = counting
+    model = _model(fixtures_dir, ALL_LINEAR).cuda()
+    info = DistInfo(device=torch.device("cuda"))
+    start = evaluate(model, held, 8, info, bf16=True)
+    opts = LoopOptions(steps=40, lr=3e-2, batch_size=8, autocast_bf16=True)
+    result = fit(model, train, held, opts, info=info)
+    assert result.eval_losses[40] < 0.5 * start
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_base_trains_float32_factors(fixtures_dir: Path, tmp_path: Path) -> None:
+    opts = TrainOptions(steps=5, lr=1e-2, seq_len=32, device="cuda", dtype="bfloat16")
+    report = train_adapter(fixtures_dir / "base", fixtures_dir / "train" / "ids.jsonl", tmp_path / "a", opts)
+    assert report.losses[-1] < report.losses[0] + 0.1
+    adapter = load_adapter(tmp_path / "a")
+    assert {w.a.dtype for w in adapter.weights.values()} == {torch.float32}
