@@ -127,7 +127,9 @@ def error_ratios(base: Path, finetuned: Path, adapter: Path, spectra: dict, rank
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def measure(label: str, cmd: list[str], runs: dict, repeat: int = 1) -> None:
+def measure(
+    label: str, cmd: list[str], runs: dict, repeat: int = 1, env: dict[str, str] | None = None
+) -> None:
     """Run ``cmd`` ``repeat`` times; keep the run with the median wall time, and the load average."""
     from benchmarks.common import run_measured
 
@@ -135,13 +137,14 @@ def measure(label: str, cmd: list[str], runs: dict, repeat: int = 1) -> None:
     done = []
     for _ in range(repeat):
         load = os.getloadavg()[0]
-        done.append((run_measured(cmd).check(), load))
+        done.append((run_measured(cmd, env=env).check(), load))
         print(
             f"  {done[-1][0].wall_s:.1f} s, {done[-1][0].peak_rss_mb:.0f} MB, load {load:.1f}",
             file=sys.stderr,
         )
     done.sort(key=lambda item: item[0].wall_s)
-    runs[label] = (*done[len(done) // 2], " ".join(cmd), [m.wall_s for m, _ in done])
+    prefix = "".join(f"{k}={v} " for k, v in (env or {}).items())
+    runs[label] = (*done[len(done) // 2], prefix + " ".join(cmd), [m.wall_s for m, _ in done])
 
 
 def main() -> None:
@@ -185,6 +188,8 @@ def main() -> None:
             "--force",
         ]
         measure(f"loratools r={rank}", cmd, runs, args.repeat)
+        # OpenMP threads stall each other on a busy machine; one thread shows the contention-free cost
+        measure(f"loratools r={rank}, 1 thread", cmd, runs, args.repeat, env={"OMP_NUM_THREADS": "1"})
     if "kohya" not in args.skip:
         measure("kohya-style dense", [py, me, "kohya", str(base), str(ft), str(work / "kohya"), r], runs)
     if "mergekit" not in args.skip and Path(args.mergekit).exists():
@@ -207,13 +212,15 @@ def report(args: argparse.Namespace, base: Path, ft: Path, work: Path, runs: dic
     spectra = json.loads(spectra_file.read_text()) if spectra_file.exists() else None
     outputs = {"floor": None, f"loratools r={args.rank}": work / f"loratools-r{args.rank}",
                f"loratools r={args.extra_rank}": work / f"loratools-r{args.extra_rank}",
+               f"loratools r={args.rank}, 1 thread": work / f"loratools-r{args.rank}",
+               f"loratools r={args.extra_rank}, 1 thread": work / f"loratools-r{args.extra_rank}",
                "kohya-style dense": work / "kohya", "mergekit-extract-lora": work / "mergekit"}  # fmt: skip
     floor_s = runs["floor"][0].wall_s
     rows = []
     for label, (m, load, _, walls) in runs.items():
         if label.startswith("warm-up"):
             continue
-        rank = args.extra_rank if label.endswith(f"r={args.extra_rank}") else args.rank
+        rank = args.extra_rank if f"r={args.extra_rank}" in label else args.rank
         ratios = (
             error_ratios(base, ft, outputs[label], spectra, rank) if spectra and outputs.get(label) else []
         )
