@@ -26,7 +26,11 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 )
 @click.option("--exact", is_flag=True, help="Full SVD instead of the randomized one.")
 @click.option(
-    "--split", type=click.Choice(["sqrt", "b"]), default="sqrt", show_default=True, help="Where S goes."
+    "--split",
+    type=click.Choice(["sqrt", "b"]),
+    default="sqrt",
+    show_default=True,
+    help="sqrt: B = U√S, A = √S·Vᵀ; b: B = U·S, A = Vᵀ.",
 )
 @click.option("--alpha", type=float, help="LoRA alpha for every module [default: alpha = rank, scale 1].")
 @click.option("--modules-to-save", is_flag=True, help="Carry changed norms/biases/other weights in full.")
@@ -54,7 +58,7 @@ def extract(base: str, finetuned: str, output: str, dtype: str | None, device: s
     from loratools.ops.extract import ExtractOptions, model_card, plan_extraction
     from loratools.ops.extract import extract as run_extract
 
-    names = tuple(t for value in targets for t in value.split(",")) if targets else None
+    names = _target_names(targets)
     options = ExtractOptions(targets=names, dtype=getattr(torch, dtype) if dtype else None, **choices)  # type: ignore[arg-type]
     if Path(output).exists() and not force:
         raise OutputExists(f"{output} already exists; pass --force to replace it")
@@ -71,6 +75,17 @@ def extract(base: str, finetuned: str, output: str, dtype: str | None, device: s
         return
     save_adapter(result.adapter, output, force=force, readme=model_card(result))
     _report(result.summary(output), as_json, quiet)
+
+
+def _target_names(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``--targets q_proj,v_proj --targets o_proj`` → leaf names; a regex is kept whole (it may hold commas)."""
+    from loratools.ops.extract import REGEX_CHARS
+
+    if not values:
+        return None
+    if len(values) == 1 and REGEX_CHARS & set(values[0]):
+        return values
+    return tuple(name for value in values for name in value.split(","))
 
 
 def _task_type(model_dir: Path) -> str | None:

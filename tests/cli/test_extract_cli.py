@@ -117,6 +117,20 @@ def test_budget_writes_rank_pattern(run_cli, fixtures_dir, tmp_path):
         assert config["rank_pattern"].get(name, config["r"]) == rank
 
 
+@pytest.mark.parametrize(
+    ("targets", "count"),
+    [
+        (("q_proj,v_proj",), 4),
+        (("q_proj", "o_proj"), 4),
+        ((r"model\.layers\.[0-9]{1,2}\.self_attn\.q_proj",), 2),
+    ],
+)
+def test_targets_flag_takes_names_or_one_regex(run_cli, fixtures_dir, tmp_path, targets, count):
+    flags = [arg for target in targets for arg in ("--targets", target)]
+    summary = extract_json(run_cli, fixtures_dir, tmp_path / "a", "-r", "2", *flags)
+    assert len(summary["modules"]) == count
+
+
 def test_dtype_option(run_cli, fixtures_dir, tmp_path):
     extract_json(run_cli, fixtures_dir, tmp_path / "a", "-r", "2", "--dtype", "bfloat16")
     weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
