@@ -98,10 +98,10 @@ def _show(document: dict[str, Any], quiet: bool) -> None:
         f"Subspace similarity ({document['side']} side): {' vs '.join(document['adapters'])}", columns, rows
     )
     groups = {**document["summary"]["by_type"], "all": document["summary"]["model"]}
-    rows = [(name, g["modules"], g["mean_diagonal"][0], render.sparkline(g["mean_diagonal"][:24]),
-             g["shared_directions_mean"], g["shared_directions_min"]) for name, g in groups.items()]  # fmt: skip
+    summary_rows = [(name, g["modules"], g["mean_diagonal"][0], render.sparkline(g["mean_diagonal"][:24]),
+                     g["shared_directions_mean"], g["shared_directions_min"]) for name, g in groups.items()]  # fmt: skip
     columns = ["module type", "modules", "mean φ(1,1)", "mean φ(i,i)", "shared (mean)", "shared (min)"]
-    render.table("Summary", columns, rows)
+    render.table("Summary", columns, summary_rows)
     for key, label in (("only_in_first", "ADAPTER_1"), ("only_in_second", "ADAPTER_2")):
         if document[key]:
             render.note(f"{len(document[key])} modules only in {label} (not compared): {document[key][:4]}")

@@ -55,9 +55,10 @@ def spectrum(
         raise click.UsageError("--base goes with the ADAPTER form; BASE FINETUNED already names the base")
     options = SpectrumOptions(top=top, exact=exact, include=include, device=resolve_device(device))
     check_plot_output(plot_path, force, [*paths, base_path])
-    report = (
-        _adapter(paths[0], base_path, options, quiet) if len(paths) == 1 else _pair(*paths, options, quiet)
-    )
+    if len(paths) == 1:
+        report = _adapter(paths[0], base_path, options, quiet)
+    else:
+        report = _pair(paths[0], paths[1], options, quiet)
     document = {"inputs": list(paths), "base": base_path, **report.to_dict()}
     if plot_path:
         _write_plot(document, plot_path, force, " vs ".join(paths))
