@@ -116,6 +116,11 @@ class ExtractOptions:
             (not self.targets or all(self.targets), "--targets names must not be empty"),
         ]
         problems = [message for ok, message in checks if not ok]
+        if self.targets and len(self.targets) == 1 and REGEX_CHARS & set(self.targets[0]):
+            try:
+                re.compile(self.targets[0])
+            except re.error as exc:
+                problems.append(f"--targets {self.targets[0]!r} is not a valid regex ({exc})")
         if problems:
             raise LoratoolsError("; ".join(problems))
 

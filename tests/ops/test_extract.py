@@ -280,7 +280,8 @@ def test_unchanged_checkpoints_are_an_error(fixtures_dir):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({}, "exactly one"), ({"rank": 2, "energy": 0.9}, "got --rank, --energy"), ({"energy": 1.5}, "--energy"),
-     ({"rank": 0}, "--rank"), ({"rank": 2, "max_rank": 4}, "--max-rank"), ({"budget": 4, "alpha": -1.0}, "--alpha")],
+     ({"rank": 0}, "--rank"), ({"rank": 2, "max_rank": 4}, "--max-rank"), ({"budget": 4, "alpha": -1.0}, "--alpha"),
+     ({"rank": 2, "targets": ("q_proj[",)}, "not a valid regex")],
 )  # fmt: skip
 def test_options_are_validated(kwargs, message):
     with pytest.raises(LoratoolsError, match=message):
