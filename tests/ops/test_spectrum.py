@@ -275,3 +275,20 @@ def test_untrained_adapter_with_zero_b_has_zero_rank():
     module = adapter_spectrum(Adapter({"m": weight})).modules[0]
     assert module.energy == 0.0 and module.stable_rank == 0.0
     assert module.effective_rank(0.9) == 0 and module.to_dict()["effective_rank"] == {"0.9": 0, "0.99": 0}
+
+
+@pytest.mark.parametrize("base_name", ["base-sharded", "base-bf16"])
+def test_sharded_and_bf16_bases_stream_the_same_pairs(fixtures_dir: Path, base_name: str):
+    tuned = open_checkpoint(fixtures_dir / "finetuned")
+    reference = delta_spectrum(open_checkpoint(fixtures_dir / "base"), tuned)
+    report = delta_spectrum(open_checkpoint(fixtures_dir / base_name), tuned)
+    by_name = {m.name: m for m in report.modules}
+    if base_name == "base-bf16":  # rounding W_base to bf16 makes the untouched tensors differ too
+        assert {"model.embed_tokens", "lm_head"} <= set(by_name)
+        assert by_name["lm_head"].energy ** 0.5 < 0.05 * reference.modules[0].energy ** 0.5
+    assert [n for n in by_name if ".layers." in n] == [m.name for m in reference.modules]
+    # bf16 rounding of W_base (|W| ≈ 0.2, 2⁻⁹ relative) adds a small full-rank perturbation
+    atol = 0.0 if base_name == "base-sharded" else 0.02
+    for want in reference.modules:
+        got = by_name[want.name]
+        torch.testing.assert_close(got.singular_values[:4], want.singular_values[:4], rtol=0, atol=atol)
