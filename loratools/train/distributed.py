@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,9 +73,8 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
     # RoPE tables are the only buffers and are equal everywhere: no per-step buffer broadcast.
     # (torch ≥ 2.13 renamed broadcast_buffers to forward_sync_buffers.)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    quiet = (
-        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    )
+    flag = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    quiet: dict[str, Any] = {flag: False}
     return DistributedDataParallel(model, device_ids=ids, **quiet)
 
 

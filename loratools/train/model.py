@@ -200,6 +200,8 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm; returns hidden states (B, T, hidden)."""
 
+    inv_freq: torch.Tensor  # RoPE inverse frequencies (head_dim / 2,), a non-persistent buffer
+
     def __init__(self, c: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
