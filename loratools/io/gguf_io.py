@@ -174,7 +174,7 @@ class GgufModel:
         buffer = np.empty(t.n_bytes, dtype=np.uint8)
         with open(self.path, "rb") as f:
             f.seek(t.data_offset)
-            if f.readinto(buffer) != t.n_bytes:  # type: ignore[attr-defined]
+            if f.readinto(buffer.data) != t.n_bytes:
                 raise CheckpointError(f"{self.path}: truncated inside tensor {t.name}; re-download it")
         return buffer
 

@@ -131,7 +131,7 @@ class SafetensorsFile:
         if info.nbytes:
             with open(self.path, "rb") as f:
                 f.seek(info.begin)
-                if f.readinto(buffer.numpy()) != info.nbytes:  # type: ignore[attr-defined]
+                if f.readinto(buffer.numpy().data) != info.nbytes:
                     raise _fail(self.path, f"truncated while reading tensor {name!r}")
         return buffer.view(info.dtype).reshape(info.shape)
 
@@ -147,7 +147,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 def encode_header(specs: list[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:

@@ -19,7 +19,7 @@ def summarize_checkpoint(ckpt: Checkpoint, config: dict[str, Any] | None = None)
     """Tensors, parameters, dtypes, files and size of a checkpoint, plus its model config facts."""
     infos = ckpt.infos()
     dtypes = Counter(_dtype_name(i.dtype) for i in infos)
-    params_by_dtype = Counter()
+    params_by_dtype: Counter[str] = Counter()
     for info in infos:
         params_by_dtype[_dtype_name(info.dtype)] += int(_numel(info.shape))
     summary: dict[str, Any] = {
