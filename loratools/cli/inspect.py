@@ -21,8 +21,9 @@ def _human_bytes(n: int) -> str:
 
 @click.command()
 @click.argument("path")
+@click.option("--base", help="Base checkpoint: resolves a kohya adapter's module names against its tensors.")
 @json_flag
-def inspect(path: str, as_json: bool) -> None:
+def inspect(path: str, base: str | None, as_json: bool) -> None:
     """Summarise PATH: a checkpoint (file, model folder, sharded folder, Hub id) or an adapter."""
     from loratools.errors import UnknownFormat
     from loratools.io.adapter_dir import adapter_format, load_adapter
@@ -36,7 +37,8 @@ def inspect(path: str, as_json: bool) -> None:
     except UnknownFormat:
         fmt = None
     if fmt is not None:
-        summary = summarize_adapter(load_adapter(local), fmt)
+        base_names = open_checkpoint(resolve_path(base)).names() if base else None
+        summary = summarize_adapter(load_adapter(local, base_names=base_names), fmt)
     else:
         ckpt = open_checkpoint(local)
         config_file = local / "config.json" if local.is_dir() else None

@@ -97,3 +97,20 @@ def test_the_installed_command_runs_as_a_subprocess(fixtures_dir: Path) -> None:
         [sys.executable, "-m", "loratools.cli.main", "inspect"], capture_output=True, text=True
     )
     assert usage.returncode == 2
+
+
+def test_inspect_a_foreign_kohya_file_needs_and_uses_the_base(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    key = "lora_unet_model_layers_0_self_attn_q_proj"
+    tensors = {f"{key}.lora_down.weight": torch.ones(2, 32), f"{key}.lora_up.weight": torch.ones(32, 2)}
+    save_file({**tensors, f"{key}.alpha": torch.tensor(4.0)}, tmp_path / "k.safetensors")
+    without = run_cli("inspect", tmp_path / "k.safetensors")
+    assert without.exit_code == 1 and "--base" in without.stderr
+    result = run_cli("inspect", tmp_path / "k.safetensors", "--base", fixtures_dir / "base", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["format"] == "kohya" and summary["modules"] == 1
+    assert summary["scale"] == [2.0] and summary["ranks"] == {"2": 1}
