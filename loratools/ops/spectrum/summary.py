@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:  # only for annotations: spectrum_report imports this module
-    from loratools.ops.spectrum_report import ModuleSpectrum
+if TYPE_CHECKING:  # only for annotations: .report imports this module
+    from loratools.ops.spectrum.report import ModuleSpectrum
 
 __all__ = ["ENERGY_LEVELS", "group_summary", "layer_of", "module_type", "summarize"]
 

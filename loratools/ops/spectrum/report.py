@@ -20,8 +20,8 @@ import torch
 
 from loratools import linalg
 from loratools.errors import LoratoolsError
-from loratools.ops.amplification import Amplification
-from loratools.ops.spectrum_summary import ENERGY_LEVELS, summarize
+from loratools.ops.spectrum.amplification_factor import Amplification
+from loratools.ops.spectrum.summary import ENERGY_LEVELS, summarize
 
 __all__ = ["ModuleSpectrum", "SpectrumOptions", "SpectrumReport", "TensorSource"]
 

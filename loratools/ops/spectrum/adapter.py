@@ -3,7 +3,7 @@
 The SVD of each module's Δ (out × in) comes from QR(B), QR(Aᵀ) and an r×r core —
 O((out + in)·r²), never the out×in product (:func:`loratools.linalg.factored_svd`, or
 :func:`factored_singular_values` when the vectors are not needed). With a base model, each module
-also gets its amplification factor (:mod:`loratools.ops.amplification`).
+also gets its amplification factor (:mod:`loratools.ops.spectrum.amplification_factor`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import ShapeMismatch, list_problems
 from loratools.formats.names import resolve_modules
 from loratools.ops import Progress, no_progress
-from loratools.ops.amplification import amplification
-from loratools.ops.spectrum_report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
+from loratools.ops.spectrum.amplification_factor import amplification
+from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
 
 __all__ = ["adapter_spectrum", "factored_singular_values"]
 

@@ -14,7 +14,7 @@ import torch
 from loratools import linalg
 from loratools.errors import ShapeMismatch, list_problems
 from loratools.ops import Progress, no_progress
-from loratools.ops.spectrum_report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
+from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
 
 __all__ = ["delta_spectrum", "plan_delta"]
 

@@ -21,22 +21,22 @@ With a base model, an adapter's modules also get the paper's amplification facto
 ``‖Δ‖_F / ‖Uᵀ W0 V‖_F`` with U, V the top-r singular vectors of Δ, beside the same ratio for
 random orthonormal U, V.
 
-This module is the public entry point; the work lives in one module per job:
+The package re-exports every public name here; the work lives in one module per job:
 
-- :mod:`loratools.ops.spectrum_report`: options, per-module spectra and the report (data only);
-- :mod:`loratools.ops.spectrum_adapter`: factored spectra of an adapter;
-- :mod:`loratools.ops.spectrum_delta`: streamed spectra of two checkpoints;
-- :mod:`loratools.ops.amplification`: the amplification factor;
-- :mod:`loratools.ops.spectrum_summary`: summaries by module type, by layer and model-wide.
+- :mod:`loratools.ops.spectrum.report`: options, per-module spectra and the report (data only);
+- :mod:`loratools.ops.spectrum.adapter`: factored spectra of an adapter;
+- :mod:`loratools.ops.spectrum.delta`: streamed spectra of two checkpoints;
+- :mod:`loratools.ops.spectrum.amplification_factor`: the amplification factor;
+- :mod:`loratools.ops.spectrum.summary`: summaries by module type, by layer and model-wide.
 """
 
 from __future__ import annotations
 
-from loratools.ops.amplification import Amplification, amplification
-from loratools.ops.spectrum_adapter import adapter_spectrum, factored_singular_values
-from loratools.ops.spectrum_delta import delta_spectrum, plan_delta
-from loratools.ops.spectrum_report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
-from loratools.ops.spectrum_summary import ENERGY_LEVELS, group_summary, layer_of, module_type, summarize
+from loratools.ops.spectrum.adapter import adapter_spectrum, factored_singular_values
+from loratools.ops.spectrum.amplification_factor import Amplification, amplification
+from loratools.ops.spectrum.delta import delta_spectrum, plan_delta
+from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
+from loratools.ops.spectrum.summary import ENERGY_LEVELS, group_summary, layer_of, module_type, summarize
 
 __all__ = [
     "ENERGY_LEVELS",
