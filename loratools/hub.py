@@ -9,24 +9,22 @@ revision of it) into a new folder, atomically.
 ``huggingface_hub`` is imported lazily; it reads ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME`` and
 ``HF_HUB_OFFLINE`` itself. Tokens are passed through to it and never printed, logged or stored in
 results. Every Hub failure becomes one :class:`HubError` line: what failed, where, how to fix it.
+
+The folder checks live in :mod:`loratools.hub_check` and the error mapping in
+:mod:`loratools.hub_errors`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from loratools.adapter import Adapter
 from loratools.card import CardFacts, render_card
-from loratools.errors import CheckpointError, LoratoolsError, ShapeMismatch, list_problems
-from loratools.formats import peft
+from loratools.hub_check import check_adapter_folder
+from loratools.hub_errors import HubError, hub_errors
 from loratools.io.resolve import HUB_ID
 from loratools.ops import Progress, no_progress
 
@@ -45,10 +43,6 @@ __all__ = [
 REPO_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 REVISION = re.compile(r"^[\w./-]+$")
 PICKLES = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]  # never fetched: loading them can run code
-
-
-class HubError(LoratoolsError):
-    """The Hub refused a request or could not be reached."""
 
 
 def parse_repo_ref(argument: str) -> tuple[str, str | None]:
@@ -142,86 +136,7 @@ class PullResult:
     skipped: list[str]
 
 
-# -- validation (no network) --------------------------------------------------------------------
-
-
-def check_adapter_folder(folder: str | Path) -> Adapter:
-    """Load a PEFT adapter folder and check that PEFT could load it as its config describes.
-
-    Checks, all collected before raising once: the weights pair up as A (r, in) / B (out, r);
-    each module's rank is the one ``r``/``rank_pattern`` give it; ``target_modules`` selects every
-    adapted module; ``lora_alpha`` and all tensor values are finite.
-
-    Raises:
-        CheckpointError: not a local PEFT folder, or unreadable files.
-        ShapeMismatch: shapes that disagree with each other or with the config.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder; push takes a local PEFT adapter folder")
-    if not (folder / peft.CONFIG_NAME).is_file() or not (folder / peft.WEIGHTS_NAME).is_file():
-        raise CheckpointError(
-            f"{folder}: needs {peft.CONFIG_NAME} and {peft.WEIGHTS_NAME} (a PEFT adapter saved with safetensors)"
-        )
-    from loratools.io.adapter_dir import load_adapter
-
-    try:
-        adapter = load_adapter(folder)
-    except ValueError as exc:  # LoraWeight refuses A/B that do not pair up
-        raise ShapeMismatch(f"{folder}: {exc}; the adapter is broken, re-save it") from exc
-    config = json.loads((folder / peft.CONFIG_NAME).read_text())  # load_adapter parsed it already
-    problems = _config_problems(adapter, config) + _value_problems(adapter)
-    if problems:
-        raise ShapeMismatch(
-            f"{folder}: refusing to push a broken adapter: {list_problems(problems)}; "
-            "fix adapter_config.json or re-save the adapter"
-        )
-    return adapter
-
-
-def _config_problems(adapter: Adapter, config: Mapping[str, Any]) -> list[str]:
-    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        return [f"adapter_config.json: r must be a positive integer, got {r!r}"]
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        return [f"adapter_config.json: lora_alpha must be a finite number, got {alpha!r}"]
-    if not adapter.weights:
-        return ["no lora_A/lora_B tensors"]
-    problems = []
-    rank_pattern = config.get("rank_pattern") or {}
-    targets = config.get("target_modules")
-    for name, weight in adapter.weights.items():
-        expected = peft.pattern_value(rank_pattern, name, r)
-        if weight.rank != expected:
-            problems.append(f"{name} has rank {weight.rank} but the config gives it r={expected}")
-        if not _targeted(targets, name):
-            problems.append(f"{name} is not selected by target_modules={targets!r} (PEFT would ignore it)")
-    return problems
-
-
-def _targeted(targets: Any, module: str) -> bool:
-    """PEFT's rule: a regex string must fullmatch; a list entry must equal the name or end it."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    if isinstance(targets, list):
-        return any(module == t or module.endswith(f".{t}") for t in targets)
-    return False
-
-
-def _value_problems(adapter: Adapter) -> list[str]:
-    import torch
-
-    bad = [
-        name
-        for name, w in adapter.weights.items()
-        if not (torch.isfinite(w.a).all() and torch.isfinite(w.b).all())
-    ]
-    bad += [
-        name
-        for name, t in adapter.saved_modules.items()
-        if t.is_floating_point() and not torch.isfinite(t).all()
-    ]
-    return [f"{name} holds NaN or infinite values" for name in bad]
+# -- what push uploads (no network; the folder itself is checked in loratools.hub_check) ---------
 
 
 def _upload_files(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -289,7 +204,8 @@ def push(folder: str | Path, options: PushOptions, progress: Progress = no_progr
             api.create_branch(repo_id, branch=options.revision, exist_ok=True)
         progress("repository")
         operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
-        card, warnings = "kept", []
+        card = "kept"
+        warnings: list[str] = []
         if options.card and not (folder / "README.md").is_file():
             facts, warnings = _card_facts(adapter, options, repo_id)
             readme = render_card(adapter, facts).encode()
@@ -341,75 +257,3 @@ def pull(options: PullOptions, progress: Progress = no_progress) -> PullResult:
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     revision = options.revision or "main"
     return PullResult(options.repo_id, revision, str(info.sha), str(options.output), files, skipped)
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-
-@contextmanager
-def hub_errors(label: str, action: str, endpoint: str) -> Iterator[None]:
-    """Turn huggingface_hub / transport exceptions into one-line :class:`HubError` messages."""
-    from huggingface_hub import errors
-
-    try:
-        yield
-    except errors.OfflineModeIsEnabled as exc:
-        raise HubError(f"{label}: cannot {action} the Hub while HF_HUB_OFFLINE is set; unset it") from exc
-    except errors.RepositoryNotFoundError as exc:
-        raise HubError(
-            f"{label}: no such repository on {endpoint} (or it is private and this token cannot see it); "
-            "check the id, or log in with `hf auth login` / set HF_TOKEN"
-        ) from exc
-    except errors.RevisionNotFoundError as exc:
-        raise HubError(
-            f"{label}: the repository has no such revision; check the branch, tag or commit"
-        ) from exc
-    except errors.HfHubHTTPError as exc:
-        raise HubError(_http_message(label, action, exc)) from exc
-    except errors.LocalEntryNotFoundError as exc:  # snapshot_download's wrapper for a network failure
-        raise HubError(
-            f"{label}: could not download from {endpoint}; check the connection and retry"
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise HubError(f"{label}: {action} failed: {_first_line(exc)}") from exc
-    except Exception as exc:
-        if not _is_transport_error(exc):
-            raise
-        raise HubError(
-            f"{label}: lost the connection to {endpoint} ({_first_line(exc)}); check the network "
-            "or HF_ENDPOINT and retry"
-        ) from exc
-
-
-def _http_message(label: str, action: str, exc: Any) -> str:
-    status = exc.response.status_code if exc.response is not None else None
-    server = _server_message(exc)
-    if status == 401:
-        return (
-            f"{label}: the Hub rejected the token (401 Unauthorized{server}); set HF_TOKEN or run "
-            "`hf auth login` with a token that has write access"
-        )
-    if status == 403:
-        return f"{label}: the token may not {action} this repository (403 Forbidden{server}); use a token with write access to its namespace"
-    if status == 409:
-        return f"{label}: the Hub reported a conflict (409{server}); another change landed first — retry, or push to another --revision"
-    return f"{label}: {action} failed with HTTP {status}{server}"
-
-
-def _server_message(exc: Any) -> str:
-    message = getattr(exc, "server_message", None) or ""
-    message = _first_line(message) if message else ""
-    return f": {message}" if message else ""
-
-
-def _first_line(value: object) -> str:
-    text = str(value).strip()
-    return text.splitlines()[0] if text else type(value).__name__
-
-
-def _is_transport_error(exc: BaseException) -> bool:
-    try:
-        import httpx2
-    except ImportError:  # another huggingface_hub release: fall back to the exception's module
-        return type(exc).__module__.split(".")[0] in {"httpx", "httpcore", "requests", "urllib3"}
-    return isinstance(exc, httpx2.TransportError)
