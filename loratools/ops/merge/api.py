@@ -1,0 +1,133 @@
+"""The public entry points: :func:`merge_checkpoint` on an open checkpoint and adapters, and
+:func:`merge_paths`, which opens them from paths or Hub ids first. Merge, unmerge and swap are
+the same pass with positive, negative or both kinds of weights."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from loratools.errors import LoratoolsError
+from loratools.io.checkpoint import Checkpoint
+from loratools.io.writer import check_not_an_input
+from loratools.ops import Progress, no_progress
+from loratools.ops.merge.plan import plan_merge
+from loratools.ops.merge.precision import MergeReport, build_report
+from loratools.ops.merge.stream import write_merged
+from loratools.ops.merge.terms import MergeOptions, MergeTerm
+
+
+def merge_checkpoint(
+    ckpt: Checkpoint,
+    terms: Sequence[MergeTerm],
+    output: str | Path,
+    options: MergeOptions | None = None,
+    *,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+    base_ids: Sequence[str] | None = None,
+    operation: str | None = None,
+    progress: Progress = no_progress,
+) -> MergeReport:
+    """Write ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` for every tensor of ``ckpt`` to ``output``, streaming.
+
+    ``output`` is a model folder when the base is one (same shard files, index and metadata,
+    config/tokenizer files copied), else a single ``.safetensors`` file. It is written
+    atomically after every adapter has been checked against the base.
+
+    Args:
+        ckpt: the base (or merged) checkpoint.
+        terms: adapters with signed weights (negative = remove).
+        output: the folder or file to create.
+        options: dtype, device, warning threshold.
+        force: replace an existing output.
+        inputs: adapter paths, which the output must not overlap.
+        base_ids: names of the base for the base_model check (see :func:`plan_merge`); default:
+            its path when merging, nothing (no check) when removing adapters.
+        operation: ``merge``/``unmerge``/``swap`` for the report; default from the weights' signs.
+        progress: called once per tensor.
+
+    Returns:
+        the report, including the precision record and warnings.
+
+    Raises:
+        MissingKeys, ShapeMismatch: adapters that do not fit, all listed, before writing anything.
+        OutputExists: ``output`` exists and not ``force``.
+    """
+    options = options or MergeOptions()
+    output = Path(output)
+    check_not_an_input(output, [ckpt.path, ckpt.model_dir, *inputs])
+    infos = {info.name: info for info in ckpt.infos()}
+    if operation is None:
+        signs = {term.weight > 0 for term in terms}
+        operation = "swap" if len(signs) == 2 else "merge" if signs == {True} else "unmerge"
+    if base_ids is None:
+        base_ids = [str(ckpt.path)] if operation == "merge" else []
+    plan = plan_merge(infos, terms, base_ids)
+    stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress)
+    return build_report(output, operation, terms, options, plan, stats, files, len(infos))
+
+
+def _base_ids(argument: str, ckpt: Checkpoint) -> list[str]:
+    ids = [argument, str(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)]
+    config = ckpt.model_dir / "config.json" if ckpt.model_dir else None
+    if config is not None and config.is_file():
+        try:
+            name = json.loads(config.read_text()).get("_name_or_path")
+        except (ValueError, AttributeError):
+            name = None
+        ids += [name] if isinstance(name, str) else []
+    return ids
+
+
+def merge_paths(
+    base: str,
+    output: str | Path,
+    *,
+    add: Sequence[tuple[str, float]] = (),
+    remove: Sequence[tuple[str, float]] = (),
+    options: MergeOptions | None = None,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> MergeReport:
+    """Open the base and the adapters named by path or Hub id, then :func:`merge_checkpoint`.
+
+    Args:
+        base: checkpoint path or Hub id (the merged model, for unmerge/swap).
+        output: folder (or ``.safetensors`` file for a single-file base) to write.
+        add: (adapter, weight) pairs to add: ``W += w·s·B·A``.
+        remove: (adapter, weight) pairs to subtract: ``W −= w·s·B·A``.
+        options: dtype, device, warning threshold.
+        force: replace an existing output.
+        progress: called once per base tensor.
+
+    Returns:
+        the report.
+    """
+    from loratools.io.adapter_dir import load_adapter
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+
+    if not add and not remove:
+        raise LoratoolsError("no adapter given; name at least one adapter to merge or remove")
+    ckpt = open_checkpoint(resolve_path(base))
+    names = ckpt.names()
+    terms, paths = [], []
+    for sign, pairs in ((1.0, add), (-1.0, remove)):
+        for argument, weight in pairs:
+            path = resolve_path(argument, what="adapter")
+            terms.append(MergeTerm(load_adapter(path, base_names=names), sign * weight, str(argument)))
+            paths.append(path)
+    operation = "swap" if add and remove else "merge" if add else "unmerge"
+    return merge_checkpoint(
+        ckpt,
+        terms,
+        output,
+        options,
+        force=force,
+        inputs=paths,
+        base_ids=_base_ids(base, ckpt) if operation == "merge" else [],
+        operation=operation,
+        progress=progress,
+    )

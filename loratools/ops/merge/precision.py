@@ -1,0 +1,151 @@
+"""The precision record of a merge: per adapted tensor, and for the whole output.
+
+Per tensor (Δ = Σ wᵢsᵢBᵢAᵢ, computed from the factors)::
+
+    relative_delta = ‖Δ‖_F / ‖W0‖_F
+    lost_fraction  = ‖round(W0 + Δ) − round(W0) − Δ‖_F / ‖Δ‖_F
+
+and for the output the same ratios of the root-sum-squares over every adapted tensor. When
+more than ``lost_warning`` of the update is lost, the report says so and how to keep it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from loratools.ops.merge.plan import MergePlan
+from loratools.ops.merge.terms import MergeOptions, MergeTerm
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    """The precision record of one adapted tensor (see the module docstring)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    adapters: int
+    base_norm: float
+    delta_norm: float
+    lost_norm: float
+
+    @property
+    def relative_delta(self) -> float:
+        return self.delta_norm / self.base_norm if self.base_norm > 0 else math.inf
+
+    @property
+    def lost_fraction(self) -> float:
+        return self.lost_norm / self.delta_norm if self.delta_norm > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "adapters": self.adapters,
+            "relative_delta": self.relative_delta,
+            "lost_fraction": self.lost_fraction,
+        }
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge/unmerge/swap did, with its precision record (``to_dict`` is the --json shape)."""
+
+    output: str
+    operation: str
+    adapters: list[dict[str, Any]]
+    dtype: str | None
+    modules: list[ModuleStats]
+    replaced: list[str]
+    copied: int
+    files: list[str]
+    warnings: list[str]
+    lost_warning: float = 0.5
+
+    @property
+    def relative_delta(self) -> float:
+        base = math.sqrt(sum(m.base_norm**2 for m in self.modules))
+        return math.sqrt(sum(m.delta_norm**2 for m in self.modules)) / base if base > 0 else math.nan
+
+    @property
+    def lost_fraction(self) -> float:
+        """The share of the whole update lost to rounding: √Σ‖lostᵢ‖² / √Σ‖Δᵢ‖²."""
+        delta = math.sqrt(sum(m.delta_norm**2 for m in self.modules))
+        return math.sqrt(sum(m.lost_norm**2 for m in self.modules)) / delta if delta > 0 else math.nan
+
+    @property
+    def effect_vanishes(self) -> bool:
+        return self.lost_fraction > self.lost_warning
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "operation": self.operation,
+            "adapters": self.adapters,
+            "dtype": self.dtype,
+            "merged": len(self.modules),
+            "replaced": self.replaced,
+            "copied": self.copied,
+            "files": self.files,
+            "precision": {
+                "relative_delta": self.relative_delta,
+                "lost_fraction": self.lost_fraction,
+                "effect_vanishes": self.effect_vanishes,
+                "modules_mostly_lost": sum(m.lost_fraction > self.lost_warning for m in self.modules),
+            },
+            "modules": [m.to_dict() for m in self.modules],
+            "warnings": self.warnings,
+        }
+
+
+def build_report(
+    output: Path,
+    operation: str,
+    terms: Sequence[MergeTerm],
+    options: MergeOptions,
+    plan: MergePlan,
+    stats: list[ModuleStats],
+    files: list[str],
+    total: int,
+) -> MergeReport:
+    """The report of a finished pass over ``total`` base tensors, with the precision warnings."""
+    adapters = [
+        {
+            "path": t.label,
+            "weight": t.weight,
+            "modules": len(t.adapter.weights),
+            "saved_modules": len(t.adapter.saved_modules),
+            "base_model": t.adapter.base_model,
+        }
+        for t in terms
+    ]
+    replaced = [name for name, u in plan.updates.items() if u.replacement is not None]
+    dtype = str(options.dtype).removeprefix("torch.") if options.dtype else None
+    report = MergeReport(
+        str(output), operation, adapters, dtype, stats, replaced, total - len(plan.updates), files,
+        list(plan.warnings), options.lost_warning,
+    )  # fmt: skip
+    return replace(report, warnings=report.warnings + precision_warnings(report))
+
+
+def precision_warnings(report: MergeReport) -> list[str]:
+    """A warning when the update as a whole, or most of some modules' updates, rounds away."""
+    dtypes = sorted({m.dtype for m in report.modules})
+    hint = "" if dtypes == ["float32"] else "; keep it with --dtype float32"
+    if report.effect_vanishes:
+        return [
+            f"{report.lost_fraction:.0%} of the adapters' update is lost rounding to {'/'.join(dtypes)}: "
+            f"‖Δ‖/‖W0‖ ≈ {report.relative_delta:.1e} is below the dtype's resolution{hint}"
+        ]
+    lost = [m.name for m in report.modules if m.lost_fraction > report.lost_warning]
+    if lost:
+        return [
+            f"{len(lost)} of {len(report.modules)} module(s) lose most of their update to rounding "
+            f"(e.g. {lost[0]}){hint}"
+        ]
+    return []

@@ -1,0 +1,175 @@
+"""The streaming pass: base tensors in, merged tensors out, one at a time in storage order.
+
+Three threads overlap: a reader fetches the next tensor, the caller's thread does the math on
+this one, a writer stores the previous one. Tensors no adapter touches are copied as their
+stored bytes, so untouched files are byte-identical. Peak memory is about two float32 copies of
+the largest adapted tensor plus the adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from queue import Queue
+from threading import Thread
+from typing import Any
+
+import torch
+
+from loratools.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, ShardLayout
+from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
+from loratools.ops import Progress
+from loratools.ops.merge.plan import MergePlan
+from loratools.ops.merge.precision import ModuleStats
+from loratools.ops.merge.terms import FLOAT_DTYPES, MergeOptions
+from loratools.ops.merge.update import Scratch, apply_update, stacked_factors
+
+
+def write_merged(
+    ckpt: Checkpoint,
+    plan: MergePlan,
+    output: Path,
+    options: MergeOptions,
+    *,
+    force: bool,
+    progress: Progress,
+) -> tuple[list[ModuleStats], list[str]]:
+    """Write the merged checkpoint to ``output`` atomically (a folder, or one file for a single-file base).
+
+    Returns:
+        the precision record of every adapted tensor, and the model files copied next to the shards.
+    """
+    layout = _output_layout(ckpt, options)
+    stats: list[ModuleStats] = []
+    files: list[str] = []
+    threads = options.intra_op_threads(os.cpu_count() or 1)
+    with atomic_output(output, force=force) as temporary, _intra_op_threads(threads):
+        tensors = merged_tensors(ckpt, plan, options, stats, progress)
+        if ckpt.model_dir is None:  # a single file in, a single file out
+            _write(ckpt, temporary.parent, [replace(layout[0], filename=temporary.name)], tensors)
+        else:
+            _write(ckpt, temporary, layout, tensors)
+            files = _finish_model_dir(ckpt, temporary, options)
+    return stats, files
+
+
+def _read_ahead(ckpt: Checkpoint, plan: list[tuple[str, bool]]) -> Iterator[tuple[str, torch.Tensor | bytes]]:
+    """Yield (name, tensor or stored bytes) in order, reading the next one in a thread meanwhile."""
+
+    def read(item: tuple[str, bool]) -> torch.Tensor | bytes:
+        name, raw = item
+        return ckpt.get_raw(name) if raw else ckpt.get(name)
+
+    if not plan:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-read") as pool:
+        pending = pool.submit(read, plan[0])
+        for position, (name, _) in enumerate(plan):
+            data = pending.result()
+            if position + 1 < len(plan):
+                pending = pool.submit(read, plan[position + 1])
+            yield name, data
+
+
+def merged_tensors(
+    ckpt: Checkpoint, plan: MergePlan, options: MergeOptions, stats: list[ModuleStats], progress: Progress
+) -> Iterator[tuple[str, torch.Tensor | bytes]]:
+    """The output tensors in storage order: updated, replaced, cast, or the stored bytes as they are."""
+    device = torch.device(options.device)
+    scratch = Scratch(device)
+    order = []
+    for info in ckpt.infos():
+        keep = info.name not in plan.updates and (options.dtype is None or info.dtype not in FLOAT_DTYPES)
+        order.append((info.name, keep))
+    for name, data in _read_ahead(ckpt, order):
+        update = plan.updates.get(name)
+        if isinstance(data, bytes):
+            yield name, data
+        elif update is None:
+            yield name, data.to(options.dtype or data.dtype)
+        else:
+            w0 = update.replacement if update.replacement is not None else data
+            out_dtype = options.dtype or data.dtype
+            if update.loras:
+                left, right = stacked_factors(update, device)
+                out, record = apply_update(name, w0.to(device), left, right, out_dtype, scratch)
+                stats.append(replace(record, adapters=len(update.loras)))
+                yield name, out.cpu()
+            else:
+                yield name, w0.to(out_dtype)
+        progress(name)
+
+
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _output_layout(ckpt: Checkpoint, options: MergeOptions) -> list[ShardLayout]:
+    dtype_of = {}
+    if options.dtype is not None:
+        dtype_of = {i.name: options.dtype for i in ckpt.infos() if i.dtype in FLOAT_DTYPES}
+    layout = ckpt.layout(dtype_of)
+    if ckpt.kind == "pytorch" and len(layout) == 1 and ckpt.model_dir is not None:
+        layout = [replace(layout[0], filename="model.safetensors")]  # what transformers looks for
+    return layout
+
+
+def _write(ckpt: Checkpoint, folder: Path, layout: list[ShardLayout], tensors: Iterator[Any]) -> None:
+    index_name = SAFETENSORS_INDEX if ckpt.index_name else None
+    with CheckpointWriter(folder, layout, ckpt.metadata or {"format": "pt"}, index_name) as writer:
+        _write_behind(tensors, writer.write)
+
+
+def _write_behind(items: Iterator[tuple[str, Any]], write: Callable[[str, Any], None]) -> None:
+    """Call ``write`` on each item in a second thread, so computing the next tensor overlaps
+    writing this one (reads already run ahead in another). At most one item waits in between."""
+    pending: Queue[tuple[str, Any] | None] = Queue(maxsize=1)
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        while (item := pending.get()) is not None:
+            if not failures:
+                try:
+                    write(*item)
+                except BaseException as exc:  # handed to the producer below
+                    failures.append(exc)
+
+    thread = Thread(target=consume, name="loratools-write", daemon=True)
+    thread.start()
+    try:
+        for item in items:
+            if failures:
+                break
+            pending.put(item)
+    finally:
+        pending.put(None)
+        thread.join()
+    if failures:
+        raise failures[0]
+
+
+def _finish_model_dir(ckpt: Checkpoint, folder: Path, options: MergeOptions) -> list[str]:
+    """Copy config/tokenizer files; keep the source index verbatim when no dtype changed."""
+    assert ckpt.model_dir is not None
+    copied = copy_model_files(ckpt.model_dir, folder)
+    if options.dtype is None and ckpt.kind == "safetensors-sharded" and ckpt.index_name:
+        shutil.copyfile(ckpt.model_dir / ckpt.index_name, folder / SAFETENSORS_INDEX)
+    config = folder / "config.json"
+    if options.dtype is not None and config.is_file():
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and "torch_dtype" in data:
+            data["torch_dtype"] = str(options.dtype).removeprefix("torch.")
+            config.write_text(json.dumps(data, indent=2) + "\n")
+    return copied
