@@ -58,3 +58,11 @@ def run_cli():
         return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+# Property tests draw the same examples on every run and machine (deterministic CI); a failure
+# found locally is still replayed from .hypothesis/ first.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("loratools", derandomize=True, deadline=None)
+settings.load_profile("loratools")
