@@ -84,9 +84,9 @@ def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y).Q
 
 
-def _project(m: torch.Tensor, q: torch.Tensor) -> Svd:
-    """SVD of ``m`` restricted to the column space of ``q``: M ≈ Q (Qᵀ M)."""
-    u_small, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)  # (l, l), (l,), (l, k)
+def _project(z: torch.Tensor, q: torch.Tensor) -> Svd:
+    """SVD of M restricted to the column space of ``q``, from ``z = Mᵀ Q``: M ≈ Q (Qᵀ M) = Q zᵀ."""
+    u_small, s, vh = torch.linalg.svd(z.T, full_matrices=False)  # (l, l), (l,), (l, k)
     return Svd(q @ u_small, s, vh)
 
 
@@ -95,24 +95,28 @@ def randomized_svd(
     rank: int,
     *,
     oversample: int = 8,
-    niter: int = 2,
+    niter: int = 1,
     rtol: float = 1e-3,
     max_iter: int = 12,
     seed: int = 0,
 ) -> Svd:
     """Rank-``rank`` truncated SVD of ``m`` (d, k) by a randomized range finder.
 
-    Sketch ``Y = M Ω`` with Ω (k, r + p) Gaussian, then subspace (power) iterations
+    Sketch ``Q = qr(M Ω)`` with Ω (k, r + p) Gaussian, then subspace (power) iterations
     ``Q ← qr(M qr(Mᵀ Q))``. After ``niter`` iterations it keeps iterating while one more
     iteration still lowers the rank-r residual ``‖M‖²_F − Σ_{i≤r} s̃ᵢ²`` by more than ``rtol``
     of itself, so a slowly decaying spectrum gets the iterations it needs instead of a worse
     factorisation. The residual is never below the optimum (s̃ᵢ ≤ σᵢ), and it converges to it.
 
+    Each iteration costs two products with M: ``Z = Mᵀ Q`` (k, l) serves both as ``(Qᵀ M)ᵀ``,
+    whose small SVD gives the current estimate and its residual, and as the first half of the
+    next iteration — the convergence check costs no extra pass over M.
+
     Args:
         m: the matrix, (d, k); upcast to float32.
         rank: how many singular triplets to return.
         oversample: extra sketch columns p (Halko et al. suggest 5–10).
-        niter: power iterations always done.
+        niter: power iterations always done before the residual is checked.
         rtol: stop when one iteration improves the squared residual by less than this fraction.
         max_iter: hard cap on power iterations.
         seed: seed of the Gaussian sketch (results are deterministic for a given seed/device).
@@ -133,18 +137,18 @@ def randomized_svd(
     omega = torch.randn(k, width, generator=gen, device=m.device, dtype=m.dtype)  # (k, l)
     q = _orthonormal(m @ omega)  # (d, l)
     total = float(m.square().sum())
-    residual = float("inf")
-    for iteration in range(max_iter):
-        q = _orthonormal(m @ _orthonormal(m.T @ q))  # one subspace iteration, (d, l)
-        if iteration + 1 < niter:
-            continue
-        svd = _project(m, q)
-        new_residual = max(total - float(svd.s[:rank].square().sum()), 0.0)
-        converged = residual - new_residual <= rtol * new_residual or new_residual <= 1e-12 * total
-        residual = new_residual
-        if converged:
-            break
-    return svd.truncate(rank)
+    residual, iteration = float("inf"), 0
+    while True:
+        z = m.T @ q  # (k, l) = (Qᵀ M)ᵀ
+        if iteration >= niter:
+            svd = _project(z, q)
+            new_residual = max(total - float(svd.s[:rank].square().sum()), 0.0)
+            done = residual - new_residual <= rtol * new_residual or new_residual <= 1e-12 * total
+            if done or iteration >= max_iter:
+                return svd.truncate(rank)
+            residual = new_residual
+        q = _orthonormal(m @ _orthonormal(z))  # one subspace iteration, (d, l)
+        iteration += 1
 
 
 def truncated_svd(m: torch.Tensor, rank: int, *, exact: bool = False, seed: int = 0) -> Svd:
