@@ -19,6 +19,8 @@ _EXPORTS = {
     "open_checkpoint": "loratools.io.checkpoint",
     "load_adapter": "loratools.io.adapter_dir",
     "save_adapter": "loratools.io.adapter_dir",
+    "push": "loratools.hub",
+    "pull": "loratools.hub",
 }
 __all__ = ["__version__", *_EXPORTS]
 
