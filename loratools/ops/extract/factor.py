@@ -1,0 +1,124 @@
+"""The math on one module: ΔW in a reused buffer, its truncated SVD, the rank, the factors, the residual.
+
+For one 2-D weight (out, in)::
+
+    ΔW = W_ft − W_base                          (float32, one reused buffer)
+    ΔW ≈ U_r S_r V_rᵀ                           (randomized range finder, or the full SVD)
+    B = U_r √S_r (out, r),  A = √S_r V_rᵀ (r, in),  alpha = r  →  scale = alpha / r = 1
+
+and ``relative_error = ‖ΔW − s·B·A‖_F / ‖ΔW‖_F``, measured from the written (cast) factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loratools.adapter import LoraWeight
+from loratools.errors import LoratoolsError
+from loratools.linalg import Svd, exact_svd, randomized_svd, rank_for_energy
+from loratools.ops.extract.options import ExtractOptions
+from loratools.ops.extract.plan import Item
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """One factored module: its rank, the energy its rank keeps, and the achieved error.
+
+    ``energy_kept = Σ_{i≤r} σᵢ² / ‖ΔW‖²_F``; ``relative_error = ‖ΔW − s·B·A‖_F / ‖ΔW‖_F``.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    energy_kept: float
+    relative_error: float
+    delta_norm: float  # ‖ΔW‖_F
+
+
+def truncated_spectrum(delta: torch.Tensor, width: int, options: ExtractOptions) -> Svd:
+    """The top ``width`` singular triplets of ΔW (out, in), randomized unless ``options.exact``."""
+    width = min(width, *delta.shape)
+    if options.exact:
+        return exact_svd(delta).truncate(width)
+    return randomized_svd(delta, width, seed=options.seed)
+
+
+def choose_rank(s: torch.Tensor, total: float, options: ExtractOptions) -> int:
+    """The rank the options' rule picks from singular values ``s`` (descending) of a ΔW with ‖ΔW‖²_F = total."""
+    if options.energy is not None:
+        return rank_for_energy(s, options.energy, total)
+    if options.sv_threshold is not None:
+        return int((s >= options.sv_threshold).sum())
+    return int(s.numel())  # fixed rank, or a budget's rank: the spectrum was computed at that width
+
+
+def lora_from_svd(svd: Svd, rank: int, options: ExtractOptions, dtype: torch.dtype) -> LoraWeight:
+    """LoRA factors of the rank-``rank`` truncation, scaled so that ``scale · B @ A = U_r S_r V_rᵀ``.
+
+    With alpha = r (the default) scale = 1; with another alpha, 1/scale goes into the factors
+    (split as √ on both sides for ``split="sqrt"``, all into B for ``split="b"``).
+    """
+    b, a = svd.truncate(rank).factors(options.split)  # (out, r), (r, in)
+    alpha = float(rank) if options.alpha is None else options.alpha
+    scale = alpha / rank
+    if scale != 1.0 and options.split == "sqrt":
+        b, a = b / math.sqrt(scale), a / math.sqrt(scale)
+    elif scale != 1.0:
+        b = b / scale
+    return LoraWeight(a.to("cpu", dtype).contiguous(), b.to("cpu", dtype).contiguous(), alpha)
+
+
+def residual_norm(delta: torch.Tensor, weight: LoraWeight) -> float:
+    """``‖ΔW − s·B·A‖_F`` in float32; overwrites ``delta`` (the buffer) with the residual."""
+    b, a = weight.scaled_factors()  # (out, r), (r, in)
+    delta.addmm_(b.to(delta.device), a.to(delta.device), alpha=-1.0)
+    return float(torch.linalg.vector_norm(delta))
+
+
+class DeltaBuffer:
+    """One float32 buffer, reused for every ΔW: ``buf.copy_(w_ft).sub_(w_base)`` (no temporaries)."""
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self.flat = torch.empty(numel, dtype=torch.float32, device=device)
+        # on a GPU the base tensor is staged on the device first: sub_ cannot mix devices
+        self.stage = torch.empty(numel, dtype=torch.float32, device=device) if device.type != "cpu" else None
+
+    def delta(self, name: str, w_ft: torch.Tensor, w_base: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """ΔW (a view of the buffer) and ‖ΔW‖²_F; a NaN/Inf anywhere in ΔW is an error naming the tensor."""
+        buf = self.flat[: w_ft.numel()].view(w_ft.shape)
+        buf.copy_(w_ft)
+        if self.stage is None:
+            buf.sub_(w_base)
+        else:
+            buf.sub_(self.stage[: w_base.numel()].view(w_base.shape).copy_(w_base))
+        norm = float(torch.linalg.vector_norm(buf))
+        if not math.isfinite(norm):
+            raise LoratoolsError(
+                f"the difference of tensor {name} contains NaN or Inf; check that both checkpoints load "
+                "(a diverged fine-tune, or a float16 overflow) before extracting"
+            )
+        return buf, norm * norm
+
+
+def factor_module(
+    item: Item,
+    delta: torch.Tensor,
+    total: float,
+    rank: int | None,
+    options: ExtractOptions,
+    dtype: torch.dtype,
+) -> tuple[LoraWeight, ModuleReport] | None:
+    """Factor one ΔW: compute its spectrum, choose the rank, write factors, measure the error."""
+    svd = truncated_spectrum(delta, rank if rank is not None else options.width, options)
+    chosen = choose_rank(svd.s, total, options) if rank is None else min(rank, svd.rank)
+    if chosen == 0:
+        return None
+    weight = lora_from_svd(svd, chosen, options, dtype)
+    energy = float(svd.s[:chosen].double().square().sum()) / total
+    error = residual_norm(delta, weight) / math.sqrt(total)
+    module = item.name.removesuffix(".weight")
+    shape = (int(item.shape[0]), int(item.shape[1]))
+    return weight, ModuleReport(module, shape, chosen, min(energy, 1.0), error, math.sqrt(total))

@@ -1,0 +1,136 @@
+"""The streaming passes over both checkpoints, and how processes of a torchrun job share them.
+
+Tensors are read pairwise in the fine-tune's storage order (the next pair is prefetched while
+this one is factored). With ``--budget`` a first pass collects every ΔW's top singular values
+and the ranks are allocated model-wide before the second pass factors. Under torchrun each
+process takes a round-robin share of the items (:mod:`loratools.ops.distributed`) and every
+process's :class:`Outcome` is gathered and merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from loratools.adapter import LoraWeight
+from loratools.errors import LoratoolsError
+from loratools.ops import Progress
+from loratools.ops.distributed import Workers
+from loratools.ops.extract.factor import DeltaBuffer, ModuleReport, factor_module, truncated_spectrum
+from loratools.ops.extract.options import ExtractOptions
+from loratools.ops.extract.plan import Item, TensorSource
+
+
+@dataclass
+class Outcome:
+    """What one process found: factored modules, carried tensors and notes, by item name."""
+
+    weights: dict[str, tuple[LoraWeight, ModuleReport]] = field(default_factory=dict)
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name → why it is not in the adapter
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # budget: ΔW's top σ, pass 1
+
+
+def _pairs(
+    base: TensorSource, finetuned: TensorSource, names: list[str]
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Both checkpoints' tensors, in step, each read ahead by its own prefetch thread."""
+    for (name, w_ft), (_, w_base) in zip(
+        finetuned.iter_tensors(names), base.iter_tensors(names), strict=True
+    ):
+        yield name, w_ft, w_base
+
+
+def spectra_pass(
+    base: TensorSource,
+    finetuned: TensorSource,
+    items: list[Item],
+    options: ExtractOptions,
+    buffer: DeltaBuffer,
+) -> Outcome:
+    """Budget pass 1: the top ``width`` singular values of every ΔW (factors are not kept)."""
+    outcome = Outcome()
+    for name, w_ft, w_base in _pairs(base, finetuned, [i.name for i in items]):
+        delta, total = buffer.delta(name, w_ft, w_base)
+        if total > 0:
+            outcome.spectra[name] = truncated_spectrum(delta, options.width, options).s.cpu()
+    return outcome
+
+
+def _carry(
+    item: Item, w_ft: torch.Tensor, w_base: torch.Tensor, options: ExtractOptions, lora_modules: set[str]
+) -> str | None:
+    """Why a non-LoRA tensor is left out (``"unchanged"``, or what would carry it); None: carry it."""
+    if not item.resized and torch.equal(w_ft, w_base):
+        return "unchanged"
+    if item.name.rsplit(".", 1)[0] in lora_modules:
+        return "differs, but its module gets LoRA factors; PEFT cannot also save it in full (not carried)"
+    if item.kind == "embedding":
+        return None if options.include_embeddings else "embedding/lm_head differs: pass --include-embeddings"
+    return None if options.modules_to_save else "differs (not LoRA-able): pass --modules-to-save to carry it"
+
+
+def factor_pass(
+    base: TensorSource,
+    finetuned: TensorSource,
+    items: list[Item],
+    options: ExtractOptions,
+    buffer: DeltaBuffer,
+    dtype: torch.dtype,
+    ranks: dict[str, int] | None,
+    lora_modules: set[str],
+    progress: Progress,
+) -> Outcome:
+    """Factor every LoRA item (``ranks`` fixes them, for a budget) and compare the others."""
+    outcome = Outcome()
+    by_name = {item.name: item for item in items}
+    for name, w_ft, w_base in _pairs(base, finetuned, list(by_name)):
+        item = by_name[name]
+        if item.kind == "lora" and (ranks is None or ranks.get(name, 0) > 0):
+            delta, total = buffer.delta(name, w_ft, w_base)
+            rank = None if ranks is None else ranks[name]
+            factored = factor_module(item, delta, total, rank, options, dtype) if total > 0 else None
+            if total == 0:
+                outcome.skipped[name] = "unchanged"
+            elif factored is None:
+                outcome.skipped[name] = "no singular value above --sv-threshold"
+            else:
+                outcome.weights[name] = factored
+        elif item.kind == "lora":
+            outcome.skipped[name] = "unchanged" if torch.equal(w_ft, w_base) else "no rank left in --budget"
+        else:
+            reason = _carry(item, w_ft, w_base, options, lora_modules)
+            if reason is None:
+                outcome.saved[name] = w_ft.to(dtype) if w_ft.is_floating_point() else w_ft
+            else:
+                outcome.skipped[name] = reason
+        progress(name)
+    return outcome
+
+
+def _merge(outcomes: list[Outcome]) -> Outcome:
+    merged = Outcome()
+    for outcome in outcomes:
+        merged.weights.update(outcome.weights)
+        merged.saved.update(outcome.saved)
+        merged.skipped.update(outcome.skipped)
+        merged.spectra.update(outcome.spectra)
+    return merged
+
+
+def run_everywhere(workers: Workers, work: Callable[[], Outcome]) -> Outcome:
+    """Run ``work`` on this process's share and combine every process's outcome.
+
+    An error on any process is raised on all of them (instead of leaving the others waiting).
+    """
+    try:
+        mine: Outcome | str = work()
+    except LoratoolsError as exc:
+        mine = str(exc)
+    gathered = workers.all_gather(mine)
+    errors = [item for item in gathered if isinstance(item, str)]
+    if errors:
+        raise LoratoolsError(errors[0])
+    return _merge(gathered)
