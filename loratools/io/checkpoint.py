@@ -15,13 +15,13 @@ import json
 import pickle
 import warnings
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loratools.errors import CheckpointError, MissingKeys, UnknownFormat, list_problems
+from loratools.io.prefetch import prefetched
 from loratools.io.safetensors_file import SafetensorsFile, TensorInfo, TensorSpec
 
 __all__ = ["Checkpoint", "ShardLayout", "open_checkpoint"]
@@ -131,16 +131,10 @@ class Checkpoint:
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` in order, reading the next tensor while the caller works."""
         order = list(self._infos if names is None else names)
-        if not prefetch or len(order) < 2:
+        if not prefetch:
             yield from ((name, self.get(name)) for name in order)
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-read") as pool:
-            pending = pool.submit(self.get, order[0])
-            for position, name in enumerate(order):
-                tensor = pending.result()
-                if position + 1 < len(order):
-                    pending = pool.submit(self.get, order[position + 1])
-                yield name, tensor
+        yield from prefetched(order, self.get)
 
     # -- layout, for writers that keep it ---------------------------------------------------
     def layout(self, dtype_of: dict[str, torch.dtype] | None = None) -> list[ShardLayout]:

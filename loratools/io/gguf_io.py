@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 
 from loratools.errors import CheckpointError, MissingExtra, UnknownFormat, list_problems
 from loratools.formats import gguf as names
+from loratools.io.prefetch import prefetched
 from loratools.io.safetensors_file import TensorSpec
 
 __all__ = ["GgufModel", "read_gguf_kv", "write_adapter_gguf"]
@@ -180,16 +180,7 @@ class GgufModel:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` in file order, one at a time, reading the next while the caller writes."""
-        order = list(self._tensors)
-        if not order:
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-gguf") as pool:
-            pending = pool.submit(self.get, order[0])
-            for position, name in enumerate(order):
-                tensor = pending.result()
-                if position + 1 < len(order):
-                    pending = pool.submit(self.get, order[position + 1])
-                yield name, tensor
+        yield from prefetched(list(self._tensors), self.get, label="gguf")
 
     def model_files(self) -> dict[str, str]:
         """Text files for the output folder: config.json, generation_config.json and, when the

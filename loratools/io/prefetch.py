@@ -1,0 +1,31 @@
+"""Overlapping reads with compute: load item i+1 on a background thread while the caller uses item i."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+__all__ = ["prefetched"]
+
+T = TypeVar("T")
+
+
+def prefetched(
+    names: Sequence[str], load: Callable[[str], T], label: str = "read"
+) -> Iterator[tuple[str, T]]:
+    """Yield ``(name, load(name))`` in order, one item ahead on a single reader thread.
+
+    File reads release the GIL, so reading the next tensor overlaps the math on this one; at most
+    two items are alive at once (the one yielded and the one being read).
+    """
+    if len(names) < 2:
+        yield from ((name, load(name)) for name in names)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"loratools-{label}") as pool:
+        pending = pool.submit(load, names[0])
+        for position, name in enumerate(names):
+            item = pending.result()
+            if position + 1 < len(names):
+                pending = pool.submit(load, names[position + 1])
+            yield name, item
