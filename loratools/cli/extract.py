@@ -49,12 +49,12 @@ def extract(base: str, finetuned: str, output: str, dtype: str | None, device: s
     import torch
 
     from loratools.device import resolve_device
+    from loratools.distributed import workers_from_env
     from loratools.errors import OutputExists
     from loratools.io.adapter_dir import save_adapter
     from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
     from loratools.io.writer import check_not_an_input
-    from loratools.ops.distributed import workers_from_env
     from loratools.ops.extract import ExtractOptions, model_card, plan_extraction
     from loratools.ops.extract import extract as run_extract
 

@@ -1,8 +1,8 @@
 """Data-parallel training under ``torchrun``: one process per device, gradients averaged by DDP.
 
 ``torchrun`` starts N copies of ``loratools train`` and tells each its place through the
-environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``…); this module is the one
-place that reads it. Each process takes its own slice of every global batch, DDP all-reduces the
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``…), which
+:func:`init_distributed` hands to :func:`loratools.distributed.join` (shared with ``extract``). Each process takes its own slice of every global batch, DDP all-reduces the
 LoRA gradients (NCCL on GPUs, gloo on CPUs), and only rank 0 writes files.
 
     torchrun --nproc-per-node 2 -m loratools.cli.main train MODEL --data FILE -o OUT
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,50 +19,20 @@ import torch.distributed as dist
 from torch import nn
 
 from loratools.device import resolve_device
+from loratools.distributed import Workers, join, leave
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "init_distributed", "shutdown", "wrap_model"]
-
-CPU = torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands: its rank among ``world_size`` processes and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = CPU
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that writes outputs and draws progress."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+__all__ = ["Workers", "all_reduce_sum", "barrier", "init_distributed", "shutdown", "wrap_model"]
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto") -> Workers:
     """Join the torchrun process group if launched by torchrun; otherwise a single process.
 
     Under torchrun with CUDA each process uses ``cuda:LOCAL_RANK`` and NCCL; on CPU, gloo.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    chosen = resolve_device(device)
-    if world == 1:
-        return DistInfo(device=chosen)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if chosen.type == "cuda":
-        chosen = torch.device("cuda", local_rank)
-        torch.cuda.set_device(chosen)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local_rank, chosen)
+    return join(os.environ, resolve_device(device))
 
 
-def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap_model(model: nn.Module, info: Workers) -> nn.Module:
     """``DistributedDataParallel`` over the trainable (LoRA) parameters, or the model itself."""
     if not info.distributed:
         return model
@@ -78,7 +47,7 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, **quiet)
 
 
-def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+def all_reduce_sum(values: list[float], info: Workers) -> list[float]:
     """Element-wise sum of ``values`` over all processes (float64, on the process's device)."""
     if not info.distributed:
         return values
@@ -87,13 +56,12 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return tensor.tolist()
 
 
-def barrier(info: DistInfo) -> None:
+def barrier(info: Workers) -> None:
     """Wait until every process gets here (e.g. until rank 0 has written a checkpoint)."""
     if info.distributed:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: Workers) -> None:
     """Leave the process group."""
-    if info.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    leave(info)

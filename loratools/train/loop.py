@@ -27,7 +27,7 @@ from torch import nn
 
 from loratools.ops import Progress, no_progress
 from loratools.train.data import IGNORE, Packed
-from loratools.train.distributed import DistInfo, all_reduce_sum, wrap_model
+from loratools.train.distributed import Workers, all_reduce_sum, wrap_model
 from loratools.train.inject import lora_parameters
 
 __all__ = ["FitResult", "LoopOptions", "batch_rows", "evaluate", "fit", "lr_at"]
@@ -109,7 +109,7 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Packed, batch_size: int, info: DistInfo, bf16: bool = False) -> float:
+def evaluate(model: nn.Module, data: Packed, batch_size: int, info: Workers, bf16: bool = False) -> float:
     """Mean cross-entropy over ``data``'s target tokens; rows are shared out by rank."""
     was_training = model.training
     model.eval()
@@ -130,7 +130,7 @@ def fit(
     evaluation: Packed | None,
     opts: LoopOptions,
     *,
-    info: DistInfo | None = None,
+    info: Workers | None = None,
     state: dict[str, Any] | None = None,
     progress: Progress = no_progress,
     save: SaveHook | None = None,
@@ -151,7 +151,7 @@ def fit(
     Returns:
         The loss history and throughput.
     """
-    info = info or DistInfo()
+    info = info or Workers()
     params = lora_parameters(model)
     net = wrap_model(model, info)
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -209,7 +209,7 @@ def fit(
 
 
 def _trainer_state(
-    step: int, optimizer: torch.optim.Optimizer, result: FitResult, info: DistInfo
+    step: int, optimizer: torch.optim.Optimizer, result: FitResult, info: Workers
 ) -> dict[str, Any]:
     """Everything beyond the LoRA factors that an exact resume needs (loadable with weights_only)."""
     state: dict[str, Any] = {

@@ -22,7 +22,7 @@ from loratools.io.resolve import resolve_path
 from loratools.io.writer import atomic_output, check_not_an_input
 from loratools.ops import Progress, no_progress
 from loratools.train.data import Packed, check_vocab, pack, read_examples, split_examples
-from loratools.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from loratools.train.distributed import Workers, barrier, init_distributed, shutdown
 from loratools.train.inject import inject_lora, load_lora_adapter, lora_layers, to_adapter
 from loratools.train.layers import INITS
 from loratools.train.loop import FitResult, LoopOptions, fit
@@ -137,7 +137,7 @@ def _data(
 
 
 def _provenance(
-    model: str, data: str, opts: TrainOptions, info: DistInfo, fit: FitResult, resumed: str | None
+    model: str, data: str, opts: TrainOptions, info: Workers, fit: FitResult, resumed: str | None
 ) -> dict[str, Any]:
     """How the adapter was trained: every option, the data, the final losses."""
     record: dict[str, Any] = {"method": "train", "base": model, "data": data, "world_size": info.world_size}
@@ -156,7 +156,7 @@ def _provenance(
 def _build(
     model_dir: Path,
     opts: TrainOptions,
-    info: DistInfo,
+    info: Workers,
     init_adapter: str | Path | None,
     resume: str | Path | None,
 ) -> tuple[LlamaForCausalLM, dict[str, Any] | None, str | None]:

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loratools.distributed import Workers
 from loratools.errors import LoratoolsError, ShapeMismatch
 from loratools.io.checkpoint import open_checkpoint
 from loratools.linalg import allocate_budget, rank_for_energy
-from loratools.ops.distributed import Workers
 from loratools.ops.extract import ExtractOptions, extract, model_card, plan_extraction
 from tests._tolerances import TOL
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loratools.io.adapter_dir import load_adapter
-from loratools.train.distributed import DistInfo, all_reduce_sum, init_distributed, wrap_model
+from loratools.train.distributed import Workers, all_reduce_sum, init_distributed, wrap_model
 from loratools.train.run import TrainOptions, checkpoint_dir, train_adapter
 
 COMMON = {"steps": 6, "lr": 1e-2, "seq_len": 32, "rank": 4, "eval_every": 3, "seed": 5}
@@ -21,7 +21,7 @@ COMMON = {"steps": 6, "lr": 1e-2, "seq_len": 32, "rank": 4, "eval_every": 3, "se
 def test_without_torchrun_it_is_one_process(monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info = init_distributed("cpu")
-    assert info == DistInfo(0, 1, 0, torch.device("cpu")) and info.is_main and not info.distributed
+    assert info == Workers(0, 1, 0, torch.device("cpu")) and info.is_main and not info.distributed
     model = torch.nn.Linear(2, 2)
     assert wrap_model(model, info) is model
     assert all_reduce_sum([1.5, 2.0], info) == [1.5, 2.0]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from loratools.errors import LoratoolsError
 from loratools.io.adapter_dir import load_adapter
 from loratools.train.data import Packed, pack, read_examples, split_examples
-from loratools.train.distributed import DistInfo
+from loratools.train.distributed import Workers
 from loratools.train.inject import inject_lora, lora_layers
 from loratools.train.loop import LoopOptions, batch_rows, evaluate, fit, lr_at
 from loratools.train.model import LlamaForCausalLM, load_model
@@ -50,7 +50,7 @@ def _model(fixtures_dir: Path, targets: list[str], rank: int = 8) -> LlamaForCau
 def test_the_fixture_model_learns_the_counting_task(fixtures_dir: Path, counting) -> None:
     train, held = counting
     model = _model(fixtures_dir, ALL_LINEAR)
-    start = evaluate(model, held, 8, DistInfo())
+    start = evaluate(model, held, 8, Workers())
     result = fit(model, train, held, LoopOptions(steps=40, lr=3e-2, batch_size=8, eval_every=20))
     assert start > 4.0  # ≈ ln(64): the random model knows nothing
     assert result.eval_losses[40] < 0.4 * start
@@ -178,7 +178,7 @@ def test_an_output_inside_the_model_folder_is_refused(fixture_copy, fixtures_dir
 def test_cuda_bf16_autocast_learns(fixtures_dir: Path, counting) -> None:
     train, held = counting
     model = _model(fixtures_dir, ALL_LINEAR).cuda()
-    info = DistInfo(device=torch.device("cuda"))
+    info = Workers(device=torch.device("cuda"))
     start = evaluate(model, held, 8, info, bf16=True)
     opts = LoopOptions(steps=40, lr=3e-2, batch_size=8, autocast_bf16=True)
     result = fit(model, train, held, opts, info=info)

@@ -15,7 +15,7 @@ Checkpoints are streamed tensor by tensor (the next pair is read while this one 
 peak memory is about one tensor pair plus the adapter. Tensors that differ but are not LoRA
 targets (norms, biases, embeddings, lm_head) are reported, and carried as ``modules_to_save``
 only when asked. Under torchrun the modules are shared round-robin across processes
-(:mod:`loratools.ops.distributed`) and the main process gets the whole result.
+(:mod:`loratools.distributed`) and the main process gets the whole result.
 
 The package, in the order data flows through it:
 

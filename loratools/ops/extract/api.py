@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
+from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
 from loratools.linalg import allocate_budget
 from loratools.ops import Progress, no_progress
-from loratools.ops.distributed import Workers
 from loratools.ops.extract.factor import DeltaBuffer
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import ExtractPlan, TensorSource, plan_extraction

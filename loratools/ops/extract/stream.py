@@ -3,7 +3,7 @@
 Tensors are read pairwise in the fine-tune's storage order (the next pair is prefetched while
 this one is factored). With ``--budget`` a first pass collects every ΔW's top singular values
 and the ranks are allocated model-wide before the second pass factors. Under torchrun each
-process takes a round-robin share of the items (:mod:`loratools.ops.distributed`) and every
+process takes a round-robin share of the items (:mod:`loratools.distributed`) and every
 process's :class:`Outcome` is gathered and merged.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from loratools.adapter import LoraWeight
+from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
 from loratools.ops import Progress
-from loratools.ops.distributed import Workers
 from loratools.ops.extract.factor import DeltaBuffer, ModuleReport, factor_module, truncated_spectrum
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item, TensorSource

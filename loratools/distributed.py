@@ -1,11 +1,10 @@
-"""Splitting whole-model work across ``torchrun`` processes and gathering the results.
+"""Cooperating ``torchrun`` processes: who this process is, and the process group it joins.
 
-Under ``torchrun --nproc-per-node N`` every process runs the same command. Each takes every
-N-th work item (round-robin, so the layers of a deep model spread evenly), and the results are
-gathered to rank 0, which alone writes the output. A single process is the N = 1 case and
-never touches ``torch.distributed``.
-
-The environment is read by the caller (the CLI) and passed in, so nothing here reads globals.
+Under ``torchrun --nproc-per-node N`` every process runs the same command and learns its place
+from ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``. Extraction shares modules round-robin and
+gathers the factors to rank 0; training shards batches and lets DDP average gradients. Either
+way rank 0 alone writes. A single process is the N = 1 case and never touches
+``torch.distributed``. The environment is passed in by the caller, so nothing here reads globals.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 
 from loratools.errors import LoratoolsError
 
-__all__ = ["Workers", "workers_from_env"]
+__all__ = ["Workers", "join", "leave", "workers_from_env"]
 
 T = TypeVar("T")
 
@@ -32,16 +31,23 @@ class Workers:
     Attributes:
         rank: this process's index, 0 ≤ rank < world_size; rank 0 writes the output.
         world_size: how many processes share the work.
+        local_rank: its index on this machine (which GPU it drives).
         device: where this process computes (``cuda:LOCAL_RANK`` under torchrun on GPUs).
     """
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes outputs and draws progress."""
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
     def share(self, items: Sequence[T]) -> list[T]:
         """This process's share of ``items``: every ``world_size``-th one, starting at ``rank``."""
@@ -49,28 +55,17 @@ class Workers:
 
     def all_gather(self, value: Any) -> list[Any]:
         """Every process's ``value`` (picklable), in rank order, on every process."""
-        if self.world_size == 1:
+        if not self.distributed:
             return [value]
         gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, value)
         return gathered
 
 
-def _backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+def join(env: Mapping[str, str], device: torch.device) -> Workers:
+    """Join the process group torchrun describes in ``env``, or stay a single process.
 
-
-@contextmanager
-def workers_from_env(env: Mapping[str, str], device: torch.device) -> Iterator[Workers]:
-    """The process group torchrun describes in ``env`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``).
-
-    Without ``WORLD_SIZE`` (or with 1) this is a single process and nothing is initialised.
-    Otherwise it initialises gloo (CPU) or NCCL (CUDA, one device per ``LOCAL_RANK``) and tears
-    the group down on exit.
-
-    Args:
-        env: the process environment, e.g. ``os.environ``.
-        device: the device asked for; a CUDA device becomes ``cuda:LOCAL_RANK``.
+    Initialises gloo (CPU) or NCCL (CUDA, one device per ``LOCAL_RANK``) unless a group exists.
 
     Raises:
         LoratoolsError: malformed torchrun variables.
@@ -84,15 +79,29 @@ def workers_from_env(env: Mapping[str, str], device: torch.device) -> Iterator[W
             f"WORLD_SIZE/RANK/LOCAL_RANK must be integers ({exc}); launch with torchrun"
         ) from exc
     if world_size <= 1:
-        yield Workers(device=device)
-        return
+        return Workers(device=device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(
-        _backend(device), rank=rank, world_size=world_size, timeout=timedelta(hours=2)
-    )
-    try:
-        yield Workers(rank, world_size, device)
-    finally:
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(hours=2)
+        )
+    return Workers(rank, world_size, local_rank, device)
+
+
+def leave(workers: Workers) -> None:
+    """Tear down the process group ``join`` made (nothing for a single process)."""
+    if workers.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def workers_from_env(env: Mapping[str, str], device: torch.device) -> Iterator[Workers]:
+    """``join`` on entry, ``leave`` on exit."""
+    workers = join(env, device)
+    try:
+        yield workers
+    finally:
+        leave(workers)
