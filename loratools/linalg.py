@@ -136,7 +136,7 @@ def randomized_svd(
     gen = torch.Generator(device=m.device).manual_seed(seed)
     omega = torch.randn(k, width, generator=gen, device=m.device, dtype=m.dtype)  # (k, l)
     q = _orthonormal(m @ omega)  # (d, l)
-    total = float(m.square().sum())
+    total = float(torch.linalg.vector_norm(m)) ** 2  # ‖M‖²_F without a d×k temporary
     residual, iteration = float("inf"), 0
     while True:
         z = m.T @ q  # (k, l) = (Qᵀ M)ᵀ

@@ -79,21 +79,21 @@ def residual_norm(delta: torch.Tensor, weight: LoraWeight) -> float:
 
 
 class DeltaBuffer:
-    """One float32 buffer, reused for every ΔW: ``buf.copy_(w_ft).sub_(w_base)`` (no temporaries)."""
+    """Two float32 buffers, reused for every ΔW: ``buf.copy_(w_ft).sub_(stage.copy_(w_base))``.
+
+    Upcasting the base into its own buffer first keeps the subtraction float32 − float32, which
+    is vectorised: 3–6× faster on CPU than ``sub_`` with a bf16 operand, and bit-identical. On a
+    GPU the staging is needed anyway (``sub_`` cannot mix devices).
+    """
 
     def __init__(self, numel: int, device: torch.device) -> None:
         self.flat = torch.empty(numel, dtype=torch.float32, device=device)
-        # on a GPU the base tensor is staged on the device first: sub_ cannot mix devices
-        self.stage = torch.empty(numel, dtype=torch.float32, device=device) if device.type != "cpu" else None
+        self.stage = torch.empty(numel, dtype=torch.float32, device=device)
 
     def delta(self, name: str, w_ft: torch.Tensor, w_base: torch.Tensor) -> tuple[torch.Tensor, float]:
         """ΔW (a view of the buffer) and ‖ΔW‖²_F; a NaN/Inf anywhere in ΔW is an error naming the tensor."""
         buf = self.flat[: w_ft.numel()].view(w_ft.shape)
-        buf.copy_(w_ft)
-        if self.stage is None:
-            buf.sub_(w_base)
-        else:
-            buf.sub_(self.stage[: w_base.numel()].view(w_base.shape).copy_(w_base))
+        buf.copy_(w_ft).sub_(self.stage[: w_base.numel()].view(w_base.shape).copy_(w_base))
         norm = float(torch.linalg.vector_norm(buf))
         if not math.isfinite(norm):
             raise LoratoolsError(
