@@ -28,10 +28,10 @@ The package, in the order data flows through it:
 - :mod:`.api`: :func:`extract`.
 """
 
+from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.api import extract
 from loratools.ops.extract.card import model_card
 from loratools.ops.extract.factor import (
-    DeltaBuffer,
     ModuleReport,
     choose_rank,
     lora_from_svd,

@@ -8,7 +8,7 @@ from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
 from loratools.linalg import allocate_budget
 from loratools.ops import Progress, no_progress
-from loratools.ops.extract.factor import DeltaBuffer
+from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import ExtractPlan, TensorSource, plan_extraction
 from loratools.ops.extract.result import ExtractResult, build_result

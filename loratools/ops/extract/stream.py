@@ -18,7 +18,8 @@ from loratools.adapter import LoraWeight
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
 from loratools.ops import Progress
-from loratools.ops.extract.factor import DeltaBuffer, ModuleReport, factor_module, truncated_spectrum
+from loratools.ops.delta import DeltaBuffer
+from loratools.ops.extract.factor import ModuleReport, factor_module, truncated_spectrum
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item, TensorSource
 

@@ -14,6 +14,7 @@ import torch
 from loratools import linalg
 from loratools.errors import ShapeMismatch, list_problems
 from loratools.ops import Progress, no_progress
+from loratools.ops.delta import DeltaBuffer
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
 
 __all__ = ["delta_spectrum", "plan_delta"]
@@ -78,14 +79,11 @@ def delta_spectrum(
     skipped: list[str] = []
     if names is None:
         names, skipped = plan_delta(base, finetuned, options.include)
-    buffer = torch.empty(0, dtype=torch.float32, device=options.device)
+    buffer = DeltaBuffer(0, torch.device(options.device))
     modules, unchanged = [], []
     pairs = zip(base.iter_tensors(names), finetuned.iter_tensors(names), strict=True)
     for (name, w_base), (_, w_ft) in pairs:
-        if buffer.numel() < w_ft.numel():
-            buffer = torch.empty(w_ft.numel(), dtype=torch.float32, device=options.device)
-        delta = buffer[: w_ft.numel()].view(w_ft.shape)  # (out, in)
-        delta.copy_(w_ft).sub_(w_base.to(options.device))  # no float32 copies of either input
+        delta = buffer.difference(w_ft, w_base)  # (out, in), float32
         spectrum = _delta_module(name.removesuffix(".weight"), delta, options)
         if spectrum is None:
             unchanged.append(name)
