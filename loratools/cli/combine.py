@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from loratools.cli import render
-from loratools.cli.options import device_option, dtype_option, force_flag, reporting
+from loratools.cli.options import device_option, dtype_option, force_flag, reporting, split_option
 
 
 @click.command()
@@ -36,13 +36,7 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of DARE's masks and the randomized SVD."
 )
-@click.option(
-    "--split",
-    type=click.Choice(["sqrt", "b"]),
-    default="sqrt",
-    show_default=True,
-    help="How singular values are shared between B and A.",
-)
+@split_option
 @click.option(
     "--saved-modules",
     type=click.Choice(["auto", "drop", "first"]),

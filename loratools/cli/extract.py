@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from loratools.cli import render
-from loratools.cli.options import device_option, dtype_option, force_flag, reporting
+from loratools.cli.options import device_option, dtype_option, force_flag, reporting, split_option
 
 
 @click.command()
@@ -25,13 +25,7 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
     "--targets", multiple=True, help="Leaf names (q_proj,v_proj) or one regex [default: all linears]."
 )
 @click.option("--exact", is_flag=True, help="Full SVD instead of the randomized one.")
-@click.option(
-    "--split",
-    type=click.Choice(["sqrt", "b"]),
-    default="sqrt",
-    show_default=True,
-    help="sqrt: B = U√S, A = √S·Vᵀ; b: B = U·S, A = Vᵀ.",
-)
+@split_option
 @click.option("--alpha", type=float, help="LoRA alpha for every module [default: alpha = rank, scale 1].")
 @click.option("--modules-to-save", is_flag=True, help="Carry changed norms/biases/other weights in full.")
 @click.option("--include-embeddings", is_flag=True, help="Carry changed embeddings and lm_head in full.")

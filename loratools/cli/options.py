@@ -25,6 +25,14 @@ dtype_option = click.option(
     help="Output dtype (default: keep the input's).",
 )
 
+split_option = click.option(
+    "--split",
+    type=click.Choice(["sqrt", "b"]),
+    default="sqrt",
+    show_default=True,
+    help="Where the singular values go: sqrt (B = U√S, A = √S·Vᵀ) or b (B = U·S, A = Vᵀ).",
+)
+
 
 def reporting(command: F) -> F:
     """``--json`` and ``--quiet``."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from loratools.cli import render
-from loratools.cli.options import device_option, dtype_option, force_flag, reporting
+from loratools.cli.options import device_option, dtype_option, force_flag, reporting, split_option
 
 
 @click.command()
@@ -21,13 +21,7 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @click.option(
     "--min-rank", type=int, default=1, show_default=True, help="With --budget: rank every module keeps."
 )
-@click.option(
-    "--split",
-    type=click.Choice(["sqrt", "b"]),
-    default="sqrt",
-    show_default=True,
-    help="How singular values are shared between B and A.",
-)
+@split_option
 @dtype_option
 @device_option
 @force_flag
