@@ -30,7 +30,6 @@ __all__ = [
     "randomized_svd",
     "rank_for_energy",
     "stable_rank",
-    "truncated_svd",
 ]
 
 Split = Literal["sqrt", "b"]
@@ -149,11 +148,6 @@ def randomized_svd(
             residual = new_residual
         q = _orthonormal(m @ _orthonormal(z))  # one subspace iteration, (d, l)
         iteration += 1
-
-
-def truncated_svd(m: torch.Tensor, rank: int, *, exact: bool = False, seed: int = 0) -> Svd:
-    """Rank-``rank`` SVD of ``m``: randomized by default, the full SVD with ``exact=True``."""
-    return exact_svd(m).truncate(rank) if exact else randomized_svd(m, rank, seed=seed)
 
 
 def factored_svd(b: torch.Tensor, a: torch.Tensor) -> Svd:

@@ -27,7 +27,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "is_peft_keys", "to_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "to_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,11 +49,6 @@ MODELLED = {
 def natural_key(name: str) -> list[str | int]:
     """Sort key that orders ``layers.2`` before ``layers.10`` (files store names alphabetically)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def is_peft_keys(keys: list[str]) -> bool:
-    """True when the keys look like a PEFT LoRA state dict."""
-    return any(LORA_KEY.match(k) for k in keys) and any(k.startswith(PREFIX) for k in keys)
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

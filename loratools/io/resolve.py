@@ -12,15 +12,10 @@ from pathlib import Path
 
 from loratools.errors import CheckpointError
 
-__all__ = ["HUB_ID", "is_hub_id", "resolve_path"]
+__all__ = ["HUB_ID", "resolve_path"]
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.md", "*.gguf"]
-
-
-def is_hub_id(argument: str) -> bool:
-    """``org/name`` or ``org/name@revision`` that is not a local path."""
-    return bool(HUB_ID.match(argument)) and not Path(argument).exists()
 
 
 def resolve_path(argument: str | Path, *, what: str = "checkpoint") -> Path:
