@@ -183,8 +183,7 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in state.items()}
 
 
-def _index_files(index_path: Path) -> list[Path]:
-    """The shard files an index.json names, in first-use order, each checked to be inside the folder."""
+def _read_weight_map(index_path: Path) -> dict[str, str]:
     try:
         index = json.loads(index_path.read_text())
         weight_map: dict[str, str] = index["weight_map"]
@@ -192,6 +191,14 @@ def _index_files(index_path: Path) -> list[Path]:
             raise TypeError("weight_map is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index_path}: not a valid index ({exc!r}); it needs a weight_map") from exc
+    return weight_map
+
+
+def _open_index(index_path: Path, kind: str, named: Path) -> Checkpoint:
+    """A sharded checkpoint from its index.json: every shard a bare file name in the folder, every
+    shard present, and every tensor the index lists found in its shards. ``named`` is the path the
+    user gave (the folder or the index itself)."""
+    weight_map = _read_weight_map(index_path)
     folder = index_path.parent.resolve()
     files: list[Path] = []
     for shard in dict.fromkeys(weight_map.values()):
@@ -205,22 +212,16 @@ def _index_files(index_path: Path) -> list[Path]:
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise MissingKeys(f"{index_path}: missing shard files: {list_problems(missing)}")
-    return files
-
-
-def _check_index_covers(ckpt: Checkpoint, index_path: Path) -> None:
-    weight_map = json.loads(index_path.read_text())["weight_map"]
+    ckpt = Checkpoint(named, kind, files, index_path.parent, index_path.name)
     absent = [name for name in weight_map if name not in ckpt]
     if absent:
         raise MissingKeys(f"{index_path}: tensors listed but not in their shards: {list_problems(absent)}")
+    return ckpt
 
 
 def _open_directory(path: Path) -> Checkpoint:
     if (path / SAFETENSORS_INDEX).is_file():
-        index = path / SAFETENSORS_INDEX
-        ckpt = Checkpoint(path, "safetensors-sharded", _index_files(index), path, SAFETENSORS_INDEX)
-        _check_index_covers(ckpt, index)
-        return ckpt
+        return _open_index(path / SAFETENSORS_INDEX, "safetensors-sharded", path)
     if (path / "model.safetensors").is_file():
         return Checkpoint(path, "safetensors", [path / "model.safetensors"], path)
     candidates = sorted(path.glob("*.safetensors"))
@@ -233,7 +234,7 @@ def _open_directory(path: Path) -> Checkpoint:
             "point at one file, or add an index"
         )
     if (path / PYTORCH_INDEX).is_file():
-        return Checkpoint(path, "pytorch", _index_files(path / PYTORCH_INDEX), path, PYTORCH_INDEX)
+        return _open_index(path / PYTORCH_INDEX, "pytorch", path)
     for name in ("pytorch_model.bin", "model.pt", "model.bin"):
         if (path / name).is_file():
             return Checkpoint(path, "pytorch", [path / name], path)
@@ -258,5 +259,5 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path, "pytorch", [path], None)
     if path.name.endswith(".index.json"):
         kind = "pytorch" if path.name == PYTORCH_INDEX else "safetensors-sharded"
-        return Checkpoint(path, kind, _index_files(path), path.parent, path.name)
+        return _open_index(path, kind, path)
     raise UnknownFormat(f"{path}: not a checkpoint (expected .safetensors, .bin/.pt or a model directory)")

@@ -199,3 +199,15 @@ def test_reading_a_sharded_checkpoint_keeps_memory_near_one_tensor(tmp_path: Pat
     growth_mb, total = (float(x) for x in out.split())
     assert total == count * elements
     assert growth_mb < 3.5 * tensor_mb, f"resident memory grew by {growth_mb:.0f} MB"
+
+
+def test_an_index_named_directly_is_checked_like_its_folder(fixture_copy) -> None:
+    folder = fixture_copy("base-sharded")
+    index_path = folder / "model.safetensors.index.json"
+    ckpt = open_checkpoint(index_path)
+    assert ckpt.kind == "safetensors-sharded" and ckpt.path == index_path and ckpt.model_dir == folder
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.extra.weight"] = "model-00001-of-00005.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(MissingKeys, match="model.extra.weight"):
+        open_checkpoint(index_path)
