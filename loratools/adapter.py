@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Adapter", "LoraWeight", "lora_scale"]
+__all__ = ["Adapter", "LoraWeight", "ModuleWeight", "base_weight_shape", "lora_scale"]
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -28,21 +28,92 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+@runtime_checkable
+class ModuleWeight(Protocol):
+    """What every adapter kind (LoRA, DoRA, LoHa, LoKr, …) offers for one module.
+
+    Every kind's update is a 2-D matrix ``ΔW`` of :attr:`shape` (out, in·kh·kw) with an exact
+    factored form ``ΔW = L @ R`` of width :attr:`rank`; ops that need only ΔW (merge of additive
+    kinds, spectrum, resize, combine, convert) work on ``scaled_factors()`` and never ask which
+    kind it is. A conv weight (out, in, kh, kw) is the 2-D delta reshaped: ``ΔW.reshape(weight_shape)``.
+
+    Attributes:
+        kind: ``"lora"``, ``"dora"``, ``"loha"``, ``"lokr"``, … (a registry key of ``loratools.kinds``).
+        shape: the 2-D delta's shape (out, in·kh·kw).
+        weight_shape: the base weight's full shape when it is not 2-D (conv: (out, in, kh, kw)),
+            else None (see :func:`base_weight_shape`).
+        rank: the width of the exact factored form ``scaled_factors()``.
+        dtype: the dtype the factors are stored in.
+        num_parameters: stored parameters (what the file holds for this module).
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    def weight_shape(self) -> tuple[int, ...] | None: ...
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def num_parameters(self) -> int: ...
+
+    def scaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 ``(L, R)``, shapes (out, rank) and (rank, in·kh·kw), with ``L @ R = ΔW``."""
+        ...
+
+    def delta(self) -> torch.Tensor:
+        """The dense 2-D update ΔW in float32, shape :attr:`shape`. Prefer factored forms."""
+        ...
+
+    def to(self, dtype: torch.dtype) -> ModuleWeight:
+        """The same module with its stored tensors cast to ``dtype``."""
+        ...
+
+
+def base_weight_shape(weight: ModuleWeight) -> tuple[int, ...]:
+    """The shape of the base tensor a module adapts: its ``weight_shape``, else its 2-D ``shape``."""
+    return weight.weight_shape if weight.weight_shape is not None else weight.shape
+
+
+def check_weight_shape(weight_shape: tuple[int, ...] | None, shape: tuple[int, int]) -> None:
+    """Raise ValueError unless ``weight_shape`` (if given) flattens to the 2-D delta ``shape``."""
+    if weight_shape is None:
+        return
+    if weight_shape[0] != shape[0] or math.prod(weight_shape[1:]) != shape[1]:
+        raise ValueError(
+            f"weight shape {tuple(weight_shape)} does not flatten to the delta's (out, in) {shape}"
+        )
+
+
 @dataclass(frozen=True)
 class LoraWeight:
     """One module's LoRA factors.
 
+    A conv LoRA (kohya LoCon, PEFT's Conv2d LoRA) is the same product on the flattened kernel:
+    ``lora_down`` (r, in, kh, kw) is stored here as A (r, in·kh·kw), ``lora_up`` (out, r, 1, 1)
+    as B (out, r), and ``weight_shape`` = (out, in, kh, kw) says how ΔW reshapes onto the base.
+
     Attributes:
-        a: ``lora_A``, shape (r, in_features).
+        a: ``lora_A``, shape (r, in_features) (in_features = in·kh·kw for conv).
         b: ``lora_B``, shape (out_features, r).
         alpha: the LoRA alpha of this module.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        weight_shape: the base weight's shape when it is not (out, in), e.g. conv (out, in, kh, kw).
     """
 
     a: torch.Tensor
     b: torch.Tensor
     alpha: float
     use_rslora: bool = False
+    weight_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.b.shape[1]:
@@ -50,6 +121,11 @@ class LoraWeight:
                 f"LoRA factors must be A (r, in) and B (out, r); got A {tuple(self.a.shape)}, "
                 f"B {tuple(self.b.shape)}"
             )
+        check_weight_shape(self.weight_shape, self.shape)
+
+    @property
+    def kind(self) -> str:
+        return "lora"
 
     @property
     def rank(self) -> int:
@@ -93,7 +169,7 @@ class LoraWeight:
         """The same delta expressed with ``scale = alpha / r`` (rsLoRA alpha folded: alpha·√r)."""
         if not self.use_rslora:
             return self
-        return LoraWeight(self.a, self.b, self.alpha * math.sqrt(self.rank), use_rslora=False)
+        return replace(self, alpha=self.alpha * math.sqrt(self.rank), use_rslora=False)
 
     def to(self, dtype: torch.dtype) -> LoraWeight:
         """The same module with both factors cast to ``dtype``."""
