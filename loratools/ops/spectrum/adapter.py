@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
 from loratools import linalg
 from loratools.adapter import Adapter, LoraWeight
-from loratools.errors import ShapeMismatch, list_problems
+from loratools.errors import LoratoolsError, ShapeMismatch, list_problems
 from loratools.formats.names import resolve_modules
 from loratools.ops import Progress, no_progress
 from loratools.ops.spectrum.amplification_factor import amplification
+from loratools.ops.spectrum.geometry import module_geometry
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
 
 __all__ = ["adapter_spectrum", "factored_singular_values"]
@@ -47,6 +49,10 @@ def adapter_spectrum(
         ShapeMismatch: a base tensor whose shape is not the module's.
     """
     options = options or SpectrumOptions()
+    if options.geometry.enabled and base is None:
+        raise LoratoolsError(
+            "--geometry and --intruders compare W0 + s·B·A with W0: pass the adapter's base with --base BASE"
+        )
     w0s = _base_weights(adapter, base) if base is not None else None
     modules = []
     # only tiny kernels without a base: one thread for the whole loop (toggling costs ~10 ms);
@@ -56,6 +62,7 @@ def adapter_spectrum(
             modules.append(_adapter_module(name, weight, options, w0s, adapter.fan_in_fan_out))
             progress(name)
     settings = {"method": "factored", "seed": options.seed, "amplification": base is not None}
+    settings.update(options.geometry.settings())
     return SpectrumReport("adapter", modules, settings=settings)
 
 
@@ -73,7 +80,12 @@ def _adapter_module(
     else:  # the amplification needs the singular vectors too
         svd = linalg.factored_svd(b, a)
         w0 = next(w0s).to(options.device)
-        s, amp = svd.s.double().cpu(), amplification(svd, w0.T if fan_in_fan_out else w0, seed=options.seed)
+        w0 = w0.T if fan_in_fan_out else w0  # (out, in), the delta's layout
+        s, amp = svd.s.double().cpu(), amplification(svd, w0, seed=options.seed)
+        if options.geometry.enabled:  # W′ = W0 + s·B·A, one dense (out, in) temporary
+            w_ft = torch.addmm(w0.float(), b, a)
+            spectrum = ModuleSpectrum(name, weight.shape, s, float(s.square().sum()), True, amp)
+            return replace(spectrum, geometry=module_geometry(w0, w_ft, options.geometry))
     return ModuleSpectrum(name, weight.shape, s, float(s.square().sum()), True, amp)
 
 

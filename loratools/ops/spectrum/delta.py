@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -15,6 +16,7 @@ from loratools import linalg
 from loratools.errors import ShapeMismatch, list_problems
 from loratools.ops import Progress, no_progress
 from loratools.ops.delta import DeltaBuffer
+from loratools.ops.spectrum.geometry import module_geometry
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
 
 __all__ = ["delta_spectrum", "plan_delta"]
@@ -88,10 +90,14 @@ def delta_spectrum(
         if spectrum is None:
             unchanged.append(name)
         else:
+            if options.geometry.enabled:
+                device = options.device
+                geometry = module_geometry(w_base.to(device), w_ft.to(device), options.geometry)
+                spectrum = replace(spectrum, geometry=geometry)
             modules.append(spectrum)
         progress(name)
     method = "exact" if options.exact else "randomized"
-    settings = {"method": method, "top": options.top, "seed": options.seed}
+    settings = {"method": method, "top": options.top, "seed": options.seed, **options.geometry.settings()}
     return SpectrumReport("checkpoints", modules, unchanged, skipped, settings)
 
 

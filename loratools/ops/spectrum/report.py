@@ -21,6 +21,7 @@ import torch
 from loratools import linalg
 from loratools.errors import LoratoolsError
 from loratools.ops.spectrum.amplification_factor import Amplification
+from loratools.ops.spectrum.geometry import GeometryOptions, ModuleGeometry, direction_magnitude_correlation
 from loratools.ops.spectrum.summary import ENERGY_LEVELS, summarize
 
 __all__ = ["ModuleSpectrum", "SpectrumOptions", "SpectrumReport", "TensorSource"]
@@ -48,6 +49,8 @@ class SpectrumOptions:
             compared in the BASE FINETUNED form. None: every 2-D tensor in both checkpoints.
         seed: seed of the randomized SVD sketch and of the random directions (amplification).
         device: where the math runs.
+        geometry: which of magnitude/direction, rotation and intruder dimensions to add per module
+            (they need the base weights: the BASE FINETUNED form, or an adapter with a base).
     """
 
     top: int = 64
@@ -55,6 +58,7 @@ class SpectrumOptions:
     include: str | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    geometry: GeometryOptions = field(default_factory=GeometryOptions)
 
     def __post_init__(self) -> None:
         if self.top < 1:
@@ -77,6 +81,7 @@ class ModuleSpectrum:
         energy: ``‖Δ‖²_F``, exact even when ``singular_values`` is only the top of the spectrum.
         complete: ``singular_values`` holds every non-zero singular value.
         amplification: Section 7.3's measure, when a base model was given.
+        geometry: magnitude/direction, rotation and intruders of W′ against W0, when asked for.
     """
 
     name: str
@@ -85,6 +90,7 @@ class ModuleSpectrum:
     energy: float
     complete: bool
     amplification: Amplification | None = None
+    geometry: ModuleGeometry | None = None
 
     @property
     def stable_rank(self) -> float:
@@ -131,6 +137,8 @@ class ModuleSpectrum:
         }
         if self.amplification is not None:
             doc["amplification"] = self.amplification.to_dict()
+        if self.geometry is not None:
+            doc.update(self.geometry.to_dict())
         return doc
 
 
@@ -156,8 +164,13 @@ class SpectrumReport:
         """Grouped by module type and by layer, and model-wide (see :func:`summarize`)."""
         return summarize(self.modules, ENERGY_LEVELS)
 
+    def direction_magnitude_correlation(self) -> float | None:
+        """Pearson correlation of ΔD with ΔM across modules (DoRA paper, Figure 2), when measured."""
+        points = [m.geometry.magnitude_direction for m in self.modules if m.geometry is not None]
+        return direction_magnitude_correlation([p for p in points if p is not None])
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "source": self.source,
             "settings": self.settings,
             "modules": [m.to_dict() for m in self.modules],
@@ -165,3 +178,6 @@ class SpectrumReport:
             "unchanged": self.unchanged,
             "skipped": self.skipped,
         }
+        if any(m.geometry is not None and m.geometry.magnitude_direction for m in self.modules):
+            doc["direction_magnitude_correlation"] = self.direction_magnitude_correlation()
+        return doc
