@@ -206,21 +206,44 @@ def _through_peft(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
     return _logits(PeftModel.from_pretrained(model, adapter).eval(), ids)
 
 
+def _judged_by_eckart_young(
+    dense: dict[str, torch.Tensor], out: Path, ranks: dict[str, int] | None = None, ratio: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """The written adapter's own products, after checking each is a near-optimal truncation of the
+    dense delta: rank ≤ r and ‖ΔW − s·B·A‖_F ≤ ratio·‖ΔW − [ΔW]_r‖_F (Eckart–Young) + rounding.
+
+    A truncation is not unique when σ_r ≈ σ_{r+1} (the fixtures' sums have σ5 = 3.049, σ6 = 3.045
+    in one module), so the kept subspace — and PEFT's logits — may legitimately differ from
+    ``truncated(ΔW, r)``'s; what must hold is the error. PEFT is then judged against the written
+    product. Rounding: float32 factors of a delta with ‖ΔW‖_F ~ 10 carry ~1e-6·‖ΔW‖_F of error."""
+    written = load_adapter(out)
+    assert set(written.weights) == set(dense)
+    for name, delta in dense.items():
+        rank = ranks[name] if ranks else written.weights[name].rank
+        assert written.weights[name].rank <= rank, name
+        error = float((delta - hand_delta(written.weights[name])).norm())
+        optimal = float((delta - truncated(delta, rank)).norm())
+        assert error <= ratio * optimal + 1e-5 * float(delta.norm()), (name, error, optimal)
+    return {name: hand_delta(weight) for name, weight in written.weights.items()}
+
+
 def _expected(case: str, adapters: dict[str, Path], out: Path) -> dict[str, torch.Tensor]:
-    """The dense arithmetic each case must equal."""
+    """The dense arithmetic each case must equal (or, for truncations, approximate optimally)."""
     three = [adapters["peft"], adapters["rs"], adapters["mixed"]]
     if case == "exact":
         return dense_sum(three, [1.0, -0.5, 2.0])
-    if case == "svd":
-        return {n: truncated(d, 5) for n, d in dense_sum(three, [0.7, 0.3, -1.0]).items()}
+    if case == "svd":  # exact factored SVD: optimal up to float32 rounding
+        dense = dense_sum(three, [0.7, 0.3, -1.0])
+        return _judged_by_eckart_young(dense, out, {n: 5 for n in dense})
     if case == "negate":
         return dense_sum([adapters["rs"]], [-1.0])
     if case == "resize":
-        return {n: truncated(d, 3) for n, d in dense_sum([adapters["rs"]], [1.0]).items()}
+        dense = dense_sum([adapters["rs"]], [1.0])
+        return _judged_by_eckart_young(dense, out, {n: 3 for n in dense})
     if case == "budget":  # the rank choice is tested in tests/ops; here: the rank_pattern PEFT reads
         ranks = load_adapter(out).ranks
         assert len(set(ranks.values())) > 1
-        return {n: truncated(d, ranks[n]) for n, d in dense_sum([adapters["mixed"]], [1.0]).items()}
+        return _judged_by_eckart_young(dense_sum([adapters["mixed"]], [1.0]), out, ranks)
     assert case == "ties"
     # TIES re-factors a dense, nearly flat delta with the randomized SVD: the kept subspace may
     # differ from the exact truncation's, so check the error is near-optimal (Eckart–Young), then

@@ -57,6 +57,19 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) 
     assert error <= rtol, f"relative error {error:.3g} > {rtol}"
 
 
+def assert_optimal_truncation(actual: torch.Tensor, dense: torch.Tensor, rank: int, rtol: float) -> None:
+    """``actual`` (the caller checks its factors' rank) is a best rank-``rank`` approximation of
+    ``dense``: its error equals the Eckart–Young optimum ‖dense − [dense]_r‖_F = √(Σ_{i>r} σᵢ²),
+    up to ``rtol``·‖dense‖_F.
+
+    Comparing ``actual`` with one particular truncation instead would assume the truncation is
+    unique, which fails (differently on different CPUs) when σ_r ≈ σ_{r+1}."""
+    s = torch.linalg.svdvals(dense.double())
+    error = float((actual.double() - dense.double()).norm())
+    optimal = float(s[rank:].square().sum().sqrt())
+    assert abs(error - optimal) <= rtol * float(s.norm()), f"error {error:.6g}, optimal {optimal:.6g}"
+
+
 # ---- exact ------------------------------------------------------------------------------------
 
 
@@ -135,12 +148,12 @@ def test_svd_equals_truncated_dense_svd_of_the_sum(rank: int) -> None:
     weights = [1.0, -0.6]
     result = combine_adapters(adapters, CombineOptions(weights=tuple(weights), rank=rank))
     for name, out in result.adapter.weights.items():
-        u, s, vh = torch.linalg.svd(dense_sum(adapters, weights, name), full_matrices=False)
+        s = torch.linalg.svdvals(dense_sum(adapters, weights, name))
         keep = min(rank, 12, *SHAPES[name])
         assert out.rank == keep and out.alpha == keep
         ours = torch.linalg.svdvals(out.delta().double())[:keep]
         assert_rel_close(ours, s[:keep], 1e-5)
-        assert_rel_close(out.delta(), (u[:, :keep] * s[:keep]) @ vh[:keep], 1e-5)
+        assert_optimal_truncation(out.delta(), dense_sum(adapters, weights, name), keep, 1e-5)
         report = next(m for m in result.modules if m.name == name)
         assert report.energy_kept == pytest.approx(
             float(s[:keep].square().sum() / s.square().sum()), rel=1e-5
