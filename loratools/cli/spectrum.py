@@ -9,8 +9,10 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, reporting
+from loratools.ops.spectrum.geometry import GeometryOptions
 
 SPARK_VALUES = 24  # singular values drawn in each module's sparkline
+GEOMETRY = GeometryOptions()  # the defaults of --intruder-k / --intruder-epsilon
 
 
 @click.command()
@@ -27,6 +29,22 @@ SPARK_VALUES = 24  # singular values drawn in each module's sparkline
     "--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the spectra to FILE.png."
 )
 @click.option("--force", is_flag=True, help="Replace the --plot FILE if it exists.")
+@click.option(
+    "--geometry", is_flag=True, help="Add magnitude/direction change (DoRA) and top-k rotation per module."
+)
+@click.option(
+    "--intruders", is_flag=True, help="Add intruder dimensions (a full SVD of each base matrix: slow)."
+)
+@click.option("--intruder-k", default=GEOMETRY.k, show_default=True, help="Top singular directions examined.")
+@click.option(
+    "--intruder-epsilon", default=GEOMETRY.epsilon, show_default=True, help="Intruder below this similarity."
+)
+@click.option(
+    "--geometry-plot",
+    "geometry_plot_path",
+    type=click.Path(dir_okay=False),
+    help="Draw intruders, ΔD vs ΔM and alignment to FILE.png.",
+)
 @device_option
 @reporting
 def spectrum(
@@ -37,6 +55,11 @@ def spectrum(
     include: str | None,
     plot_path: str | None,
     force: bool,
+    geometry: bool,
+    intruders: bool,
+    intruder_k: int,
+    intruder_epsilon: float,
+    geometry_plot_path: str | None,
     device: str,
     as_json: bool,
     quiet: bool,
@@ -53,15 +76,26 @@ def spectrum(
         raise click.UsageError(f"expected ADAPTER or BASE FINETUNED, got {len(paths)} arguments")
     if base_path and len(paths) == 2:
         raise click.UsageError("--base goes with the ADAPTER form; BASE FINETUNED already names the base")
-    options = SpectrumOptions(top=top, exact=exact, include=include, device=resolve_device(device))
-    check_plot_output(plot_path, force, [*paths, base_path])
+    measures = GeometryOptions(geometry=geometry, intruders=intruders, k=intruder_k, epsilon=intruder_epsilon)
+    options = SpectrumOptions(
+        top=top, exact=exact, include=include, device=resolve_device(device), geometry=measures
+    )
+    if geometry_plot_path and not measures.enabled:
+        raise click.UsageError(
+            "--geometry-plot draws what --geometry or --intruders measure: add one of them"
+        )
+    plot_path = check_plot_output(plot_path, force, [*paths, base_path])
+    geometry_plot_path = check_plot_output(geometry_plot_path, force, [*paths, base_path])
     if len(paths) == 1:
         report = _adapter(paths[0], base_path, options, quiet)
     else:
+        check_pair(paths[0], paths[1])
         report = _pair(paths[0], paths[1], options, quiet)
     document = {"inputs": list(paths), "base": base_path, **report.to_dict()}
     if plot_path:
         _write_plot(document, plot_path, force, " vs ".join(paths))
+    if geometry_plot_path:
+        _write_geometry_plot(document, geometry_plot_path, force, " vs ".join(paths))
     if as_json:
         render.emit_json(document)
     else:
@@ -81,21 +115,39 @@ def _adapter(path: str, base_path: str | None, options: Any, quiet: bool) -> Any
 
 def _load_adapter(path: str, base_names: list[str] | None = None) -> Any:
     """The adapter at ``path``; a model checkpoint there gets an error that names the two-argument form."""
-    from loratools.errors import LoratoolsError, UnknownFormat
+    from loratools.errors import UnknownFormat
     from loratools.io.adapter_dir import load_adapter
-    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.filekind import detect_path
+    from loratools.io.resolve import resolve_path
 
-    try:
-        return load_adapter(path, base_names=base_names)
-    except UnknownFormat as not_adapter:
-        try:
-            open_checkpoint(path)
-        except LoratoolsError:
-            raise not_adapter from None  # neither: the adapter loader's reason is the useful one
+    kind = detect_path(resolve_path(path, what="adapter"))
+    if kind.kind == "checkpoint":
         raise UnknownFormat(
-            f"{path}: a model checkpoint, not an adapter; for a full fine-tune's ΔW pass both: "
+            f"{path}: {kind.label}, not an adapter; for a full fine-tune's ΔW pass both: "
             "loratools spectrum BASE FINETUNED"
-        ) from None
+        )
+    return load_adapter(path, base_names=base_names)
+
+
+def check_pair(base_path: str, tuned_path: str) -> None:
+    """BASE FINETUNED must both be model checkpoints; an adapter among them is named, with the
+    call that does what the user meant."""
+    from loratools.errors import LoratoolsError
+    from loratools.io.filekind import detect_path
+    from loratools.io.resolve import resolve_path
+
+    kinds = [detect_path(resolve_path(p)) for p in (base_path, tuned_path)]
+    adapters = [(p, k) for p, k in zip((base_path, tuned_path), kinds, strict=True) if k.kind == "adapter"]
+    if not adapters:
+        return
+    said = "; ".join(f"{p} is {k.label}" for p, k in zip((base_path, tuned_path), kinds, strict=True))
+    adapter = adapters[0][0]
+    others = [p for p in (base_path, tuned_path) if p != adapter]
+    fix = f"loratools spectrum {adapter}" + (f" --base {others[0]}" if len(adapters) == 1 else "")
+    raise LoratoolsError(
+        f"spectrum BASE FINETUNED takes two model checkpoints, but {said}; for an adapter's "
+        f"spectrum run: {fix}"
+    )
 
 
 def _pair(base_path: str, tuned_path: str, options: Any, quiet: bool) -> Any:
@@ -109,18 +161,29 @@ def _pair(base_path: str, tuned_path: str, options: Any, quiet: bool) -> Any:
         return delta_spectrum(base, tuned, options, progress=advance)
 
 
-def check_plot_output(plot_path: str | None, force: bool, inputs: list[str | None]) -> None:
-    """Refuse a bad --plot before the work, not after it."""
+def check_plot_output(plot_path: str | None, force: bool, inputs: list[str | None]) -> str | None:
+    """Refuse a bad --plot before the work, not after it; returns the file to write.
+
+    A name without a suffix gets ``.png`` (plots are PNG images); another suffix is refused
+    rather than filled with PNG bytes.
+    """
     if not plot_path:
-        return
-    from loratools.errors import OutputExists
+        return None
+    from loratools.errors import LoratoolsError, OutputExists
     from loratools.io.writer import check_not_an_input
     from loratools.plot import require_matplotlib
 
+    suffix = Path(plot_path).suffix
+    if not suffix:
+        render.note(f"--plot {plot_path}: plots are PNG images, writing {plot_path}.png")
+        plot_path += ".png"
+    elif suffix.lower() != ".png":
+        raise LoratoolsError(f"--plot {plot_path}: plots are PNG images; name the file with .png")
     require_matplotlib()
     check_not_an_input(Path(plot_path), [Path(p) for p in inputs if p and Path(p).exists()])
     if Path(plot_path).exists() and not force:
         raise OutputExists(f"{plot_path} already exists; pass --force to replace it")
+    return plot_path
 
 
 def _write_plot(document: dict[str, Any], plot_path: str, force: bool, label: str) -> None:
@@ -135,6 +198,16 @@ def _write_plot(document: dict[str, Any], plot_path: str, force: bool, label: st
         else ""
     )
     png = plot_spectrum(document, f"Singular-value spectra of {what} {label}{how}")
+    with atomic_output(plot_path, force=force) as temporary:
+        temporary.write_bytes(png)
+
+
+def _write_geometry_plot(document: dict[str, Any], plot_path: str, force: bool, label: str) -> None:
+    from loratools.io.writer import atomic_output
+    from loratools.plot_geometry import plot_geometry
+
+    what = "W0 + s·B·A against W0" if document["source"] == "adapter" else "W_ft against W_base"
+    png = plot_geometry(document, f"What fine-tuning did: {what}, {label}")
     with atomic_output(plot_path, force=force) as temporary:
         temporary.write_bytes(png)
 
@@ -169,6 +242,7 @@ def _show(document: dict[str, Any], quiet: bool) -> None:
     columns += [f"e({r})" for r in ranks] + ["σᵢ/σ₁"]
     render.table(f"Spectrum of {title}: {' vs '.join(document['inputs'])}", columns, rows)
     _show_amplification(modules, labels)
+    _show_geometry(document, labels)
     for key, label in (("by_type", "module type"), ("by_layer", "layer")):
         _show_groups(document["summary"][key], label, ranks)
     _show_model(document)
@@ -240,4 +314,31 @@ def _show_model(document: dict[str, Any]) -> None:
     if document.get("skipped"):
         render.warn(
             f"{len(document['skipped'])} tensors are in only one checkpoint: {document['skipped'][:4]}"
+        )
+
+
+def _show_geometry(document: dict[str, Any], labels: dict[str, str]) -> None:
+    """Per module: ΔM, ΔD, the top-k alignment and spectral shift, intruder count and similarities."""
+    modules = [m for m in document["modules"] if {"magnitude_direction", "rotation", "intruders"} & set(m)]
+    if not modules:
+        return
+    rows = []
+    for m in modules:
+        md, rot, intr = m.get("magnitude_direction"), m.get("rotation"), m.get("intruders")
+        rows.append((
+            labels[m["name"]],
+            md["delta_m"] if md else "",
+            md["delta_d"] if md else "",
+            min(rot["alignment"]) if rot else "",
+            max(rot["sigma_change"], key=abs) if rot else "",
+            intr["count"] if intr else "",
+            min(intr["similarities"]) if intr else "",
+        ))  # fmt: skip
+    columns = ["module", "ΔM", "ΔD", "min |⟨u′ᵢ,uᵢ⟩|", "largest Δσᵢ", "intruders", "lowest sⱼ"]
+    render.table("What fine-tuning did (W′ against W0; top-k directions)", columns, rows)
+    correlation = document.get("direction_magnitude_correlation")
+    if correlation is not None:
+        render.note(
+            f"correlation of ΔD with ΔM across modules: {correlation:+.2f} "
+            "(DoRA paper: negative for full fine-tuning, positive for LoRA)"
         )

@@ -170,7 +170,7 @@ class SpectrumReport:
         return direction_magnitude_correlation([p for p in points if p is not None])
 
     def to_dict(self) -> dict[str, Any]:
-        doc = {
+        doc: dict[str, Any] = {
             "source": self.source,
             "settings": self.settings,
             "modules": [m.to_dict() for m in self.modules],
