@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "InvalidAdapter",
+    "InvalidOptions",
     "LoratoolsError",
     "MissingExtra",
     "MissingKeys",
@@ -35,6 +37,15 @@ class ShapeMismatch(LoratoolsError):
 
 class MissingKeys(LoratoolsError):
     """Names that should exist but do not (unresolved modules, missing shards)."""
+
+
+class InvalidAdapter(LoratoolsError):
+    """An adapter whose config or tensors contradict each other or hold unusable values
+    (alpha not a finite number, NaN/Inf factors, ranks that disagree with ``r``/``rank_pattern``)."""
+
+
+class InvalidOptions(LoratoolsError):
+    """An option value out of range or in conflict with another option (a bad flag value)."""
 
 
 class OutputExists(LoratoolsError):

@@ -32,6 +32,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight, lora_scale
 from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems
+from loratools.formats import validate
 
 __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohya_stem", "to_adapter"]
 
@@ -173,8 +174,9 @@ def to_adapter(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     base_names: Iterable[str] | None = None,
+    source: str = "adapter",
 ) -> Adapter:
-    """Build an Adapter from a kohya state dict.
+    """Build an Adapter from a kohya state dict (``source``, the file, names it in errors).
 
     Args:
         tensors: ``<stem>.lora_down.weight`` (r, in), ``<stem>.lora_up.weight`` (out, r),
@@ -201,8 +203,10 @@ def to_adapter(
     weights = {}
     for stem, parts in groups.items():
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        _check_module(stem, parts, source)
         alpha, rslora = _alpha(parts, int(down.shape[0]), modules.get(names[stem]))
         weights[names[stem]] = LoraWeight(down, up, alpha, rslora)
+    validate.check_adapter(weights, source, {"a": "lora_down", "b": "lora_up"})
     # safetensors sorts its keys; restore the adapter's (or the base's) module order
     order = list(modules) if record is not None else [n.removesuffix(".weight") for n in base_names or []]
     position = {m: i for i, m in enumerate(order)}
@@ -216,6 +220,15 @@ def to_adapter(
         extra_config=dict(fields.get("extra_config") or {}),
         provenance=_provenance(metadata),
     )
+
+
+def _check_module(stem: str, parts: Mapping[str, torch.Tensor], source: str) -> None:
+    """The factors pair up and alpha, if stored, is one finite number (see formats/validate.py)."""
+    validate.check_pair(
+        stem, parts["lora_down.weight"], parts["lora_up.weight"], source, ("lora_down", "lora_up")
+    )
+    if "alpha" in parts:
+        validate.scalar_alpha(parts["alpha"], f"{stem}.alpha", source)
 
 
 def _module_names(

@@ -26,6 +26,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
+from loratools.formats import validate
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "to_adapter"]
 
@@ -74,12 +75,17 @@ def to_adapter(
     tensors: Mapping[str, torch.Tensor],
     config: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
+    source: str = "adapter",
 ) -> Adapter:
     """Build an Adapter from a PEFT state dict and its adapter_config.json contents.
+
+    ``source`` (the path the user named) is how error messages name the adapter.
 
     Raises:
         UnknownFormat: not LoRA, or a variant whose delta is not ``scale · B @ A`` (DoRA, …).
         MissingKeys-like UnknownFormat: a module with lora_A but no lora_B, or the reverse.
+        InvalidAdapter: a config or tensors that PEFT would refuse or misapply (see
+            :mod:`loratools.formats.validate`).
     """
     keys = list(tensors)
     _refuse_unsupported(keys, config)
@@ -95,14 +101,13 @@ def to_adapter(
     unpaired = [f"{m} has only lora_{next(iter(f))}" for m, f in factors.items() if len(f) != 2]
     if unpaired:
         raise UnknownFormat(f"incomplete LoRA pairs: {list_problems(unpaired)}")
-    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
+    default_alpha, alpha_pattern, rslora = _checked_config(config, factors, source)
     weights = {
         module: LoraWeight(f["A"], f["B"], float(pattern_value(alpha_pattern, module, default_alpha)), rslora)
         for module, f in sorted(factors.items(), key=lambda item: natural_key(item[0]))
     }
-    provenance = json.loads((metadata or {}).get("loratools", "{}"))
+    validate.check_adapter(weights, source, {"a": "lora_A", "b": "lora_B"})
+    provenance = _provenance(metadata)
     return Adapter(
         weights=weights,
         saved_modules=saved,
@@ -112,6 +117,48 @@ def to_adapter(
         extra_config={k: v for k, v in config.items() if k not in MODELLED},
         provenance=provenance,
     )
+
+
+def _checked_config(
+    config: Mapping[str, Any], factors: Mapping[str, Mapping[str, torch.Tensor]], source: str
+) -> tuple[float, dict[str, float], bool]:
+    """(lora_alpha, alpha_pattern, use_rslora) once the config is known to fit the tensors.
+
+    Values default as PEFT's LoraConfig does (r = 8, lora_alpha = 8). Checks that alphas are
+    finite numbers, ranks positive integers, patterns valid regexes, that each module's factors
+    pair up with the rank ``r``/``rank_pattern`` give it, and that ``target_modules`` selects
+    every module (see :mod:`loratools.formats.validate`).
+    """
+    where = f"{source} ({CONFIG_NAME})"
+    alpha = validate.config_alpha(config.get("lora_alpha", 8), "lora_alpha", where)
+    rank = validate.config_rank(config.get("r", 8), "r", where)
+    alphas = validate.config_patterns(
+        config.get("alpha_pattern"), "alpha_pattern", where, validate.config_alpha
+    )
+    ranks = validate.config_patterns(config.get("rank_pattern"), "rank_pattern", where, validate.config_rank)
+    rslora = validate.config_flag(config.get("use_rslora"), "use_rslora", where)
+    validate.config_flag(config.get("fan_in_fan_out"), "fan_in_fan_out", where)
+    for field in ("base_model_name_or_path", "task_type"):
+        validate.config_text(config.get(field), field, where)
+    for module, pair in factors.items():
+        validate.check_pair(module, pair["A"], pair["B"], source, ("lora_A", "lora_B"))
+    validate.check_ranks(
+        {m: int(pair["A"].shape[0]) for m, pair in factors.items()},
+        lambda module: int(pattern_value(ranks, module, rank)),
+        "r/rank_pattern",
+        where,
+    )
+    validate.check_targets(config, factors, where)
+    return alpha, alphas, rslora
+
+
+def _provenance(metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    """The ``loratools`` metadata entry (how the adapter was made), or ``{}`` if absent or unreadable."""
+    try:
+        value = json.loads((metadata or {}).get("loratools", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _most_common(values: list[Any], fallback: Any) -> Any:

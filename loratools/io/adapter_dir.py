@@ -87,10 +87,10 @@ def load_adapter(argument: str | Path, *, base_names: list[str] | None = None) -
                 f"{path}: PEFT weights without {peft.CONFIG_NAME} beside them; alpha and scaling are unknown"
             )
         tensors, metadata = read_safetensors(weights)
-        return peft.to_adapter(tensors, _read_config(folder / peft.CONFIG_NAME), metadata)
+        return peft.to_adapter(tensors, _read_config(folder / peft.CONFIG_NAME), metadata, source=str(path))
     tensors, metadata = read_safetensors(path)
     module = importlib.import_module(f"loratools.formats.{fmt}")
-    return module.to_adapter(tensors, metadata, base_names=base_names)  # type: ignore[no-any-return]
+    return module.to_adapter(tensors, metadata, base_names=base_names, source=str(path))  # type: ignore[no-any-return]
 
 
 def save_adapter(
