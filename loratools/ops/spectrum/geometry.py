@@ -205,38 +205,61 @@ def magnitude_direction(w0: torch.Tensor, w_ft: torch.Tensor) -> MagnitudeDirect
 
 
 def _top_svd(m: torch.Tensor, k: int, seed: int) -> linalg.Svd:
+    """Top-k singular triplets by a randomized SVD with extra power iterations (vectors, not only
+    values, must converge): the i-th vector is off by about (σ_{k+9}/σᵢ)^17."""
     return linalg.randomized_svd(m, k, niter=ROTATION_POWER_ITERATIONS, rtol=1e-6, seed=seed)
+
+
+def _rotation(base: linalg.Svd, tuned: linalg.Svd) -> Rotation:
+    alignment = (base.u * tuned.u).sum(dim=0).abs()  # (k,): column-wise ⟨u′ᵢ, uᵢ⟩
+    return Rotation(tuned.rank, base.s.tolist(), tuned.s.tolist(), alignment.clamp(max=1.0).tolist())
+
+
+def _intruders(u0: torch.Tensor, tuned: linalg.Svd, k: int, epsilon: float) -> Intruders:
+    similarity = (u0.T @ tuned.u).abs().amax(dim=0)  # U0ᵀ U′: (min(out, in), k) → (k,)
+    return Intruders(k, epsilon, similarity.clamp(max=1.0).tolist(), tuned.s.tolist())
+
+
+def _base_basis(w0: torch.Tensor) -> linalg.Svd:
+    """W0's thin SVD: all min(out, in) left singular vectors, the basis intruders are measured in."""
+    return linalg.exact_svd(w0)
 
 
 def rotation(w0: torch.Tensor, w_ft: torch.Tensor, k: int = 10, seed: int = 0) -> Rotation:
     """Top-k ``σ′ᵢ − σᵢ`` and ``|⟨u′ᵢ, uᵢ⟩|`` by randomized SVDs of W0 and W′ (k ≤ min(out, in))."""
     w0, w_ft = _pair(w0, w_ft)
     k = min(k, *w0.shape)
-    base, tuned = _top_svd(w0, k, seed), _top_svd(w_ft, k, seed)
-    alignment = (base.u * tuned.u).sum(dim=0).abs()  # (k,): column-wise ⟨u′ᵢ, uᵢ⟩
-    return Rotation(k, base.s.tolist(), tuned.s.tolist(), alignment.clamp(max=1.0).tolist())
+    return _rotation(_top_svd(w0, k, seed), _top_svd(w_ft, k, seed))
 
 
-def intruders(w0: torch.Tensor, w_ft: torch.Tensor, k: int = 10, epsilon: float = 0.5) -> Intruders:
+def intruders(
+    w0: torch.Tensor, w_ft: torch.Tensor, k: int = 10, epsilon: float = 0.5, seed: int = 0
+) -> Intruders:
     """``sⱼ = maxᵢ |⟨u′ⱼ, uᵢ⟩|`` for W′'s top-k left singular vectors against all of W0's.
 
     W0's thin SVD gives its min(out, in) left singular vectors (the full basis of its column
-    space); W′'s top k come from its own exact SVD, so a slowly decaying spectrum cannot blur
-    them. Shapes: U0 (out, min), U′ (out, k), U0ᵀ U′ (min, k).
+    space; the one full SVD this costs); W′'s top k come from a randomized SVD. Shapes: U0
+    (out, min), U′ (out, k), U0ᵀ U′ (min, k).
     """
     w0, w_ft = _pair(w0, w_ft)
-    u0 = torch.linalg.svd(w0, full_matrices=False).U  # (out, min(out, in))
-    tuned = linalg.exact_svd(w_ft).truncate(min(k, *w0.shape))
-    similarity = (u0.T @ tuned.u).abs().amax(dim=0)  # (k,)
-    return Intruders(k, epsilon, similarity.clamp(max=1.0).tolist(), tuned.s.tolist())
+    return _intruders(_base_basis(w0).u, _top_svd(w_ft, min(k, *w0.shape), seed), k, epsilon)
 
 
 def module_geometry(w0: torch.Tensor, w_ft: torch.Tensor, options: GeometryOptions) -> ModuleGeometry:
-    """The measures ``options`` asks for, for one pair W0, W′ (out, in)."""
+    """The measures ``options`` asks for, for one pair W0, W′ (out, in), sharing the SVDs: W′'s
+    top k serve rotation and intruders, and with intruders W0's full SVD also gives its top k."""
+    w0, w_ft = _pair(w0, w_ft)
+    k = min(options.k, *w0.shape)
+    tuned = _top_svd(w_ft, k, options.seed)
+    basis = _base_basis(w0) if options.intruders else None
+    geometry = None
+    if options.geometry:
+        base_top = basis.truncate(k) if basis is not None else _top_svd(w0, k, options.seed)
+        geometry = (magnitude_direction(w0, w_ft), _rotation(base_top, tuned))
     return ModuleGeometry(
-        magnitude_direction=magnitude_direction(w0, w_ft) if options.geometry else None,
-        rotation=rotation(w0, w_ft, options.k, options.seed) if options.geometry else None,
-        intruders=intruders(w0, w_ft, options.k, options.epsilon) if options.intruders else None,
+        magnitude_direction=geometry[0] if geometry else None,
+        rotation=geometry[1] if geometry else None,
+        intruders=_intruders(basis.u, tuned, options.k, options.epsilon) if basis is not None else None,
     )
 
 
