@@ -35,6 +35,7 @@ import torch
 
 from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError, UnknownFormat, list_problems
+from loratools.kinds import embedding
 
 __all__ = [
     "ARCHITECTURES",
@@ -229,6 +230,11 @@ def adapter_tensors(
     for module, weight in adapter.weights.items():
         name = str(names[module])
         plain = weight.with_plain_scaling()
+        if getattr(weight, "embedding", False):  # token_embd: A and B flipped (kinds/embedding.py)
+            target = dtype or weight.dtype
+            lora_a, lora_b = embedding.gguf_factors(weight, plain.alpha / alpha)  # (vocab, r), (dim, r)
+            out[f"{name}.lora_a"], out[f"{name}.lora_b"] = lora_a.to(target), lora_b.to(target)
+            continue
         b = weight.b
         if plain.alpha != alpha:  # s·r/alpha_gguf = alpha_m/alpha_gguf; skipped when 1 to stay exact
             b = (b.float() * (plain.alpha / alpha)).to(weight.b.dtype)

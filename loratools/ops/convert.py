@@ -22,6 +22,7 @@ from loratools.errors import LoratoolsError
 from loratools.formats import gguf as gguf_names
 from loratools.formats import kohya
 from loratools.io.safetensors_file import TensorSpec
+from loratools.kinds import embedding
 from loratools.ops import Progress, no_progress
 
 __all__ = ["ADAPTER_TARGETS", "Conversion", "ConvertOptions", "convert", "parse_size", "prepare"]
@@ -217,6 +218,7 @@ def _adapter_writer(
 
         return lambda: {"path": str(save_adapter(adapter, options.output, force=options.force))}
     if options.to == "kohya":
+        embedding.refuse_embeddings(adapter.weights, "kohya")
         tensors, metadata = kohya.from_adapter(adapter, options.prefix)
         return lambda: _write_kohya(tensors, metadata, options)
     return _gguf_writer(adapter, base, options)

@@ -194,7 +194,8 @@ def resize_adapter(
         if new_rank >= weight.rank:  # nothing to cut: keep the factors exactly
             weights[name] = weight if dtype == weight.dtype else weight.to(dtype)
         else:
-            weights[name] = lora_from_svd(svds[name], new_rank, options.split, dtype)
+            new = lora_from_svd(svds[name], new_rank, options.split, dtype)
+            weights[name] = replace(new, embedding=getattr(weight, "embedding", False))  # same layout
         kept = energy_kept(svds[name].s, new_rank)
         report.append(ModuleResize(name, weight.rank, new_rank, kept))
     provenance = {"method": "resize", **options.record(), "input": dict(adapter.provenance)}

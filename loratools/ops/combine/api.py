@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -104,7 +105,8 @@ def combine_adapters(
     out: dict[str, LoraWeight] = {}
     report = []
     for name, items in groups.items():
-        out[name], kept = combine_module(name, folded(items, weights, device), options, dtype)
+        module, kept = combine_module(name, folded(items, weights, device), options, dtype)
+        out[name] = replace(module, embedding=any(getattr(w, "embedding", False) for _, w in items))
         report.append(ModuleCombine(name, out[name].rank, kept, [i for i, _ in items]))
         progress(name)
     inputs = [

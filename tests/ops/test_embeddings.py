@@ -1,0 +1,236 @@
+"""Embedding LoRA: PEFT's transposed ``lora_embedding_A/B`` in and out, and every command on it.
+
+PEFT is the judge where it is installed (slow tests: importing it costs ~10 s): a PEFT adapter on
+the fixture Llama with ``embed_tokens`` targeted merges to exactly PEFT's ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loratools.adapter import Adapter, LoraWeight
+from loratools.errors import UnknownFormat
+from loratools.formats import gguf as gguf_names
+from loratools.formats import peft
+from loratools.io.adapter_dir import load_adapter, save_adapter
+from loratools.kinds import embedding
+from loratools.ops.combine import CombineOptions, combine_adapters
+from loratools.ops.merge import merge_paths
+from loratools.ops.resize import ResizeOptions, resize_adapter
+from loratools.ops.spectrum import adapter_spectrum
+from tests._tolerances import LOGITS_FP32, TOL
+from tests.ops.test_merge import read_all
+
+EMBED = "model.embed_tokens"
+Q0 = "model.layers.0.self_attn.q_proj"
+VOCAB, DIM = 64, 32  # the fixture Llama's embedding (fixtures/make_fixtures.py)
+
+
+def peft_embedding_factors(seed: int, rank: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT-layout factors: lora_embedding_A (r, vocab), lora_embedding_B (dim, r)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, VOCAB, generator=gen) * 0.3, torch.randn(DIM, rank, generator=gen) * 0.3
+
+
+def embedding_adapter(seed: int = 0, alpha: float = 8.0, rslora: bool = False, **kwargs) -> Adapter:
+    a_peft, b_peft = peft_embedding_factors(seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    q = LoraWeight(torch.randn(4, DIM, generator=gen) * 0.1, torch.randn(DIM, 4, generator=gen) * 0.1, 4.0)
+    weights = {EMBED: embedding.from_peft(a_peft, b_peft, alpha, rslora), Q0: q}
+    return Adapter(weights, base_model="fixtures/base", **kwargs)
+
+
+# -- the layout ---------------------------------------------------------------------------------
+def test_peft_layout_gives_peft_delta_in_the_embedding_layout() -> None:
+    a_peft, b_peft = peft_embedding_factors(1)
+    weight = embedding.from_peft(a_peft, b_peft, alpha=6.0, use_rslora=True)
+    scale = 6.0 / 2.0  # rsLoRA: alpha / sqrt(4)
+    # peft/tuners/lora/layer.py Embedding.get_delta_weight: transpose(B @ A) * scaling
+    expected = (b_peft @ a_peft).T * scale  # (vocab, dim)
+    assert weight.shape == (VOCAB, DIM) and weight.embedding
+    torch.testing.assert_close(weight.delta(), expected, **TOL[torch.float32])
+    back_a, back_b = embedding.to_peft(weight)
+    assert torch.equal(back_a, a_peft) and torch.equal(back_b, b_peft)
+
+
+def test_peft_keys_round_trip_byte_exact_with_base_layer_copies() -> None:
+    a_peft, b_peft = peft_embedding_factors(2)
+    base_copy = torch.randn(VOCAB, DIM)
+    tensors = {
+        f"base_model.model.{EMBED}.lora_embedding_A": a_peft,
+        f"base_model.model.{EMBED}.lora_embedding_B": b_peft,
+        f"base_model.model.{EMBED}.base_layer.weight": base_copy,  # PEFT's save_embedding_layers
+        "base_model.model.lm_head.weight": torch.randn(VOCAB, DIM),  # modules_to_save
+    }
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens"]}
+    adapter = peft.to_adapter(tensors, config)
+    assert adapter.weights[EMBED].embedding
+    assert set(adapter.saved_modules) == {f"{EMBED}.weight", "lm_head.weight"}  # the copy replaces the base
+    out, out_config, _ = peft.from_adapter(adapter)
+    assert set(out) == set(tensors)
+    assert all(torch.equal(out[k], t) for k, t in tensors.items())
+    assert out_config["modules_to_save"] == ["lm_head"]  # not embed_tokens: it is LoRA-wrapped
+
+
+def test_merge_adds_the_embedding_delta_unchanged_by_fan_in_fan_out(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    # fan_in_fan_out transposes Conv1D deltas; an embedding keeps (vocab, dim) either way
+    for fan_in_fan_out in (False, True):
+        adapter = embedding_adapter(3, fan_in_fan_out=fan_in_fan_out)
+        adapter = replace(adapter, weights={EMBED: adapter.weights[EMBED]})
+        save_adapter(adapter, tmp_path / f"a{fan_in_fan_out}")
+        merge_paths(
+            str(fixtures_dir / "base"),
+            tmp_path / f"m{fan_in_fan_out}",
+            add=[(str(tmp_path / f"a{fan_in_fan_out}"), 1.0)],
+        )
+        base, merged = read_all(fixtures_dir / "base"), read_all(tmp_path / f"m{fan_in_fan_out}")
+        expected = base[f"{EMBED}.weight"] + adapter.weights[EMBED].delta()
+        torch.testing.assert_close(merged[f"{EMBED}.weight"], expected, **TOL[torch.float32])
+        assert adapter.delta(EMBED).shape == (VOCAB, DIM)
+
+
+def test_unmerge_of_merge_restores_the_embedding(fixtures_dir: Path, tmp_path: Path) -> None:
+    save_adapter(embedding_adapter(4), tmp_path / "a")
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
+    merge_paths(str(tmp_path / "m"), tmp_path / "u", remove=[(str(tmp_path / "a"), 1.0)])
+    base, merged, back = (read_all(p) for p in (fixtures_dir / "base", tmp_path / "m", tmp_path / "u"))
+    assert not torch.allclose(merged[f"{EMBED}.weight"], base[f"{EMBED}.weight"])
+    # one float32 rounding each way on entries of size ~1 (the embedding's std)
+    torch.testing.assert_close(back[f"{EMBED}.weight"], base[f"{EMBED}.weight"], rtol=0, atol=1e-6)
+
+
+def test_spectrum_combine_and_resize_keep_the_embedding(tmp_path: Path) -> None:
+    first, second = embedding_adapter(5), embedding_adapter(6)
+    delta = first.weights[EMBED].delta() + second.weights[EMBED].delta()  # (vocab, dim)
+
+    report = adapter_spectrum(first)
+    module = next(m for m in report.modules if m.name == EMBED)
+    expected = torch.linalg.svdvals(first.weights[EMBED].delta())[:4]
+    got = torch.as_tensor(module.singular_values, dtype=torch.float32)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # two float32 SVD routes
+
+    combined = combine_adapters([first, second], CombineOptions()).adapter
+    assert combined.weights[EMBED].embedding and not combined.weights[Q0].embedding
+    torch.testing.assert_close(combined.weights[EMBED].delta(), delta, **TOL[torch.float32])
+
+    resized = resize_adapter(combined, ResizeOptions(rank=3)).adapter
+    weight = resized.weights[EMBED]
+    assert weight.embedding and weight.rank == 3
+    s = torch.linalg.svdvals(delta)
+    error = torch.linalg.matrix_norm(delta - weight.delta())
+    assert error <= s[3:].square().sum().sqrt() * (1 + 1e-4)  # Eckart–Young: the optimal rank-3 error
+
+    save_adapter(resized, tmp_path / "r")
+    keys = load_file(tmp_path / "r" / "adapter_model.safetensors")
+    assert keys[f"base_model.model.{EMBED}.lora_embedding_A"].shape == (3, VOCAB)
+    assert keys[f"base_model.model.{EMBED}.lora_embedding_B"].shape == (DIM, 3)
+    assert load_adapter(tmp_path / "r").weights[EMBED].embedding
+
+
+def test_gguf_token_embd_is_flipped_as_llama_cpp_reads_it() -> None:
+    adapter = embedding_adapter(7, alpha=3.0, rslora=True)  # a scale llama.cpp's alpha/r cannot express
+    base_of = {m: f"{m}.weight" for m in adapter.weights}
+    alpha, tensors = gguf_names.adapter_tensors(adapter, base_of, gguf_names.ARCHITECTURES["llama"], 4, 2)
+    lora_a, lora_b = tensors["token_embd.weight.lora_a"], tensors["token_embd.weight.lora_b"]
+    # llama-adapter.cpp: token_embd ne[0]=dim equals lora_b ne[1], ne[1]=vocab equals lora_a ne[1]
+    # (GGUF's ne is the torch shape reversed), and the rank is lora_b's ne[0]
+    assert lora_a.shape == (VOCAB, 4) and lora_b.shape == (DIM, 4)
+    ids = torch.tensor([0, 5, 63])
+    # llm_build_inp_embd: delta rows = alpha / r · lora_b @ get_rows(lora_a, ids)
+    rows = (alpha / lora_b.shape[1] * lora_b @ lora_a[ids].T).T  # (ids, dim)
+    torch.testing.assert_close(rows, adapter.weights[EMBED].delta()[ids], **TOL[torch.float32])
+
+
+def test_kohya_refuses_embedding_lora_by_name(run_cli, tmp_path: Path) -> None:
+    save_adapter(embedding_adapter(8), tmp_path / "a")
+    result = run_cli("convert", tmp_path / "a", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert result.exit_code == 1
+    assert "model.embed_tokens" in result.stderr and "embedding LoRA" in result.stderr
+    assert not (tmp_path / "k.safetensors").exists()
+    with pytest.raises(UnknownFormat, match="embed_tokens"):
+        embedding.refuse_embeddings(embedding_adapter(8).weights, "kohya")
+
+
+# -- PEFT as the judge --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def peft_embedding_dir(tmp_path_factory: pytest.TempPathFactory, fixtures_dir: Path) -> Path:
+    """A PEFT adapter with embed_tokens (Embedding LoRA), q_proj and lm_head, random factors."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.peft_helpers import load_llama
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "lm_head"],
+        rank_pattern={"embed_tokens": 2}, alpha_pattern={"embed_tokens": 5}, init_lora_weights=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(load_llama(fixtures_dir / "base"), config)
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "setting save_embedding_layers to True"
+        model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_merge_equals_peft_merge_and_unload(
+    peft_embedding_dir: Path, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    from tests.peft_helpers import load_llama, logits, tokens
+
+    reference = PeftModel.from_pretrained(load_llama(fixtures_dir / "base"), peft_embedding_dir)
+    ids = tokens()
+    expected = logits(reference, ids)
+    reference_state = reference.merge_and_unload().state_dict()
+
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "m", add=[(str(peft_embedding_dir), 1.0)])
+    ours = read_all(tmp_path / "m")
+    base = read_all(fixtures_dir / "base")
+    changed = sorted(n for n in ours if not torch.equal(ours[n], base[n]))
+    assert changed == [
+        "lm_head.weight",
+        f"{EMBED}.weight",
+        f"{Q0}.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    ]
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, reference_state[name], **TOL[torch.float32])
+    torch.testing.assert_close(logits(load_llama(tmp_path / "m"), ids), expected, **LOGITS_FP32)
+
+
+@pytest.mark.slow
+def test_our_rewrite_is_byte_identical_and_loads_in_peft(
+    peft_embedding_dir: Path, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    from tests.peft_helpers import logits_through_peft, tokens
+
+    adapter = load_adapter(peft_embedding_dir)
+    assert adapter.weights[EMBED].embedding and adapter.weights[EMBED].rank == 2
+    save_adapter(adapter, tmp_path / "ours")
+    theirs = load_file(peft_embedding_dir / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {EMBED: 2} and config["alpha_pattern"] == {EMBED: 5}
+
+    # without the base-layer copies, PEFT still loads every factor (no "missing adapter keys")
+    save_adapter(replace(adapter, saved_modules={}), tmp_path / "lean")
+    ids = tokens()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = logits_through_peft(fixtures_dir / "base", tmp_path / "lean", ids)
+    assert not [w for w in caught if "missing adapter keys" in str(w.message).lower()]
+    expected = logits_through_peft(fixtures_dir / "base", peft_embedding_dir, ids)
+    torch.testing.assert_close(got, expected, **LOGITS_FP32)
