@@ -55,7 +55,13 @@ VARIANTS = {
 
 
 def kohya_stem(module: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """``model.layers.0.self_attn.q_proj`` → ``lora_unet_model_layers_0_self_attn_q_proj``."""
+    """``model.layers.0.self_attn.q_proj`` → ``lora_unet_model_layers_0_self_attn_q_proj``.
+
+    A module named by its kohya stem (read from a kohya file without a base: no dots, a
+    ``lora_<part>_`` prefix) is its own stem, so such an adapter is written back unchanged.
+    """
+    if "." not in module and KEY.match(f"{module}.alpha"):
+        return module
     return f"{prefix}_{module.replace('.', '_')}"
 
 
@@ -176,6 +182,7 @@ def to_adapter(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     base_names: Iterable[str] | None = None,
+    keep_stems: bool = False,
     source: str = "adapter",
 ) -> Adapter:
     """Build an Adapter from a kohya state dict (``source``, the file, names it in errors).
@@ -187,6 +194,9 @@ def to_adapter(
             loratools wrote it).
         base_names: the base checkpoint's tensor names; needed to turn stems into dotted
             module paths unless the file carries them.
+        keep_stems: without base names or a loratools record, name modules by their kohya
+            stems (``lora_unet_…``) instead of refusing: enough for everything that needs no
+            base (inspect, spectrum, similarity, resize, combine, kohya output).
 
     Returns:
         The adapter, each module with ``scale = alpha / r`` as the file states it (or the
@@ -200,7 +210,7 @@ def to_adapter(
     base_names = list(base_names) if base_names is not None else None
     groups = _group(tensors)
     record = _stored(metadata, groups)
-    names = _module_names(groups, record, base_names)
+    names = _module_names(groups, record, base_names, keep_stems)
     modules = record["modules"] if record is not None else {}
     weights = {}
     for stem, parts in groups.items():
@@ -234,13 +244,19 @@ def _check_module(stem: str, parts: Mapping[str, torch.Tensor], source: str) -> 
 
 
 def _module_names(
-    groups: Mapping[str, Any], record: Mapping[str, Any] | None, base_names: list[str] | None
+    groups: Mapping[str, Any],
+    record: Mapping[str, Any] | None,
+    base_names: list[str] | None,
+    keep_stems: bool = False,
 ) -> dict[str, str]:
-    """stem → dotted module path: from the loratools record, else resolved against the base."""
+    """stem → dotted module path: from the loratools record, else resolved against the base
+    (else the stem itself, when ``keep_stems``)."""
     if record is not None:
         return {kohya_stem(m, record["prefix"]): m for m in record["modules"]}
     if base_names is not None:
         return resolve_stems(groups, base_names)
+    if keep_stems:
+        return {stem: stem for stem in groups}
     raise MissingKeys(
         "kohya module names are ambiguous ('_' stands for both '.' and '_'); pass the base model "
         "(--base BASE) so they can be resolved against its tensor names"
