@@ -13,6 +13,7 @@ __all__ = [
     "LoratoolsError",
     "MissingExtra",
     "MissingKeys",
+    "NonFiniteResult",
     "OutputExists",
     "ShapeMismatch",
     "UnknownFormat",
@@ -46,6 +47,10 @@ class InvalidAdapter(LoratoolsError):
 
 class InvalidOptions(LoratoolsError):
     """An option value out of range or in conflict with another option (a bad flag value)."""
+
+
+class NonFiniteResult(LoratoolsError):
+    """A computation that would write NaN/Inf values (an overflow, or factors too large)."""
 
 
 class OutputExists(LoratoolsError):

@@ -3,10 +3,16 @@
 Per tensor (Δ = Σ wᵢsᵢBᵢAᵢ, computed from the factors)::
 
     relative_delta = ‖Δ‖_F / ‖W0‖_F
-    lost_fraction  = ‖round(W0 + Δ) − round(W0) − Δ‖_F / ‖Δ‖_F
+    lost_fraction  = ‖round(W0 + Δ) − W0 − Δ‖_F / ‖Δ‖_F         output dtype = W0's (or wider)
+                   = 1 − ⟨round(W0+Δ) − round(W0), Δ⟩ / ‖Δ‖²    output dtype narrower than W0's
+    base_rounding  = ‖round(W0) − W0‖_F / ‖Δ‖_F                   (narrower only; else None)
 
-and for the output the same ratios of the root-sum-squares over every adapted tensor. When
-more than ``lost_warning`` of the update is lost, the report says so and how to keep it.
+In the same dtype W0 is exact and each element loses at most |Δ|, so lost_fraction ≤ 1. In a
+narrower dtype the cast moves W0 itself (base_rounding, the same for a plain cast without any
+adapter) and adds rounding noise to the update; what counts as lost is the share of Δ missing
+from the output on average (clipped to [0, 1]), not the noise. For the output the same ratios
+of root-sum-squares over every adapted tensor. When more than ``lost_warning`` of the update
+is lost, the report says so and how to keep it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from loratools.ops.merge.plan import MergePlan
 from loratools.ops.merge.terms import MergeOptions, MergeTerm
@@ -32,6 +40,14 @@ class ModuleStats:
     base_norm: float
     delta_norm: float
     lost_norm: float
+    base_round_norm: float = 0.0  # ‖round(W0) − W0‖ when the output dtype is narrower than W0's
+
+    @property
+    def base_rounding(self) -> float | None:
+        """‖round(W0) − W0‖ / ‖Δ‖: how far casting the base alone moves it, in units of the update."""
+        if self.base_round_norm == 0.0:
+            return None
+        return self.base_round_norm / self.delta_norm if self.delta_norm > 0 else math.inf
 
     @property
     def relative_delta(self) -> float:
@@ -49,6 +65,7 @@ class ModuleStats:
             "adapters": self.adapters,
             "relative_delta": self.relative_delta,
             "lost_fraction": self.lost_fraction,
+            "base_rounding": self.base_rounding,
         }
 
 
@@ -82,6 +99,15 @@ class MergeReport:
     def effect_vanishes(self) -> bool:
         return self.lost_fraction > self.lost_warning
 
+    @property
+    def base_rounding(self) -> float | None:
+        """√Σ‖round(W0ᵢ) − W0ᵢ‖² / √Σ‖Δᵢ‖² over the tensors cast to a narrower dtype, else None."""
+        narrowed = [m for m in self.modules if m.base_round_norm > 0]
+        delta = math.sqrt(sum(m.delta_norm**2 for m in narrowed))
+        if not narrowed:
+            return None
+        return math.sqrt(sum(m.base_round_norm**2 for m in narrowed)) / delta if delta > 0 else math.inf
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": self.output,
@@ -96,6 +122,7 @@ class MergeReport:
                 "relative_delta": self.relative_delta,
                 "lost_fraction": self.lost_fraction,
                 "effect_vanishes": self.effect_vanishes,
+                "base_rounding": self.base_rounding,
                 "modules_mostly_lost": sum(m.lost_fraction > self.lost_warning for m in self.modules),
             },
             "modules": [m.to_dict() for m in self.modules],
@@ -134,18 +161,34 @@ def build_report(
 
 
 def precision_warnings(report: MergeReport) -> list[str]:
-    """A warning when the update as a whole, or most of some modules' updates, rounds away."""
+    """Warnings in plain words: the update as a whole, or most of some modules' updates, rounds
+    away; or casting the base to a narrower dtype moves it more than the adapters do."""
     dtypes = sorted({m.dtype for m in report.modules})
-    hint = "" if dtypes == ["float32"] else "; keep it with --dtype float32"
+    names = "/".join(dtypes)
+    hint = "" if dtypes == ["float32"] else "; merge with --dtype float32 to keep it"
     if report.effect_vanishes:
+        step = max(_step(d) for d in dtypes)
         return [
-            f"{report.lost_fraction:.0%} of the adapters' update is lost rounding to {'/'.join(dtypes)}: "
-            f"‖Δ‖/‖W0‖ ≈ {report.relative_delta:.1e} is below the dtype's resolution{hint}"
+            f"rounding to {names} erases {report.lost_fraction:.0%} of the adapters' change to the weights: "
+            f"the change is about {report.relative_delta:.1e} of the weights' size, finer than {names} "
+            f"stores (its steps are about {step:.2%} of each weight){hint}"
         ]
     lost = [m.name for m in report.modules if m.lost_fraction > report.lost_warning]
     if lost:
         return [
-            f"{len(lost)} of {len(report.modules)} module(s) lose most of their update to rounding "
-            f"(e.g. {lost[0]}){hint}"
+            f"{len(lost)} of {len(report.modules)} module(s) lose most of their change to rounding to "
+            f"{names} (e.g. {lost[0]}){hint}"
+        ]
+    noise = report.base_rounding
+    if noise is not None and noise > 1.0:
+        return [
+            f"casting the base to {names} moves its weights {noise:.3g}× as far as the adapters do (a plain "
+            f"cast without adapters does the same); the adapters' change itself is kept "
+            f"({1 - report.lost_fraction:.0%} on average); merge in the base's own dtype to avoid the cast"
         ]
     return []
+
+
+def _step(dtype: str) -> float:
+    """Half the relative spacing of ``dtype``'s numbers: the most one rounding moves a weight."""
+    return float(torch.finfo(getattr(torch, dtype)).eps) / 2

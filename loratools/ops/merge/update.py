@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from loratools.errors import NonFiniteResult
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import TensorUpdate
 
@@ -96,21 +97,80 @@ def apply_update(
         total = scratch.get(w0.shape)
     total.copy_(w0).addmm_(left, right)  # (d, k): W0 + Δ, rounded once to float32
     out = total if out_dtype == torch.float32 else total.to(out_dtype)
+    check_finite(name, out, w0)
     rows, factor = sampled_rows(w0.shape)
-    # round(W0+Δ) − round(W0) − Δ on the sampled rows; (W0+Δ)₃₂ stands for W0 + Δ when W0 is
-    # already in the narrower output dtype (its own rounding, ≤ 2⁻²⁴·|W0+Δ|, is negligible there)
-    lost = out[rows].to(torch.float32, copy=True)
-    if out_dtype == w0.dtype and out_dtype != torch.float32:
-        lost.sub_(total[rows])
+    norm = delta_norm(left, right)
+    if torch.finfo(out_dtype).eps > torch.finfo(w0.dtype).eps:
+        lost_norm, base_round = _narrowed_loss(out[rows], w0[rows], left[rows], right, norm, factor)
     else:
-        lost.sub_(w0[rows].to(out_dtype).float()).addmm_(left[rows], right, alpha=-1.0)
+        # round(W0+Δ) − W0 − Δ on the sampled rows: W0 is exact in the output dtype, so each
+        # element loses at most |Δ| (round-to-nearest never moves farther than W0 is); (W0+Δ)₃₂
+        # stands for W0 + Δ when the dtypes are equal (its own rounding is ≤ 2⁻²⁴·|W0+Δ|)
+        lost = out[rows].to(torch.float32, copy=True)
+        if out_dtype == w0.dtype and out_dtype != torch.float32:
+            lost.sub_(total[rows])
+        else:
+            lost.sub_(w0[rows].to(out_dtype).float()).addmm_(left[rows], right, alpha=-1.0)
+        lost_norm, base_round = float(torch.linalg.vector_norm(lost)) * math.sqrt(factor), 0.0
     stats = ModuleStats(
         name,
         tuple(w0.shape),
         str(out_dtype).removeprefix("torch."),
         adapters=0,
         base_norm=float(torch.linalg.vector_norm(w0[rows].float())) * math.sqrt(factor),
-        delta_norm=delta_norm(left, right),
-        lost_norm=float(torch.linalg.vector_norm(lost)) * math.sqrt(factor),
+        delta_norm=norm,
+        lost_norm=lost_norm,
+        base_round_norm=base_round,
     )
     return out, stats
+
+
+def _narrowed_loss(
+    out: torch.Tensor, w0: torch.Tensor, left: torch.Tensor, right: torch.Tensor, norm: float, factor: float
+) -> tuple[float, float]:
+    """(‖lost part of Δ‖, ‖round(W0) − W0‖) when the output dtype is narrower than W0's.
+
+    Casting W0 itself moves it by ``e = round(W0) − W0``, which has nothing to do with the
+    adapters. What the output carries of the update is ``u = round(W0+Δ) − round(W0)``: Δ plus
+    rounding noise of the size of e. With W0's fractions spread over the output grid that noise
+    is unbiased (rounding acts like stochastic rounding on Δ), so the share of Δ the output
+    keeps is the projection ``κ = ⟨u, Δ⟩ / ‖Δ‖²``, and the lost part is ``(1 − κ)·‖Δ‖``, κ
+    clipped to [0, 1]. ``‖u − Δ‖ / ‖Δ‖`` would count the noise as loss: it reaches several
+    hundred percent for updates smaller than the noise that still survive in the mean.
+
+    Args:
+        out, w0: the sampled rows of the output and of the base, (m, k).
+        left, right: the sampled rows of L (m, R) and all of R (R, k).
+        norm: ‖Δ‖_F over all rows (exact, from the factors).
+        factor: d / m, to scale the sampled sums to the whole tensor.
+    """
+    delta = left @ right  # (m, k) float32: only the sampled rows, about 2²⁰ elements
+    rounded = w0.to(out.dtype).float()
+    seen = out.to(torch.float32, copy=True).sub_(rounded)  # u = round(W0+Δ) − round(W0)
+    kept = float((seen * delta).sum()) * factor / norm**2 if norm > 0 else 1.0
+    base_round = float(torch.linalg.vector_norm(rounded.sub_(w0.float()))) * math.sqrt(factor)
+    return (1.0 - min(max(kept, 0.0), 1.0)) * norm, base_round
+
+
+def check_finite(name: str, out: torch.Tensor, w0: torch.Tensor) -> None:
+    """Refuse a merged tensor with NaN/Inf where W0 was finite, before anything is published.
+
+    A quick ``aminmax`` (NaN and ±Inf reach the min or max) screens the tensor; only a tensor
+    that fails it is looked at element by element.
+
+    Raises:
+        NonFiniteResult: naming the tensor, how many values, and the usual cause.
+    """
+    if out.numel() == 0:
+        return
+    low, high = torch.aminmax(out)
+    if math.isfinite(float(low)) and math.isfinite(float(high)):
+        return
+    bad = int((~torch.isfinite(out) & torch.isfinite(w0.to(out.device))).sum())
+    if bad:
+        limit = torch.finfo(out.dtype).max
+        raise NonFiniteResult(
+            f"{name}: the merged weight has {bad} NaN/Inf value(s) where the base is finite (W0 + Δ "
+            f"beyond {str(out.dtype).removeprefix('torch.')}'s range ±{limit:.4g}, or factors too large); "
+            "nothing was written: merge to --dtype float32 or check the adapters' alpha and --weight"
+        )
