@@ -107,11 +107,11 @@ class LoraWeight:
         alpha: the LoRA alpha of this module.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         weight_shape: the base weight's shape when it is not (out, in), e.g. conv (out, in, kh, kw).
-        embedding: the module is an embedding (num_embeddings, dim) looked up by token id. The
-            factors are still in the base weight's layout (B (num_embeddings, r), A (r, dim)),
-            so every op treats it like any module; only file formats differ: PEFT stores
-            ``lora_embedding_A`` = Bᵀ (r, num_embeddings) and ``lora_embedding_B`` = Aᵀ (dim, r)
-            (its delta ``s·(B_peft @ A_peft)ᵀ``), see :mod:`loratools.kinds.embedding`.
+        magnitude: DoRA's magnitude vector m, shape (out_features,), or None for plain LoRA. With
+            it the module is DoRA (Liu et al., 2024, https://arxiv.org/abs/2402.09353):
+            ``W' = m / ‖W0 + s·B@A‖_row · (W0 + s·B@A)``, which depends on W0, so
+            ``scaled_factors()``/``delta()`` give only the direction update ``s·B@A``;
+            ``loratools.ops.dora`` computes the effective update from the base.
     """
 
     a: torch.Tensor
@@ -119,7 +119,7 @@ class LoraWeight:
     alpha: float
     use_rslora: bool = False
     weight_shape: tuple[int, ...] | None = None
-    embedding: bool = False
+    magnitude: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.b.shape[1]:
@@ -128,10 +128,14 @@ class LoraWeight:
                 f"B {tuple(self.b.shape)}"
             )
         check_weight_shape(self.weight_shape, self.shape)
+        if self.magnitude is not None and tuple(self.magnitude.shape) != (self.out_features,):
+            raise ValueError(
+                f"DoRA magnitude must have shape ({self.out_features},); got {tuple(self.magnitude.shape)}"
+            )
 
     @property
     def kind(self) -> str:
-        return "lora"
+        return "lora" if self.magnitude is None else "dora"
 
     @property
     def rank(self) -> int:
@@ -160,7 +164,8 @@ class LoraWeight:
 
     @property
     def num_parameters(self) -> int:
-        return self.a.numel() + self.b.numel()
+        magnitude = 0 if self.magnitude is None else self.magnitude.numel()
+        return self.a.numel() + self.b.numel() + magnitude
 
     def scaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale · B, A)`` in float32, so that ``delta = B' @ A``. Shapes (out, r), (r, in)."""
@@ -178,8 +183,9 @@ class LoraWeight:
         return replace(self, alpha=self.alpha * math.sqrt(self.rank), use_rslora=False)
 
     def to(self, dtype: torch.dtype) -> LoraWeight:
-        """The same module with both factors cast to ``dtype``."""
-        return replace(self, a=self.a.to(dtype), b=self.b.to(dtype))
+        """The same module with both factors (and a DoRA magnitude) cast to ``dtype``."""
+        magnitude = None if self.magnitude is None else self.magnitude.to(dtype)
+        return replace(self, a=self.a.to(dtype), b=self.b.to(dtype), magnitude=magnitude)
 
 
 @dataclass(frozen=True)
@@ -230,10 +236,8 @@ class Adapter:
 
     def delta(self, name: str) -> torch.Tensor:
         """Module ``name``'s dense update in the base weight's layout, float32."""
-        weight = self.weights[name]
-        delta = weight.delta()
-        # fan_in_fan_out is about Conv1D weights; an embedding is (num_embeddings, dim) either way
-        return delta.T if self.fan_in_fan_out and not getattr(weight, "embedding", False) else delta
+        delta = self.weights[name].delta()
+        return delta.T if self.fan_in_fan_out else delta
 
     def with_weights(self, weights: Mapping[str, LoraWeight], **provenance: Any) -> Adapter:
         """A copy with new factors; ``provenance`` entries are added to the record."""

@@ -208,8 +208,14 @@ def plot_similarity(document: dict[str, Any], title: str, *, labels: tuple[str, 
         _phi_panel(axes[0][col], m["phi"], labels, m["name"])
         if zoom:
             corner = [row[:8] for row in m["phi"][:8]]
-            _phi_panel(axes[1][col], corner, labels, f"{_short(m['name'])}: i, j ≤ 8")
-    figure.suptitle(title, fontsize=12)
+            _phi_panel(axes[1][col], corner, labels, f"{m['name']}: i, j ≤ 8")
+    total = len(document["modules"])
+    shown_of = (
+        f"\n{len(shown)} of {total} modules shown (the middle layer of each type)"
+        if len(shown) < total
+        else ""
+    )
+    figure.suptitle(title + shown_of, fontsize=12)
     return _png(figure)
 
 
@@ -230,16 +236,22 @@ def _short(name: str) -> str:
 
 
 def _phi_panel(ax: Any, phi: list[list[float]], labels: tuple[str, str], name: str) -> None:
+    """One φ heatmap, its colours scaled to this grid's own range (stated on the colour bar): a
+    fixed 0–1 scale shows real adapters, whose φ often stays below 0.2, as one flat colour."""
     from matplotlib.ticker import MaxNLocator
 
     rows, cols = len(phi), len(phi[0])
+    values = [v for row in phi for v in row]
+    low, high = min(values), max(values)
+    if high - low < 1e-6:  # a flat grid still needs a non-empty colour range
+        low, high = max(0.0, low - 0.05), min(1.0, high + 0.05)
     extent = (0.5, cols + 0.5, rows + 0.5, 0.5)  # cell (i, j) centred on integer i, j from 1
     image = ax.imshow(
-        phi, vmin=0, vmax=1, cmap="viridis", aspect="auto", extent=extent, interpolation="nearest"
+        phi, vmin=low, vmax=high, cmap="viridis", aspect="auto", extent=extent, interpolation="nearest"
     )
-    ax.get_figure().colorbar(image, ax=ax, label="φ(i, j)")
+    ax.get_figure().colorbar(image, ax=ax, label=f"φ(i, j), colours span {low:.3g}–{high:.3g}")
     ax.set_xlabel(f"j: top-j directions of {labels[1]}")
     ax.set_ylabel(f"i: top-i directions of {labels[0]}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(_short(name), fontsize=10)
+    ax.set_title(f"module {name}", fontsize=9, wrap=True)

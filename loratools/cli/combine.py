@@ -13,7 +13,11 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @click.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter folder to write."
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Adapter folder to write (PEFT), or NAME.safetensors for a kohya file.",
 )
 @click.option(
     "-w",
@@ -36,6 +40,11 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of DARE's masks and the randomized SVD."
 )
+@click.option(
+    "--base",
+    metavar="BASE",
+    help="Base model: turns a kohya file's module names into dotted paths (needed for PEFT output).",
+)
 @split_option
 @click.option(
     "--saved-modules",
@@ -50,7 +59,7 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @reporting
 def combine(
     adapters: tuple[str, ...], output: Path, weights: tuple[float, ...], rank: int | None,
-    energy: float | None, method: str | None, density: float | None, seed: int, split: str,
+    energy: float | None, method: str | None, density: float | None, seed: int, base: str | None, split: str,
     saved_modules: str, dtype: str | None, device: str, force: bool, as_json: bool, quiet: bool,
 ) -> None:  # fmt: skip
     """Combine ADAPTERs into one: ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ, exactly or at rank -r.
@@ -64,7 +73,8 @@ def combine(
     import torch
 
     from loratools.device import resolve_device
-    from loratools.io.adapter_dir import load_adapter, save_adapter
+    from loratools.io.adapter_dir import check_output_form, load_adapter, save_adapter_as
+    from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
     from loratools.io.writer import check_not_an_input
     from loratools.ops.combine import CombineOptions, combine_adapters
@@ -83,11 +93,14 @@ def combine(
         raise click.UsageError(str(exc)) from exc
     paths = [resolve_path(a, what="adapter") for a in adapters]
     check_not_an_input(output, paths)
-    loaded = [load_adapter(p) for p in paths]
+    base_names = open_checkpoint(resolve_path(base)).names() if base else None
+    loaded = [load_adapter(p, base_names=base_names) for p in paths]
+    for adapter in loaded:
+        check_output_form(adapter, output)
     modules = {name for adapter in loaded for name in adapter.weights}
     with render.progress(len(modules), "combine", quiet=quiet or as_json) as advance:
         result = combine_adapters(loaded, options, sources=list(adapters), progress=advance)
-    save_adapter(result.adapter, output, force=force)
+    save_adapter_as(result.adapter, output, force=force)
     _report(result.summary(), output, as_json, quiet)
 
 

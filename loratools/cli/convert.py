@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from loratools.cli import render
 from loratools.cli.options import force_flag, reporting
 
 DTYPE_CHOICES = ["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+TARGETS = {
+    "peft": "a PEFT adapter folder",
+    "kohya": "a kohya .safetensors adapter",
+    "gguf": "a llama.cpp GGUF adapter",
+    "safetensors": "a safetensors model folder",
+}
+
+
+def check_source(source: str, to: str) -> Any:
+    """What SOURCE is, refusing a target of the other kind (a model --to peft, an adapter
+    --to safetensors) with the call that fits."""
+    from loratools.errors import LoratoolsError
+    from loratools.io.filekind import detect_path
+    from loratools.io.resolve import resolve_path
+
+    kind = detect_path(resolve_path(source))
+    if kind.kind == "adapter" and to == "safetensors":
+        raise LoratoolsError(
+            f"{source}: {kind.label}; --to safetensors converts models (.bin, .pt, .gguf), for an "
+            f"adapter use --to peft, --to kohya or --to gguf"
+        )
+    if kind.kind == "checkpoint" and to != "safetensors":
+        raise LoratoolsError(
+            f"{source}: {kind.label}, not an adapter; --to {to} converts adapters, a model converts "
+            "with --to safetensors"
+        )
+    return kind
 
 
 @click.command()
@@ -55,7 +84,10 @@ def convert(
     from loratools.ops.convert import ConvertOptions, prepare
 
     options = ConvertOptions(source, to, output, base, prefix, dtype, max_shard_size, force)
+    kind = check_source(source, to)
     conversion = prepare(options)
+    if not (quiet or as_json):
+        render.note(f"{source}: {kind.label} → {TARGETS[to]}")
     with render.progress(conversion.total, f"convert → {to}", quiet=quiet or as_json) as advance:
         report = conversion.run(advance)
     if as_json:

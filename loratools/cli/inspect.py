@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import click
 
 from loratools.cli import render
-from loratools.cli.options import json_flag
+from loratools.cli.options import reporting
+from loratools.formats.detect import is_kohya_stem
 
 
 def _human_bytes(n: int) -> str:
@@ -22,33 +25,96 @@ def _human_bytes(n: int) -> str:
 @click.command()
 @click.argument("path")
 @click.option("--base", help="Base checkpoint: resolves a kohya adapter's module names against its tensors.")
-@json_flag
-def inspect(path: str, base: str | None, as_json: bool) -> None:
-    """Summarise PATH: a checkpoint (file, model folder, sharded folder, Hub id) or an adapter."""
-    from loratools.errors import UnknownFormat
-    from loratools.io.adapter_dir import adapter_format, load_adapter
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.resolve import resolve_path
-    from loratools.ops.inspect import summarize_adapter, summarize_checkpoint
-
-    local = resolve_path(path)
-    try:
-        fmt = adapter_format(local)
-    except UnknownFormat:
-        fmt = None
-    if fmt is not None:
-        base_names = open_checkpoint(resolve_path(base)).names() if base else None
-        summary = summarize_adapter(load_adapter(local, base_names=base_names), fmt)
-    else:
-        ckpt = open_checkpoint(local)
-        config_file = local / "config.json" if local.is_dir() else None
-        config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else None
-        summary = summarize_checkpoint(ckpt, config)
+@reporting
+def inspect(path: str, base: str | None, as_json: bool, quiet: bool) -> None:
+    """Summarise PATH: an adapter (PEFT, kohya/LyCORIS, GGUF) or a model (file, folder, sharded,
+    .bin, GGUF, Hub id). Long metadata is summarised; --json prints all of it."""
+    summary = _summary(path, base)
     if as_json:
         render.emit_json(summary)
         return
-    rows = [(key, _show(key, value)) for key, value in summary.items() if value not in (None, {}, [])]
-    render.table(f"{path}", ["field", "value"], rows)
+    if quiet:
+        return
+    render.note(f"{path}: {summary['label']}")
+    rows = [(key, _show(key, value)) for key, value in summary.items() if _shown(key, value)]
+    render.table("summary", ["field", "value"], rows)
+    for label, line in summary.get("training", {}).items():
+        render.note(f"  training {label}: {line}")
+    if summary.get("metadata"):
+        render.note(f"{len(summary['metadata'])} metadata entries; all of them with --json")
+
+
+def _summary(path: str, base: str | None) -> dict[str, Any]:
+    """Detect what PATH is (one detector for every command) and summarise it."""
+    from loratools.io.filekind import detect_path
+    from loratools.io.resolve import resolve_path
+
+    local = resolve_path(path)
+    kind = detect_path(local)
+    if kind.family == "gguf":
+        summary = _gguf(local, kind.to_dict())
+    elif kind.kind == "checkpoint":
+        summary = _checkpoint(local)
+    elif kind.supported:
+        summary = _adapter(local, kind.family, base)
+    else:
+        summary = _unsupported(local, kind.to_dict())
+    return {"label": kind.label, "algorithm": kind.algorithm, **summary}
+
+
+def _gguf(local: Path, kind: dict[str, Any]) -> dict[str, Any]:
+    from loratools.io.filekind import read_gguf_header
+    from loratools.ops.inspect import summarize_gguf
+
+    header = read_gguf_header(local)
+    return {**summarize_gguf(kind, header.kv, header.tensors), "path": str(local)}
+
+
+def _checkpoint(local: Path) -> dict[str, Any]:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.inspect import summarize_checkpoint
+
+    ckpt = open_checkpoint(local)
+    config_file = local / "config.json" if local.is_dir() else None
+    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else None
+    return summarize_checkpoint(ckpt, config)
+
+
+def _adapter(local: Path, family: str, base: str | None) -> dict[str, Any]:
+    from loratools.io.adapter_dir import load_adapter
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+    from loratools.io.safetensors_file import SafetensorsFile
+    from loratools.ops.inspect import summarize_adapter, summarize_training
+
+    base_names = open_checkpoint(resolve_path(base)).names() if base else None
+    adapter = load_adapter(local, base_names=base_names)
+    summary = summarize_adapter(adapter, family)
+    if family == "kohya":
+        metadata = SafetensorsFile(local).metadata
+        summary["training"] = summarize_training(dict(metadata))
+        summary["metadata"] = dict(metadata)
+        if base is None and adapter.weights and all(is_kohya_stem(m) for m in adapter.weights):
+            summary["module_names"] = "kohya names as in the file (pass --base to resolve them)"
+    return summary
+
+
+def _unsupported(local: Path, kind: dict[str, Any]) -> dict[str, Any]:
+    from loratools.io.safetensors_file import SafetensorsFile
+    from loratools.ops.inspect import summarize_adapter_tensors
+
+    weights = local / "adapter_model.safetensors" if local.is_dir() else local
+    st = SafetensorsFile(weights)
+    shapes = {n: tuple(i.shape) for n, i in st.infos.items()}
+    dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in st.infos.items()}
+    summary = summarize_adapter_tensors(kind, shapes, dtypes, dict(st.metadata))
+    summary["note"] = f"{kind['label']}: loratools names it but does not load it yet"
+    return summary
+
+
+def _shown(key: str, value: object) -> bool:
+    """Rows of the table: the long metadata and training settings are shown apart."""
+    return key not in ("metadata", "training", "label") and value not in (None, {}, [])
 
 
 def _show(key: str, value: object) -> str:

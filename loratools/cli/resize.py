@@ -13,13 +13,22 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @click.command()
 @click.argument("adapter")
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter folder to write."
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Adapter folder to write (PEFT), or NAME.safetensors for a kohya file.",
 )
 @click.option("-r", "--rank", type=int, help="Maximum rank of every module.")
 @click.option("--energy", type=float, help="Keep at least this fraction (0–1] of each module's energy.")
 @click.option("--budget", type=int, help="Total rank over all modules, placed by model-wide singular values.")
 @click.option(
     "--min-rank", type=int, default=1, show_default=True, help="With --budget: rank every module keeps."
+)
+@click.option(
+    "--base",
+    metavar="BASE",
+    help="Base model: turns a kohya file's module names into dotted paths (needed for PEFT output).",
 )
 @split_option
 @dtype_option
@@ -28,7 +37,7 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @reporting
 def resize(
     adapter: str, output: Path, rank: int | None, energy: float | None, budget: int | None, min_rank: int,
-    split: str, dtype: str | None, device: str, force: bool, as_json: bool, quiet: bool,
+    base: str | None, split: str, dtype: str | None, device: str, force: bool, as_json: bool, quiet: bool,
 ) -> None:  # fmt: skip
     """Lower ADAPTER's ranks by a truncated SVD of each module's s·B·A (never forming it).
 
@@ -40,7 +49,8 @@ def resize(
     import torch
 
     from loratools.device import resolve_device
-    from loratools.io.adapter_dir import load_adapter, save_adapter
+    from loratools.io.adapter_dir import check_output_form, load_adapter, save_adapter_as
+    from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
     from loratools.io.writer import check_not_an_input
     from loratools.ops.resize import ResizeOptions, resize_adapter
@@ -54,10 +64,12 @@ def resize(
         raise click.UsageError(str(exc)) from exc
     path = resolve_path(adapter, what="adapter")
     check_not_an_input(output, [path])
-    loaded = load_adapter(path)
+    base_names = open_checkpoint(resolve_path(base)).names() if base else None
+    loaded = load_adapter(path, base_names=base_names)
+    check_output_form(loaded, output)
     with render.progress(len(loaded.weights), "resize", quiet=quiet or as_json) as advance:
         result = resize_adapter(loaded, options, progress=advance)
-    save_adapter(result.adapter, output, force=force)
+    save_adapter_as(result.adapter, output, force=force)
     summary = result.summary()
     if as_json:
         render.emit_json({"output": str(output), **summary})

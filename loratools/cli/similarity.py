@@ -26,6 +26,11 @@ from loratools.cli.options import reporting
     "--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw φ heatmaps to FILE.png."
 )
 @click.option("--force", is_flag=True, help="Replace the --plot FILE if it exists.")
+@click.option(
+    "--base",
+    metavar="BASE",
+    help="Base model: resolves kohya module names, so a kohya file compares with a PEFT one.",
+)
 @reporting
 def similarity(
     first: str,
@@ -34,6 +39,7 @@ def similarity(
     threshold: float,
     plot_path: str | None,
     force: bool,
+    base: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -44,11 +50,14 @@ def similarity(
     """
     from loratools.cli.spectrum import check_plot_output
     from loratools.io.adapter_dir import load_adapter
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
     from loratools.ops.similarity import SimilarityOptions, adapter_similarity
 
     options = SimilarityOptions(side=side, threshold=threshold)  # type: ignore[arg-type]
-    check_plot_output(plot_path, force, [first, second])
-    adapters = load_adapter(first), load_adapter(second)
+    plot_path = check_plot_output(plot_path, force, [first, second])
+    base_names = open_checkpoint(resolve_path(base)).names() if base else None
+    adapters = load_adapter(first, base_names=base_names), load_adapter(second, base_names=base_names)
     shared = sum(name in adapters[1].weights for name in adapters[0].weights)
     with render.progress(shared, "similarity", quiet=quiet) as advance:
         report = adapter_similarity(*adapters, options, progress=advance)

@@ -38,7 +38,9 @@ __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohy
 
 DEFAULT_PREFIX = "lora_unet"
 PREFIX = re.compile(r"^lora_[A-Za-z0-9]+$")  # one underscore: where the prefix ends is unambiguous
-KEY = re.compile(r"^(?P<stem>lora_[A-Za-z0-9]+_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+KEY = re.compile(
+    r"^(?P<stem>lora_[A-Za-z0-9]+_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$"
+)
 ADAPTER_METADATA = "loratools_adapter"
 # tensor-name parts of the variants that are not a plain LoRA (their delta is not s·B·A)
 VARIANTS = {
@@ -46,14 +48,20 @@ VARIANTS = {
     "hada_t1": "LoHa", "hada_t2": "LoHa",
     "lokr_w1": "LoKr", "lokr_w2": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr",
     "lokr_w2_a": "LoKr", "lokr_w2_b": "LoKr", "lokr_t2": "LoKr",
-    "dora_scale": "DoRA", "lora_mid": "LoCon with a mid (Tucker) factor", "oft_blocks": "OFT",
+    "lora_mid": "LoCon with a mid (Tucker) factor", "oft_blocks": "OFT",
     "diff": "a full weight difference (diff)", "diff_b": "a bias difference (diff_b)",
     "on_input": "IA³", "w_norm": "a norm difference (w_norm)", "b_norm": "a norm difference (b_norm)",
 }  # fmt: skip
 
 
 def kohya_stem(module: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """``model.layers.0.self_attn.q_proj`` → ``lora_unet_model_layers_0_self_attn_q_proj``."""
+    """``model.layers.0.self_attn.q_proj`` → ``lora_unet_model_layers_0_self_attn_q_proj``.
+
+    A module named by its kohya stem (read from a kohya file without a base: no dots, a
+    ``lora_<part>_`` prefix) is its own stem, so such an adapter is written back unchanged.
+    """
+    if "." not in module and KEY.match(f"{module}.alpha"):
+        return module
     return f"{prefix}_{module.replace('.', '_')}"
 
 
@@ -174,6 +182,7 @@ def to_adapter(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     base_names: Iterable[str] | None = None,
+    keep_stems: bool = False,
     source: str = "adapter",
 ) -> Adapter:
     """Build an Adapter from a kohya state dict (``source``, the file, names it in errors).
@@ -185,6 +194,9 @@ def to_adapter(
             loratools wrote it).
         base_names: the base checkpoint's tensor names; needed to turn stems into dotted
             module paths unless the file carries them.
+        keep_stems: without base names or a loratools record, name modules by their kohya
+            stems (``lora_unet_…``) instead of refusing: enough for everything that needs no
+            base (inspect, spectrum, similarity, resize, combine, kohya output).
 
     Returns:
         The adapter, each module with ``scale = alpha / r`` as the file states it (or the
@@ -198,14 +210,14 @@ def to_adapter(
     base_names = list(base_names) if base_names is not None else None
     groups = _group(tensors)
     record = _stored(metadata, groups)
-    names = _module_names(groups, record, base_names)
+    names = _module_names(groups, record, base_names, keep_stems)
     modules = record["modules"] if record is not None else {}
     weights = {}
     for stem, parts in groups.items():
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         _check_module(stem, parts, source)
         alpha, rslora = _alpha(parts, int(down.shape[0]), modules.get(names[stem]))
-        weights[names[stem]] = LoraWeight(down, up, alpha, rslora)
+        weights[names[stem]] = LoraWeight(down, up, alpha, rslora, magnitude=kohya_magnitude(stem, parts))
     validate.check_adapter(weights, source, {"a": "lora_down", "b": "lora_up"})
     # safetensors sorts its keys; restore the adapter's (or the base's) module order
     order = list(modules) if record is not None else [n.removesuffix(".weight") for n in base_names or []]
@@ -232,13 +244,19 @@ def _check_module(stem: str, parts: Mapping[str, torch.Tensor], source: str) -> 
 
 
 def _module_names(
-    groups: Mapping[str, Any], record: Mapping[str, Any] | None, base_names: list[str] | None
+    groups: Mapping[str, Any],
+    record: Mapping[str, Any] | None,
+    base_names: list[str] | None,
+    keep_stems: bool = False,
 ) -> dict[str, str]:
-    """stem → dotted module path: from the loratools record, else resolved against the base."""
+    """stem → dotted module path: from the loratools record, else resolved against the base
+    (else the stem itself, when ``keep_stems``)."""
     if record is not None:
         return {kohya_stem(m, record["prefix"]): m for m in record["modules"]}
     if base_names is not None:
         return resolve_stems(groups, base_names)
+    if keep_stems:
+        return {stem: stem for stem in groups}
     raise MissingKeys(
         "kohya module names are ambiguous ('_' stands for both '.' and '_'); pass the base model "
         "(--base BASE) so they can be resolved against its tensor names"
@@ -305,6 +323,9 @@ def from_adapter(
         tensors[f"{stem}.lora_down.weight"] = plain.a.contiguous()  # (r, in)
         tensors[f"{stem}.lora_up.weight"] = plain.b.contiguous()  # (out, r)
         tensors[f"{stem}.alpha"] = torch.tensor(plain.alpha, dtype=torch.float32)
+        magnitude = getattr(weight, "magnitude", None)
+        if magnitude is not None:  # LyCORIS' wd_on_out layout: (out, 1)
+            tensors[f"{stem}.dora_scale"] = magnitude.reshape(-1, 1).contiguous()
     return tensors, _metadata(adapter, prefix)
 
 
@@ -332,3 +353,28 @@ def _metadata(adapter: Adapter, prefix: str) -> dict[str, str]:
     if adapter.provenance:
         metadata["loratools"] = json.dumps(dict(adapter.provenance), sort_keys=True)
     return metadata
+
+
+def kohya_magnitude(stem: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The DoRA magnitude m (out,) of a kohya/LyCORIS module, from its ``dora_scale`` if any.
+
+    LyCORIS stores ``dora_scale`` as (out, 1) when the norm is taken per output feature
+    (``wd_on_out=True``, PEFT's DoRA, the default since LyCORIS 2.2) and as (1, in) when taken
+    per input feature (``wd_on_out=False``). Only the first is PEFT's DoRA and is read; LyCORIS
+    adds ``finfo(float32).eps`` ≈ 1.2e-7 to the norm, a relative difference far below rounding.
+
+    Raises:
+        UnknownFormat: a (1, in) ``dora_scale`` or a conv module's ``dora_scale``, by name.
+    """
+    scale = parts.get("dora_scale")
+    if scale is None:
+        return None
+    out = int(parts["lora_up.weight"].shape[0])
+    if parts["lora_down.weight"].ndim != 2 or scale.ndim > 2:
+        raise UnknownFormat(f"{stem}: DoRA on a conv module is not supported, only DoRA on Linear modules")
+    if tuple(scale.shape) != (out, 1):
+        raise UnknownFormat(
+            f"{stem}.dora_scale has shape {list(scale.shape)}: a norm per input feature "
+            f"(LyCORIS wd_on_out=False) is not supported; only (out, 1) = ({out}, 1) is (PEFT's DoRA)"
+        )
+    return scale.reshape(out)

@@ -27,7 +27,6 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
 from loratools.formats import validate
-from loratools.kinds import embedding
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "to_adapter"]
 
@@ -35,8 +34,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+DORA_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 UNSUPPORTED_KEYS = {
-    "lora_magnitude_vector": "DoRA (use_dora)",
+    "lora_embedding_A": "LoRA on embedding layers",
+    "lora_embedding_B": "LoRA on embedding layers",
     "lora_B.bias": "LoRA with a trained bias (lora_bias)",
 }
 # Fields we model; everything else in a config is carried through verbatim.
@@ -62,8 +63,6 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 def _refuse_unsupported(keys: list[str], config: Mapping[str, Any]) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise UnknownFormat(f"this is a PEFT {config.get('peft_type')} adapter; loratools handles LoRA only")
-    if config.get("use_dora"):
-        raise UnknownFormat("DoRA adapters (use_dora=true) are not supported: their delta is not s·B·A")
     for key in keys:
         for marker, variant in UNSUPPORTED_KEYS.items():
             if f".{marker}" in key:
@@ -88,18 +87,16 @@ def to_adapter(
     """
     keys = list(tensors)
     _refuse_unsupported(keys, config)
+    magnitudes = dora_magnitudes(tensors, config)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
-    embeddings: set[str] = set()
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
-        match = LORA_KEY.match(name) or embedding.PEFT_KEY.match(name)
+        match = LORA_KEY.match(name)
         if match:
             factors.setdefault(match["module"], {})[match["side"]] = tensor
-            if ".lora_embedding_" in name:
-                embeddings.add(match["module"])
-        else:
-            saved[_saved_name(name)] = tensor
+        elif not DORA_KEY.match(name):
+            saved[name] = tensor
     unpaired = [f"{m} has only lora_{next(iter(f))}" for m, f in factors.items() if len(f) != 2]
     if unpaired:
         raise UnknownFormat(f"incomplete LoRA pairs: {list_problems(unpaired)}")
@@ -107,10 +104,8 @@ def to_adapter(
     weights = {}
     for module, f in sorted(factors.items(), key=lambda item: natural_key(item[0])):
         alpha = float(pattern_value(alpha_pattern, module, default_alpha))
-        if module in embeddings:
-            weights[module] = embedding.from_peft(f["A"], f["B"], alpha, rslora)
-        else:
-            weights[module] = LoraWeight(f["A"], f["B"], alpha, rslora)
+        weights[module] = LoraWeight(f["A"], f["B"], alpha, rslora, magnitude=magnitudes.get(module))
+    check_dora_pairs(magnitudes, factors, set())
     validate.check_adapter(weights, source, {"a": "lora_A", "b": "lora_B"})
     provenance = _provenance(metadata)
     return Adapter(
@@ -166,33 +161,6 @@ def _provenance(metadata: Mapping[str, str] | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _saved_name(name: str) -> str:
-    """A whole tensor's name in the base: PEFT saves the base layer of an adapted embedding/head
-    (``save_embedding_layers``) as ``<module>.base_layer.weight`` and loads it over the base's
-    ``<module>.weight``, so it is a replacement of that tensor."""
-    stem, dot, suffix = name.rpartition(".")
-    return stem.removesuffix(".base_layer") + dot + suffix if stem.endswith(".base_layer") else name
-
-
-def _module_tensors(module: str, weight: LoraWeight) -> dict[str, torch.Tensor]:
-    """The PEFT keys of one module's factors: ``lora_A.weight``/``lora_B.weight``, or for an
-    embedding ``lora_embedding_A``/``lora_embedding_B`` in PEFT's transposed layout."""
-    if getattr(weight, "embedding", False):
-        a, b = embedding.to_peft(weight)
-        return {f"{PREFIX}{module}.lora_embedding_A": a, f"{PREFIX}{module}.lora_embedding_B": b}
-    return {
-        f"{PREFIX}{module}.lora_A.weight": weight.a.contiguous(),
-        f"{PREFIX}{module}.lora_B.weight": weight.b.contiguous(),
-    }
-
-
-def _saved_key(name: str, adapted: Mapping[str, Any]) -> str:
-    """The PEFT key of a whole tensor: a module that also has LoRA factors keeps its replaced base
-    weight under ``base_layer`` (the only place PEFT loads it from), others are modules_to_save."""
-    module, dot, suffix = name.rpartition(".")
-    return f"{PREFIX}{module}.base_layer{dot}{suffix}" if module in adapted else f"{PREFIX}{name}"
-
-
 def _most_common(values: list[Any], fallback: Any) -> Any:
     """The most frequent value; ties go to the largest, so the result does not depend on module order."""
     if not values:
@@ -226,9 +194,11 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
 
     tensors: dict[str, torch.Tensor] = {}
     for module, w in weights.items():
-        tensors.update(_module_tensors(module, w))
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = w.a.contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = w.b.contiguous()
     for name, tensor in adapter.saved_modules.items():
-        tensors[_saved_key(name, weights)] = tensor.contiguous()
+        tensors[f"{PREFIX}{name}"] = tensor.contiguous()
+    use_dora = dora_tensors(weights, tensors)
 
     modules = list(weights)
     extra = dict(adapter.extra_config)
@@ -236,9 +206,7 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not _covers(target, modules):
         # Exact module names: leaf names would also wrap modules this adapter has no factors for.
         target = sorted(modules, key=natural_key)
-    saved_modules = sorted(
-        {m for m in (n.rsplit(".", 1)[0] for n in adapter.saved_modules) if m not in weights}
-    )
+    saved_modules = sorted({name.rsplit(".", 1)[0] for name in adapter.saved_modules})
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
@@ -249,7 +217,7 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
         "rank_pattern": rank_pattern,
         "alpha_pattern": {m: _plain_number(a) for m, a in alpha_pattern.items()},
         "use_rslora": rslora,
-        "use_dora": False,
+        "use_dora": use_dora,
         "fan_in_fan_out": adapter.fan_in_fan_out,
         "bias": "none",
         "lora_dropout": 0.0,
@@ -267,3 +235,71 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
 def _plain_number(value: float) -> float | int:
     """``16.0`` → ``16`` so configs read like the ones PEFT writes."""
     return int(value) if float(value).is_integer() else float(value)
+
+
+# -- DoRA (use_dora): one magnitude vector per module ---------------------------------------------
+def dora_magnitudes(
+    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Module → DoRA magnitude m (out,) from ``<module>.lora_magnitude_vector`` keys.
+
+    Raises:
+        UnknownFormat: ``use_dora`` and the tensors disagree, or a magnitude is not a vector
+            (PEFT's conv DoRA stores (1, out, 1, …): DoRA on conv modules is not supported).
+    """
+    found: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        match = DORA_KEY.match(key.removeprefix(PREFIX))
+        if match is None:
+            continue
+        if tensor.ndim != 1:
+            raise UnknownFormat(
+                f"DoRA on conv modules is not supported ({key} has shape {list(tensor.shape)}); "
+                "only DoRA on Linear modules is"
+            )
+        found[match["module"]] = tensor
+    if bool(config.get("use_dora")) != bool(found):
+        state = (
+            "false but it has lora_magnitude_vector tensors"
+            if found
+            else "true but it has no lora_magnitude_vector"
+        )
+        raise UnknownFormat(f"adapter_config.json says use_dora {state}; fix the config to match the weights")
+    return found
+
+
+def check_dora_pairs(
+    magnitudes: Mapping[str, torch.Tensor], factors: Mapping[str, Any], embeddings: set[str]
+) -> None:
+    """Every DoRA module has its LoRA pair, and in a DoRA adapter every LoRA module has a magnitude.
+
+    Raises:
+        UnknownFormat: an incomplete module, or DoRA on an embedding (not supported).
+    """
+    if not magnitudes:
+        return
+    if embeddings:
+        raise UnknownFormat(
+            f"DoRA on embedding modules is not supported ({sorted(embeddings)[0]}); only DoRA on Linear modules is"
+        )
+    lonely = [f"{m} has a magnitude but no lora_A/lora_B" for m in magnitudes if m not in factors]
+    lonely += [f"{m} has lora_A/lora_B but no lora_magnitude_vector" for m in factors if m not in magnitudes]
+    if lonely:
+        raise UnknownFormat(f"incomplete DoRA modules: {list_problems(lonely)}")
+
+
+def dora_tensors(weights: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> bool:
+    """Add ``<module>.lora_magnitude_vector`` tensors for DoRA modules; True when there are any.
+
+    Raises:
+        UnknownFormat: DoRA and plain modules mixed (PEFT's use_dora holds for the whole adapter).
+    """
+    dora = {m: w.magnitude for m, w in weights.items() if getattr(w, "magnitude", None) is not None}
+    if dora and len(dora) != len(weights):
+        raise UnknownFormat(
+            f"{len(dora)} DoRA and {len(weights) - len(dora)} plain LoRA modules in one adapter: PEFT's "
+            "use_dora applies to every module; split the adapter or convert it to plain LoRA"
+        )
+    for module, magnitude in dora.items():
+        tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = magnitude.contiguous()
+    return bool(dora)

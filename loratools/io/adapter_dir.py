@@ -17,13 +17,22 @@ from safetensors.torch import save_file
 
 from loratools.adapter import Adapter
 from loratools.errors import CheckpointError, UnknownFormat
-from loratools.formats import peft
-from loratools.formats.detect import detect_adapter_format
+from loratools.formats import kohya, peft
+from loratools.formats.detect import is_kohya_stem
+from loratools.io.filekind import detect_path
 from loratools.io.resolve import resolve_path
 from loratools.io.safetensors_file import SafetensorsFile
 from loratools.io.writer import atomic_output
 
-__all__ = ["adapter_format", "load_adapter", "read_safetensors", "save_adapter"]
+__all__ = [
+    "adapter_format",
+    "check_output_form",
+    "load_adapter",
+    "read_safetensors",
+    "save_adapter",
+    "save_adapter_as",
+    "save_kohya",
+]
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -55,14 +64,19 @@ def _weights_file(folder: Path) -> Path:
 
 
 def adapter_format(path: Path) -> str:
-    """The format of a local adapter path: ``"peft"`` or ``"kohya"`` (see detect_adapter_format)."""
-    if path.is_dir():
-        if (path / peft.CONFIG_NAME).is_file():
-            return "peft"
-        raise UnknownFormat(f"{path}: not an adapter folder (no {peft.CONFIG_NAME})")
-    if path.suffix != ".safetensors":
-        raise UnknownFormat(f"{path}: not an adapter (expected a PEFT folder or a .safetensors file)")
-    return detect_adapter_format(list(SafetensorsFile(path).infos), str(path))
+    """The family of a local adapter path loratools loads: ``"peft"`` or ``"kohya"``.
+
+    Raises:
+        UnknownFormat: not an adapter (a checkpoint, naming it), or an adapter kind loratools
+            does not load yet (naming it: "a kohya LoKr adapter: not supported by loratools yet").
+    """
+    kind = detect_path(path)
+    if kind.kind != "adapter":
+        what = "folder" if path.is_dir() else "file"
+        raise UnknownFormat(f"{path}: {kind.label}, not an adapter {what}")
+    if not kind.supported:
+        raise kind.refuse(str(path))
+    return kind.family
 
 
 def load_adapter(argument: str | Path, *, base_names: list[str] | None = None) -> Adapter:
@@ -89,6 +103,10 @@ def load_adapter(argument: str | Path, *, base_names: list[str] | None = None) -
         tensors, metadata = read_safetensors(weights)
         return peft.to_adapter(tensors, _read_config(folder / peft.CONFIG_NAME), metadata, source=str(path))
     tensors, metadata = read_safetensors(path)
+    if fmt == "kohya":  # without a base, module names stay the file's kohya stems
+        return kohya.to_adapter(
+            tensors, metadata, base_names=base_names, keep_stems=base_names is None, source=str(path)
+        )
     module = importlib.import_module(f"loratools.formats.{fmt}")
     return module.to_adapter(tensors, metadata, base_names=base_names, source=str(path))  # type: ignore[no-any-return]
 
@@ -110,6 +128,7 @@ def save_adapter(
         readme: a model card written as README.md.
         extra_files: more text files to add (name → contents).
     """
+    check_output_form(adapter, output)
     tensors, config, metadata = peft.from_adapter(adapter)
     with atomic_output(output, force=force) as folder:
         folder.mkdir()
@@ -120,3 +139,39 @@ def save_adapter(
         for name, text in (extra_files or {}).items():
             (folder / name).write_text(text)
     return Path(output)
+
+
+def check_output_form(adapter: Adapter, output: str | Path) -> None:
+    """Refuse, before any work, a PEFT folder for an adapter whose module names are still kohya
+    stems (a kohya file read without a base): PEFT needs dotted module paths.
+
+    Raises:
+        UnknownFormat: saying to pass --base or to write a kohya file.
+    """
+    if Path(output).suffix == ".safetensors":
+        return
+    stems = [m for m in adapter.weights if is_kohya_stem(m)]
+    if stems:
+        raise UnknownFormat(
+            f"{output}: the adapter's module names are kohya names ({stems[0]}, …) read without a base; "
+            "a PEFT folder needs dotted module paths: pass --base BASE (the model it was made for), "
+            "or write a kohya file instead (-o NAME.safetensors)"
+        )
+
+
+def save_kohya(
+    adapter: Adapter, output: str | Path, *, force: bool = False, prefix: str = kohya.DEFAULT_PREFIX
+) -> Path:
+    """Write ``adapter`` as one kohya ``.safetensors`` file, atomically; module names that are
+    already kohya stems (a kohya file read without a base) are written back unchanged."""
+    tensors, metadata = kohya.from_adapter(adapter, prefix)
+    with atomic_output(output, force=force) as path:
+        save_file(tensors, str(path), metadata=metadata)
+    return Path(output)
+
+
+def save_adapter_as(adapter: Adapter, output: str | Path, *, force: bool = False) -> Path:
+    """A kohya file when ``output`` ends in ``.safetensors``, else a PEFT folder (see check_output_form)."""
+    if Path(output).suffix == ".safetensors":
+        return save_kohya(adapter, output, force=force)
+    return save_adapter(adapter, output, force=force)

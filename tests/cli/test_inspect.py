@@ -99,7 +99,7 @@ def test_the_installed_command_runs_as_a_subprocess(fixtures_dir: Path) -> None:
     assert usage.returncode == 2
 
 
-def test_inspect_a_foreign_kohya_file_needs_and_uses_the_base(
+def test_inspect_a_foreign_kohya_file_with_and_without_the_base(
     run_cli, fixtures_dir: Path, tmp_path: Path
 ) -> None:
     import torch
@@ -108,9 +108,29 @@ def test_inspect_a_foreign_kohya_file_needs_and_uses_the_base(
     key = "lora_unet_model_layers_0_self_attn_q_proj"
     tensors = {f"{key}.lora_down.weight": torch.ones(2, 32), f"{key}.lora_up.weight": torch.ones(32, 2)}
     save_file({**tensors, f"{key}.alpha": torch.tensor(4.0)}, tmp_path / "k.safetensors")
-    without = run_cli("inspect", tmp_path / "k.safetensors")
-    assert without.exit_code == 1 and "--base" in without.stderr
+    without = json.loads(run_cli("inspect", tmp_path / "k.safetensors", "--json").stdout)
+    assert without["label"] == "a kohya LoRA adapter" and without["modules"] == 1
+    assert without["scale"] == [2.0] and "--base" in without["module_names"]
     result = run_cli("inspect", tmp_path / "k.safetensors", "--base", fixtures_dir / "base", "--json")
     summary = json.loads(result.stdout)
     assert summary["format"] == "kohya" and summary["modules"] == 1
     assert summary["scale"] == [2.0] and summary["ranks"] == {"2": 1}
+
+
+def test_quiet_prints_nothing_and_json_still_works(run_cli, fixtures_dir: Path) -> None:
+    quiet = run_cli("inspect", fixtures_dir / "adapter", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (
+        json.loads(run_cli("inspect", fixtures_dir / "adapter", "-q", "--json").stdout)["kind"] == "adapter"
+    )
+
+
+def test_every_kind_is_named_on_the_first_line(run_cli, fixtures_dir: Path) -> None:
+    cases = {
+        "adapter": "a PEFT LoRA adapter",
+        "base": "a safetensors checkpoint",
+        "base-sharded": "a sharded safetensors checkpoint (5 shards)",
+    }
+    for name, label in cases.items():
+        result = run_cli("inspect", fixtures_dir / name)
+        assert result.stderr.splitlines()[0] == f"{fixtures_dir / name}: {label}"

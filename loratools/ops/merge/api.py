@@ -10,8 +10,10 @@ from pathlib import Path
 
 from loratools.errors import LoratoolsError
 from loratools.io.checkpoint import Checkpoint
+from loratools.io.dora_record import read_record_file, record_path
 from loratools.io.writer import check_not_an_input
 from loratools.ops import Progress, no_progress
+from loratools.ops.merge.dora import DoraPlan, DoraRecord, plan_dora
 from loratools.ops.merge.plan import plan_merge
 from loratools.ops.merge.precision import MergeReport, build_report
 from loratools.ops.merge.stream import write_merged
@@ -65,8 +67,17 @@ def merge_checkpoint(
     if base_ids is None:
         base_ids = [str(ckpt.path)] if operation == "merge" else []
     plan = plan_merge(infos, terms, base_ids)
+    plan.dora = _plan_dora(ckpt, terms)
     stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress)
     return build_report(output, operation, terms, options, plan, stats, files, len(infos))
+
+
+def _plan_dora(ckpt: Checkpoint, terms: Sequence[MergeTerm]) -> DoraPlan | None:
+    """The DoRA path and the norms record found with the base (see :mod:`.dora`)."""
+    where = record_path(ckpt.model_dir, True) if ckpt.model_dir else record_path(ckpt.path, False)
+    stored = read_record_file(where)
+    record = DoraRecord.from_tensors(*stored, str(where)) if stored is not None else None
+    return plan_dora(terms, record, str(where))
 
 
 def _base_ids(argument: str, ckpt: Checkpoint) -> list[str]:

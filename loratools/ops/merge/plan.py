@@ -9,11 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loratools.errors import LoratoolsError, MissingKeys, ShapeMismatch, list_problems
 from loratools.formats.names import resolve_modules, resolve_tensor_names
 from loratools.io.safetensors_file import TensorSpec
 from loratools.ops.merge.terms import FLOAT_DTYPES, MergeTerm, TensorUpdate
+
+if TYPE_CHECKING:
+    from loratools.ops.merge.dora import DoraPlan
 
 Problems = list[tuple[type[LoratoolsError], str]]  # (error class, one-line description)
 
@@ -24,6 +28,7 @@ class MergePlan:
 
     updates: dict[str, TensorUpdate]
     warnings: list[str]
+    dora: DoraPlan | None = None  # tensors DoRA touches, and the norms record (ops/merge/dora.py)
 
 
 def _misfit(problems: Problems, message: str) -> None:
@@ -60,9 +65,7 @@ def _plan_loras(
     seen: dict[str, str] = {}
     for module, target in targets.items():
         lora, info = adapter.weights[module], infos[target]
-        # fan_in_fan_out (Conv1D) transposes linear deltas; an embedding keeps (num_embeddings, dim)
-        transposed = adapter.fan_in_fan_out and not getattr(lora, "embedding", False)
-        expected = (lora.in_features, lora.out_features) if transposed else lora.shape
+        expected = (lora.in_features, lora.out_features) if adapter.fan_in_fan_out else lora.shape
         if target in seen:
             _misfit(problems, f"{label}: {module} and {seen[target]} both adapt {target}")
         elif tuple(info.shape) != expected:
@@ -73,7 +76,9 @@ def _plan_loras(
         elif info.dtype not in FLOAT_DTYPES:
             _misfit(problems, f"{label}: {target} is {info.dtype}, not a float tensor")
         else:
-            updates.setdefault(target, TensorUpdate()).loras.append((lora, term.weight, transposed))
+            updates.setdefault(target, TensorUpdate()).loras.append(
+                (lora, term.weight, adapter.fan_in_fan_out)
+            )
         seen[target] = module
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from loratools.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, ShardLayout
+from loratools.io.dora_record import record_path, write_record_file
 from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
 from loratools.ops import Progress
 from loratools.ops.merge.plan import MergePlan
@@ -51,11 +52,15 @@ def write_merged(
     threads = options.intra_op_threads(os.cpu_count() or 1)
     with atomic_output(output, force=force) as temporary, _intra_op_threads(threads):
         tensors = merged_tensors(ckpt, plan, options, stats, progress)
-        if ckpt.model_dir is None:  # a single file in, a single file out
+        one_file = ckpt.model_dir is None
+        if one_file:  # a single file in, a single file out
             _write(ckpt, temporary.parent, [replace(layout[0], filename=temporary.name)], tensors)
         else:
             _write(ckpt, temporary, layout, tensors)
             files = _finish_model_dir(ckpt, temporary, options)
+        if plan.dora is not None:  # the DoRA norms record goes with the output (ops/merge/dora.py)
+            where = record_path(output if one_file else temporary, not one_file)
+            write_record_file(where, *plan.dora.output_record().to_tensors())
     return stats, files
 
 
@@ -96,7 +101,11 @@ def merged_tensors(
         else:
             w0 = update.replacement if update.replacement is not None else data
             out_dtype = options.dtype or data.dtype
-            if update.loras:
+            if plan.dora is not None and plan.dora.handles(update):  # DoRA: not an added L @ R
+                out, record = plan.dora.apply(name, w0, update, out_dtype, device)
+                stats.append(record)
+                yield name, out.cpu()
+            elif update.loras:
                 left, right = stacked_factors(update, device)
                 out, record = apply_update(name, w0.to(device), left, right, out_dtype, scratch)
                 stats.append(replace(record, adapters=len(update.loras)))

@@ -1,0 +1,271 @@
+"""DoRA: reading, merge/unmerge/swap with the norms record, judged by PEFT itself where it can be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loratools.adapter import Adapter, LoraWeight
+from loratools.errors import LoratoolsError, UnknownFormat
+from loratools.formats import kohya, peft
+from loratools.io.adapter_dir import load_adapter, read_safetensors, save_adapter
+from loratools.io.dora_record import read_record_file
+from loratools.ops.dora import dora_weight, effective_delta, row_norms
+from loratools.ops.merge import merge_paths
+from loratools.ops.merge.dora import DoraRecord
+from tests._tolerances import EPS, TOL
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        tensors.update(read_safetensors(file)[0])
+    return tensors
+
+
+def read_record(path: Path) -> DoraRecord | None:
+    stored = read_record_file(path)
+    return DoraRecord.from_tensors(*stored, str(path)) if stored is not None else None
+
+
+def make_peft_dora(base: Path, out: Path, seed: int = 0, **config: object) -> Path:
+    """A DoRA adapter written by PEFT itself: random non-zero B and magnitudes ≠ ‖W0 + sBA‖."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.peft_helpers import load_llama
+
+    torch.manual_seed(seed)
+    options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]} | config
+    model = get_peft_model(load_llama(base), LoraConfig(use_dora=True, init_lora_weights=False, **options))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1.0 + 0.3 * torch.randn_like(parameter))
+    model.save_pretrained(out)
+    return out
+
+
+def peft_merged(base: Path, adapters: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload of ``adapters`` (in order) into ``base`` loaded in ``dtype``."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base, torch_dtype=dtype)
+    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for i, adapter in enumerate(adapters[1:], start=1):
+        peft_model.load_adapter(adapter, adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(adapters))]
+    peft_model.base_model.set_adapter(names)
+    return {k: v.detach() for k, v in peft_model.merge_and_unload(adapter_names=names).state_dict().items()}
+
+
+# -- the math, against a direct transcription of PEFT's formula ------------------------------------
+def _dora(out: int = 6, inp: int = 5, rank: int = 2) -> tuple[torch.Tensor, LoraWeight]:
+    w0 = torch.randn(out, inp, dtype=torch.float64)
+    lora = LoraWeight(torch.randn(rank, inp), torch.randn(out, rank), 3.0, magnitude=torch.rand(out) + 0.5)
+    return w0, lora
+
+
+def test_dora_weight_is_pefts_formula_and_rows_have_the_magnitude() -> None:
+    w0, lora = _dora()
+    v = w0 + lora.scale * lora.b.double() @ lora.a.double()
+    expected = lora.magnitude.double()[:, None] / v.norm(dim=1, keepdim=True) * v  # type: ignore[union-attr]
+    merged, norms = dora_weight(w0.float(), lora)
+    torch.testing.assert_close(merged.double(), expected, **TOL[torch.float32])
+    torch.testing.assert_close(row_norms(merged), lora.magnitude, **TOL[torch.float32])
+    torch.testing.assert_close(norms.double(), v.norm(dim=1), **TOL[torch.float32])
+
+
+def test_fan_in_fan_out_works_in_the_stored_layout() -> None:
+    w0, lora = _dora()
+    merged, _ = dora_weight(w0.float(), lora)
+    transposed, _ = dora_weight(w0.float().T.contiguous(), lora, transposed=True)
+    torch.testing.assert_close(transposed.T, merged, **TOL[torch.float32])
+    torch.testing.assert_close(effective_delta(w0.float(), lora), merged - w0.float(), **TOL[torch.float32])
+
+
+# -- formats ------------------------------------------------------------------------------------------
+def test_peft_round_trip_keeps_the_magnitude(tmp_path: Path) -> None:
+    _, lora = _dora()
+    adapter = Adapter({"model.m": lora})
+    tensors, config, _ = peft.from_adapter(adapter)
+    assert config["use_dora"] is True
+    assert torch.equal(tensors["base_model.model.model.m.lora_magnitude_vector"], lora.magnitude)
+    back = peft.to_adapter(tensors, config)
+    assert back.weights["model.m"].kind == "dora"
+    assert torch.equal(back.weights["model.m"].magnitude, lora.magnitude)
+
+
+def test_peft_refuses_inconsistent_or_unsupported_dora() -> None:
+    a, b = torch.zeros(2, 4), torch.zeros(4, 2)
+    keys = {"base_model.model.m.lora_A.weight": a, "base_model.model.m.lora_B.weight": b}
+    with pytest.raises(UnknownFormat, match="use_dora true"):
+        peft.to_adapter(keys, {"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(UnknownFormat, match="use_dora false"):
+        peft.to_adapter(
+            {**keys, "base_model.model.m.lora_magnitude_vector": torch.ones(4)}, {"peft_type": "LORA"}
+        )
+    conv = {**keys, "base_model.model.m.lora_magnitude_vector": torch.ones(1, 4, 1, 1)}
+    with pytest.raises(UnknownFormat, match="DoRA on conv modules"):
+        peft.to_adapter(conv, {"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(UnknownFormat, match="DoRA and 1 plain"):
+        peft.from_adapter(Adapter({"x": _dora()[1], "y": LoraWeight(a, b, 1.0)}))
+
+
+def test_kohya_dora_scale_out_axis_reads_and_in_axis_is_refused() -> None:
+    _, lora = _dora()
+    tensors, metadata = kohya.from_adapter(Adapter({"model.m": lora}))
+    assert tuple(tensors["lora_unet_model_m.dora_scale"].shape) == (6, 1)
+    back = kohya.to_adapter(tensors, metadata)
+    assert torch.equal(back.weights["model.m"].magnitude, lora.magnitude)
+    tensors["lora_unet_model_m.dora_scale"] = torch.ones(1, 5)
+    with pytest.raises(UnknownFormat, match="wd_on_out=False"):
+        kohya.to_adapter(tensors, metadata)
+
+
+# -- merge / unmerge / swap on a small checkpoint, exact formulas --------------------------------------
+@pytest.fixture
+def small(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    from safetensors.torch import save_file
+
+    base = {"l.0.q.weight": torch.randn(8, 6), "l.0.v.weight": torch.randn(4, 6), "norm": torch.ones(6)}
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(base, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder, base
+
+
+def _save_dora(tmp_path: Path, name: str, modules: dict[str, tuple[int, int]], seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    weights = {
+        m: LoraWeight(torch.randn(2, k, generator=g), torch.randn(d, 2, generator=g), 2.0,
+                      magnitude=torch.rand(d, generator=g) + 2.0)
+        for m, (d, k) in modules.items()
+    }  # fmt: skip
+    return save_adapter(Adapter(weights), tmp_path / name)
+
+
+def test_merge_writes_the_record_and_unmerge_recovers_the_base(small, tmp_path: Path) -> None:
+    folder, base = small
+    dora = _save_dora(tmp_path, "dora", {"l.0.q": (8, 6), "l.0.v": (4, 6)}, seed=1)
+    merge_paths(str(folder), tmp_path / "merged", add=[(str(dora), 1.0)])
+    merged = read_all(tmp_path / "merged")
+    lora = load_adapter(dora).weights["l.0.q"]
+    expected, norms = dora_weight(base["l.0.q.weight"], lora)
+    torch.testing.assert_close(merged["l.0.q.weight"], expected, **TOL[torch.float32])
+    record = read_record(tmp_path / "merged" / "dora_norms.loratools")
+    assert record is not None and [t.label for t in record.terms] == [str(dora)]
+    torch.testing.assert_close(record.norms[(0, "l.0.q.weight")], norms, **TOL[torch.float32])
+
+    merge_paths(str(tmp_path / "merged"), tmp_path / "back", remove=[(str(dora), 1.0)])
+    back = read_all(tmp_path / "back")
+    for name, tensor in base.items():  # W0 = W'·n/m − sBA: a few float32 roundings of |W0|-sized values
+        torch.testing.assert_close(back[name], tensor, rtol=1e-5, atol=1e-5)
+    assert not (tmp_path / "back" / "dora_norms.loratools").exists()
+
+
+def test_unmerge_without_the_record_refuses_and_writes_nothing(small, tmp_path: Path) -> None:
+    folder, _ = small
+    dora = _save_dora(tmp_path, "dora", {"l.0.q": (8, 6)}, seed=1)
+    merge_paths(str(folder), tmp_path / "merged", add=[(str(dora), 1.0)])
+    (tmp_path / "merged" / "dora_norms.loratools").unlink()
+    with pytest.raises(LoratoolsError, match="needs the per-row norms"):
+        merge_paths(str(tmp_path / "merged"), tmp_path / "back", remove=[(str(dora), 1.0)])
+    assert not (tmp_path / "back").exists()
+
+
+def test_dora_weight_other_than_one_and_out_of_order_removal_are_refused(small, tmp_path: Path) -> None:
+    folder, _ = small
+    first = _save_dora(tmp_path, "first", {"l.0.q": (8, 6)}, seed=1)
+    second = _save_dora(tmp_path, "second", {"l.0.q": (8, 6)}, seed=2)
+    with pytest.raises(LoratoolsError, match="weight 1 only"):
+        merge_paths(str(folder), tmp_path / "x", add=[(str(first), 0.5)])
+    merge_paths(str(folder), tmp_path / "merged", add=[(str(first), 1.0), (str(second), 1.0)])
+    with pytest.raises(LoratoolsError, match="not among the adapters merged last"):
+        merge_paths(str(tmp_path / "merged"), tmp_path / "back", remove=[(str(first), 1.0)])
+
+
+def test_swap_takes_the_last_dora_out_and_puts_another_in(small, tmp_path: Path) -> None:
+    folder, base = small
+    first = _save_dora(tmp_path, "first", {"l.0.q": (8, 6), "l.0.v": (4, 6)}, seed=1)
+    second = _save_dora(tmp_path, "second", {"l.0.q": (8, 6)}, seed=2)
+    merge_paths(str(folder), tmp_path / "m1", add=[(str(first), 1.0)])
+    merge_paths(str(tmp_path / "m1"), tmp_path / "m2", add=[(str(second), 1.0)], remove=[(str(first), 1.0)])
+    merge_paths(str(folder), tmp_path / "direct", add=[(str(second), 1.0)])
+    swapped, direct = read_all(tmp_path / "m2"), read_all(tmp_path / "direct")
+    for name in base:
+        torch.testing.assert_close(swapped[name], direct[name], rtol=1e-5, atol=1e-5)
+    record = read_record(tmp_path / "m2" / "dora_norms.loratools")
+    assert record is not None and [t.label for t in record.terms] == [str(second)]
+
+
+def test_stacked_merge_undone_in_one_pass(small, tmp_path: Path) -> None:
+    folder, base = small
+    first = _save_dora(tmp_path, "first", {"l.0.q": (8, 6)}, seed=1)
+    second = _save_dora(tmp_path, "second", {"l.0.q": (8, 6), "l.0.v": (4, 6)}, seed=2)
+    adapters = [(str(first), 1.0), (str(second), 1.0)]
+    merge_paths(str(folder), tmp_path / "merged", add=adapters)
+    merge_paths(str(tmp_path / "merged"), tmp_path / "back", remove=adapters)
+    back = read_all(tmp_path / "back")
+    for name, tensor in base.items():
+        torch.testing.assert_close(back[name], tensor, rtol=1e-5, atol=1e-5)
+
+
+# -- PEFT is the judge ---------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["base", "base-bf16"])
+def test_merge_matches_peft_merge_and_unload(fixtures_dir: Path, tmp_path: Path, base: str) -> None:
+    dtype = torch.float32 if base == "base" else torch.bfloat16
+    adapter = make_peft_dora(fixtures_dir / "base", tmp_path / "dora", use_rslora=True, rank_pattern={"v_proj": 2},
+                             alpha_pattern={"down_proj": 3})  # fmt: skip
+    reference = peft_merged(fixtures_dir / base, [adapter], dtype)
+    merge_paths(str(fixtures_dir / base), tmp_path / "out", add=[(str(adapter), 1.0)])
+    ours = read_all(tmp_path / "out")
+    assert set(ours) == set(reference)
+    changed = [n for n, t in read_all(fixtures_dir / base).items() if not torch.equal(t, ours[n])]
+    assert len(changed) == 2 * 3
+    for name, tensor in ours.items():
+        assert tensor.dtype == reference[name].dtype == dtype
+        # bf16: PEFT computes the norm and the product in bf16, loratools in float32 and rounds once,
+        # so an element may differ by one bf16 rounding (TOL[bf16]); float32: a few roundings.
+        torch.testing.assert_close(tensor, reference[name], **TOL[dtype])
+    back = merge_paths(str(tmp_path / "out"), tmp_path / "back", remove=[(str(adapter), 1.0)])
+    assert back.operation == "unmerge"
+    assert_recovers_base(
+        read_all(tmp_path / "back"), read_all(fixtures_dir / base), load_adapter(adapter), dtype
+    )
+
+
+def assert_recovers_base(back: dict, original: dict, adapter: Adapter, dtype: torch.dtype) -> None:
+    """Unmerge with the record is exact up to rounding: W' was rounded to the dtype (relative
+    error ≤ ε/2 of |W'|, which becomes ε/2·|V| after V = W'·n/m, V = W0 + sBA), then W0 = V − sBA
+    is rounded once more (ε/2·|W0|). float32 adds a few more roundings (norms, m/n), hence 4×."""
+    slack = 1.0 if dtype == torch.bfloat16 else 4.0
+    for name, tensor in back.items():
+        module = name.removesuffix(".weight")
+        if module not in adapter.weights:
+            assert torch.equal(tensor, original[name])  # untouched tensors are copied as they are
+            continue
+        w0 = original[name].float()
+        v = w0 + adapter.weights[module].delta()
+        bound = slack * EPS[dtype] / 2 * (v.abs() + w0.abs()) * 1.01
+        assert bool(((tensor.float() - w0).abs() <= bound).all()), name
+
+
+@pytest.mark.slow
+def test_plain_then_dora_stack_matches_peft(fixtures_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from tests.peft_helpers import load_llama
+
+    plain = get_peft_model(load_llama(fixtures_dir / "base"), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                        init_lora_weights=False))  # fmt: skip
+    plain.save_pretrained(tmp_path / "plain")
+    dora = make_peft_dora(fixtures_dir / "base", tmp_path / "dora", seed=3)
+    order = [tmp_path / "plain", dora]
+    reference = peft_merged(fixtures_dir / "base", order, torch.float32)
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "out", add=[(str(p), 1.0) for p in order])
+    for name, tensor in read_all(tmp_path / "out").items():
+        torch.testing.assert_close(tensor, reference[name], **TOL[torch.float32])
