@@ -8,9 +8,13 @@ so resident memory is what the caller holds, not every page of the file it has t
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import stat
 import struct
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+# Real single files hold at most a few thousand tensors (a large model's shard, an SDXL LyCORIS);
+# a header declaring far more is corrupt or hostile, and parsing it costs ~1 KB of memory and ~10 µs
+# per entry, so it is refused before its JSON is parsed.
+MAX_TENSORS = 100_000
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,134 @@ def _fail(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path}: not a valid .safetensors file ({why}); re-download or re-save it")
 
 
+def open_regular(path: Path) -> io.BufferedReader:
+    """Open ``path`` for reading, refusing anything but a regular file (a FIFO or a device would
+    block or never end). The check is on the opened descriptor, so it cannot be raced.
+
+    Raises:
+        CheckpointError: not a regular file, or unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file (a pipe, device or socket); pass a weights file")
+    return os.fdopen(fd, "rb")
+
+
+def bad_text(text: str) -> bool:
+    """True for strings no checkpoint name should hold: control characters (which would drive a
+    terminal when printed) or lone surrogates (not valid Unicode, refused by safetensors)."""
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
+
+
+class DuplicateKey(ValueError):
+    """A JSON object with a repeated key (its first argument)."""
+
+
+def unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json`` object_pairs_hook refusing repeated keys (plain ``json`` keeps the last silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        names = [key for key, _ in pairs]
+        raise DuplicateKey(next(key for i, key in enumerate(names) if key in names[:i]))
+    return obj
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(path: Path, raw: bytes) -> dict[str, object]:
+    """The header JSON, strictly: UTF-8, an object, no repeated keys, no NaN/Infinity."""
+    try:
+        header = json.loads(raw, object_pairs_hook=unique_object, parse_constant=_no_constant)
+    except DuplicateKey as exc:
+        raise _fail(path, f"the header names {exc.args[0]!a} twice") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail(path, f"header is not JSON: {str(exc)!a}") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    return header
+
+
+def _parse_metadata(path: Path, value: object) -> dict[str, str]:
+    """``__metadata__``: absent/null or an object of strings (what safetensors accepts)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(path, f"__metadata__ is a {type(value).__name__}, not an object of strings")
+    for key, text in value.items():
+        if not isinstance(text, str):
+            raise _fail(path, f"__metadata__ value for {key!a} is a {type(text).__name__}, not a string")
+        if any(unicodedata.category(c) == "Cs" for c in key + text):
+            raise _fail(path, f"__metadata__ entry {key!a} holds a lone surrogate (not valid Unicode)")
+    return value  # type: ignore[return-value]
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``value`` as ASCII (never raw control characters), cut to ``limit`` characters."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_entry(path: Path, name: str, entry: object, start: int) -> TensorInfo:
+    """One tensor's header entry → TensorInfo (absolute offsets), checking types and sizes."""
+    if bad_text(name):
+        raise _fail(path, f"tensor name {name!a} holds control characters or lone surrogates")
+    if not isinstance(entry, dict):
+        raise _fail(path, f"header entry for tensor {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _fail(path, f"tensor {name!r} has dtype {_short(dtype)}, not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _fail(path, f"tensor {name!r} has shape {_short(shape)}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise _fail(
+            path, f"tensor {name!r} has data_offsets {_short(offsets)}, not [begin, end] byte offsets"
+        )
+    begin, end = offsets
+    info = TensorInfo(name, tuple(shape), DTYPES[dtype], path, start + begin, start + end)
+    if end < begin or end - begin != info.nbytes:
+        raise _fail(path, f"tensor {name!r} has offsets that do not match its shape and dtype")
+    return info
+
+
+def _check_count(path: Path, count: int) -> None:
+    if count > MAX_TENSORS:
+        raise _fail(
+            path, f"its header declares {count} tensors, more than any real file (limit {MAX_TENSORS})"
+        )
+
+
+def _check_layout(path: Path, infos: list[TensorInfo], start: int, size: int) -> None:
+    """Tensors (sorted by offset) must tile the data section exactly: no overlap, no gap, no
+    trailing bytes — the reference reader refuses anything else."""
+    position = start
+    for info in infos:
+        if info.begin != position:
+            what = "overlaps the tensor before it" if info.begin < position else "leaves a gap before it"
+            raise _fail(path, f"tensor {info.name!r} at bytes {info.begin}–{info.end} {what}")
+        position = info.end
+    if position > size:
+        raise _fail(path, f"truncated: its tensors end at byte {position} of {size}")
+    if position < size:
+        raise _fail(path, f"{size - position} bytes after the last tensor belong to no tensor")
+
+
 class SafetensorsFile:
-    """A parsed .safetensors header with on-demand tensor reads.
+    """A parsed, validated .safetensors header with on-demand tensor reads.
+
+    The header is held to the reference reader's rules (``_check_layout``, ``_parse_entry``), so
+    whatever loratools accepts — and copies into its outputs — the safetensors library accepts too.
 
     Attributes:
         path: the file.
@@ -81,55 +215,54 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
+            try:
+                size = os.fstat(f.fileno()).st_size
                 prefix = f.read(8)
                 if len(prefix) < 8:
                     raise _fail(self.path, "shorter than its 8-byte header length")
                 (length,) = struct.unpack("<Q", prefix)
                 if length > MAX_HEADER_BYTES:
                     raise _fail(self.path, f"header length {length} is implausible")
+                if 8 + length > size:
+                    raise _fail(
+                        self.path, f"truncated inside its header ({length} bytes claimed, file {size})"
+                    )
                 raw = f.read(length)
-            size = self.path.stat().st_size
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot read ({exc.strerror or exc})") from exc
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: cannot read ({exc.strerror or exc})") from exc
         if len(raw) < length:
             raise _fail(self.path, "truncated inside its header")
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _fail(self.path, f"header is not JSON: {exc}") from exc
-        if not isinstance(header, dict):
-            raise _fail(self.path, "header is not a JSON object")
+        _check_count(self.path, raw.count(b'"data_offsets"'))  # cheap: before parsing the JSON
+        header = _parse_json(self.path, raw)
+        _check_count(self.path, len(header) - ("__metadata__" in header))
         self.header = prefix + raw
-        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self.metadata: dict[str, str] = dict(_parse_metadata(self.path, header.pop("__metadata__", None)))
         start = 8 + length
-        infos = [self._parse_entry(name, entry, start, size) for name, entry in header.items()]
-        infos.sort(key=lambda info: info.begin)
+        infos = self._parse_entries(header, start, size - start)
+        infos.sort(key=lambda info: (info.begin, info.end))
+        _check_layout(self.path, infos, start, size)
         self.infos: dict[str, TensorInfo] = {info.name: info for info in infos}
 
-    def _parse_entry(self, name: str, entry: object, start: int, size: int) -> TensorInfo:
-        if not isinstance(entry, dict):
-            raise _fail(self.path, f"header entry for tensor {name!r} is not an object")
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(n) for n in entry["shape"])
-            begin, end = (int(n) for n in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _fail(self.path, f"bad header entry for tensor {name!r}: {exc!r}") from None
-        info = TensorInfo(name, shape, dtype, self.path, start + begin, start + end)
-        if end < begin or info.end - info.begin != info.nbytes:
-            raise _fail(self.path, f"tensor {name!r} has offsets that do not match its shape and dtype")
-        if info.end > size:
-            raise _fail(self.path, f"truncated: tensor {name!r} ends at byte {info.end} of {size}")
-        return info
+    def _parse_entries(self, header: dict[str, object], start: int, data_bytes: int) -> list[TensorInfo]:
+        """Every tensor entry, failing as soon as they claim more bytes than the data section has
+        (a header listing a million overlapping tensors fails at the first one too many)."""
+        infos, claimed = [], 0
+        for name, entry in header.items():
+            info = _parse_entry(self.path, name, entry, start)
+            claimed += info.nbytes
+            if claimed > data_bytes:
+                why = f"its tensors claim more than the {data_bytes} bytes after the header, at {name!r}"
+                raise _fail(self.path, f"truncated or corrupt: {why}")
+            infos.append(info)
+        return infos
 
     def read(self, name: str) -> torch.Tensor:
         """Load one tensor into fresh memory."""
         info = self.infos[name]
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 f.seek(info.begin)
                 if f.readinto(buffer.numpy().data) != info.nbytes:
                     raise _fail(self.path, f"truncated while reading tensor {name!r}")
@@ -138,9 +271,12 @@ class SafetensorsFile:
     def read_raw(self, name: str) -> bytes:
         """One tensor's stored bytes, for copies that must not round-trip through floats."""
         info = self.infos[name]
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             f.seek(info.begin)
-            return f.read(info.nbytes)
+            data = f.read(info.nbytes)
+        if len(data) != info.nbytes:
+            raise _fail(self.path, f"truncated while reading tensor {name!r}")
+        return data
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -154,7 +290,12 @@ def encode_header(specs: list[TensorSpec], metadata: Mapping[str, str] | None) -
     """Length prefix + JSON header for tensors laid out in ``specs`` order, padded to 8 bytes."""
     header: dict[str, object] = {}
     if metadata:
+        # what the reference reader accepts, checked here so no caller can write an unreadable file
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"safetensors metadata must map strings to strings: {_short(dict(metadata))}")
         header["__metadata__"] = dict(metadata)
+    if len({spec.name for spec in specs}) != len(specs) or any(bad_text(spec.name) for spec in specs):
+        raise ValueError("tensor names must be unique and free of control characters and lone surrogates")
     offset = 0
     for spec in specs:
         header[spec.name] = {
@@ -186,8 +327,9 @@ class SafetensorsWriter:
         self.path = Path(path)
         self._specs = specs
         self._next = 0
+        header = header if header is not None else encode_header(specs, metadata)  # may refuse: first
         self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 — closed in close()
-        self._file.write(header if header is not None else encode_header(specs, metadata))
+        self._file.write(header)
 
     @property
     def pending(self) -> list[TensorSpec]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import CheckpointError
-from loratools.io.safetensors_file import DTYPES, SafetensorsFile, SafetensorsWriter, TensorSpec
+from loratools.io.safetensors_file import DTYPES, MAX_TENSORS, SafetensorsFile, SafetensorsWriter, TensorSpec
+from loratools.io.writer import CheckpointWriter, plan_shards
 
 ALL_DTYPES = sorted(DTYPES.values(), key=str)
 
@@ -83,7 +86,7 @@ def write_valid(path: Path) -> bytes:
     [
         (lambda b: b[:5], "shorter than its 8-byte header"),
         (lambda b: b[:20], "truncated inside its header"),
-        (lambda b: b[:-10], "truncated: tensor 'w'"),
+        (lambda b: b[:-10], "truncated or corrupt: .* at 'w'"),
         (lambda b: struct.pack("<Q", 12) + b"not json at!" + b[8:], "header is not JSON"),
         (lambda b: struct.pack("<Q", 2**40) + b[8:], "implausible"),
         (lambda b: b"\x00" * 3 + b"garbage" * 20, "not a valid .safetensors"),
@@ -106,3 +109,164 @@ def test_header_entry_with_wrong_offsets_is_refused(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 16)
     with pytest.raises(CheckpointError, match="do not match its shape"):
         SafetensorsFile(path)
+
+
+# ---- header strictness: what the reference reader refuses, we refuse (with one clear line) -----
+
+ONE = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+
+
+def write_raw(path: Path, header: bytes, data_bytes: int) -> Path:
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(data_bytes))
+    return path
+
+
+def reference_refuses(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 — safe_open has no __iter__
+                f.get_tensor(name)
+    except Exception:  # the reference raises its own SafetensorError/ValueError kinds
+        return True
+    return False
+
+
+MALFORMED = {
+    "overlapping offsets": (
+        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+        8,
+        "overlaps|claim more",
+    ),
+    "negative offset": (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}}', 4, "data_offsets"),
+    "offsets beyond the file": (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', 4, "gap|claim"),
+    "gap between tensors": (
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}',
+        12,
+        "leaves a gap",
+    ),
+    "trailing bytes": (ONE, 8, "4 bytes after the last tensor belong to no tensor"),
+    "negative shape": (b'{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}', 4, "shape"),
+    "float shape": (b'{"w":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}', 4, "shape"),
+    "bool offsets": (b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[false,true]}}', 4, "data_offsets"),
+    "size differs from span": (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', 4, "do not match"),
+    "duplicate name": (
+        b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+        8,
+        "names 'w' twice",
+    ),
+    "metadata not an object": (b'{"__metadata__":[1],' + ONE[1:], 4, "__metadata__ is a list"),
+    "metadata value not a string": (b'{"__metadata__":{"a":1},' + ONE[1:], 4, "value for 'a' is a int"),
+    "lone surrogate in a name": (
+        b'{"\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        4,
+        r"tensor name '\\ud800'",
+    ),
+    "unknown dtype": (b'{"w":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}', 4, "dtype 'F33'"),
+    "NaN in the JSON": (b'{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', 4, "not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_headers_are_refused_like_the_reference_reader(tmp_path: Path, case: str) -> None:
+    header, data_bytes, message = MALFORMED[case]
+    path = write_raw(tmp_path / "bad.safetensors", header, data_bytes)
+    assert reference_refuses(path)  # we are not stricter than safetensors here, only as strict
+    with pytest.raises(CheckpointError, match=message) as info:
+        SafetensorsFile(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_control_characters_in_names_are_refused_and_never_printed(tmp_path: Path) -> None:
+    # the reference reader accepts "\u001b[31m" in a name; printed raw it would drive the terminal
+    path = write_raw(
+        tmp_path / "esc.safetensors", b'{"a\\u001b[2J":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 4
+    )
+    with pytest.raises(CheckpointError, match="control characters") as info:
+        SafetensorsFile(path)
+    assert str(info.value).isprintable() and "\\x1b" in str(info.value)
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path: Path) -> None:
+    path = write_raw(
+        tmp_path / "deep.safetensors", b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}", 0
+    )
+    with pytest.raises(CheckpointError, match="nested too deeply|__metadata__"):
+        SafetensorsFile(path)
+
+
+def test_header_length_larger_than_the_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(struct.pack("<Q", 10_000) + ONE)
+    with pytest.raises(CheckpointError, match="truncated inside its header .*10000 bytes claimed"):
+        SafetensorsFile(path)
+
+
+def test_a_million_declared_tensors_fail_before_the_json_is_parsed(tmp_path: Path) -> None:
+    entry = b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    header = b"{" + b",".join(entry % i for i in range(MAX_TENSORS + 1)) + b"}"
+    path = write_raw(tmp_path / "many.safetensors", header, 0)
+    with pytest.raises(CheckpointError, match=f"declares {MAX_TENSORS + 1} tensors"):
+        SafetensorsFile(path)
+
+
+def test_tensors_claiming_more_than_the_data_fail_at_the_first_one_too_many(tmp_path: Path) -> None:
+    # 5 000 overlapping 4-byte tensors over 8 data bytes: refused at the third, not after all
+    entry = b'"t%d":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    header = b"{" + b",".join(entry % i for i in range(5_000)) + b"}"
+    path = write_raw(tmp_path / "overlap.safetensors", header, 8)
+    with pytest.raises(CheckpointError, match="claim more than the 8 bytes after the header, at 't2'"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"__metadata__":null,' + ONE[1:],  # null metadata
+        b' {"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"extra":1}}',  # whitespace, unknown field
+        b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    ],
+)
+def test_what_the_reference_reader_accepts_we_accept(tmp_path: Path, header: bytes) -> None:
+    path = write_raw(tmp_path / "ok.safetensors", header, 4)
+    assert not reference_refuses(path)
+    st = SafetensorsFile(path)
+    assert st.read("w").shape == (1,)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        SafetensorsFile(fifo)  # opened non-blocking: no writer needed, no hang
+
+
+def test_every_file_our_writer_makes_loads_in_the_reference_reader(tmp_path: Path) -> None:
+    tensors = {f"layer.{i}.{dtype}": sample(dtype, (3, i % 3), i) for i, dtype in enumerate(ALL_DTYPES)}
+    tensors["scalar"] = torch.tensor(1.5)
+    layout = plan_shards([TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], 24)
+    metadata = {"format": "pt", "note": "ünïcode \u2713 and a\nnewline"}
+    with CheckpointWriter(tmp_path / "out", layout, metadata=metadata) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 1
+    seen = set()
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            assert f.metadata() == metadata
+            for name in f.keys():  # noqa: SIM118
+                assert same_bits(f.get_tensor(name), tensors[name].contiguous())
+                seen.add(name)
+    assert seen == set(tensors)
+
+
+def test_the_writer_refuses_what_the_reference_reader_would_not_read(tmp_path: Path) -> None:
+    spec = [TensorSpec("w", (1,), torch.float32)]
+    with pytest.raises(ValueError, match="strings to strings"):
+        SafetensorsWriter(tmp_path / "a.safetensors", spec, {"n": 1})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="unique"):
+        SafetensorsWriter(tmp_path / "b.safetensors", spec * 2)
+    with pytest.raises(ValueError, match="control characters"):
+        SafetensorsWriter(tmp_path / "c.safetensors", [TensorSpec("a\x1b", (1,), torch.float32)])
