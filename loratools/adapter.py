@@ -107,6 +107,11 @@ class LoraWeight:
         alpha: the LoRA alpha of this module.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         weight_shape: the base weight's shape when it is not (out, in), e.g. conv (out, in, kh, kw).
+        embedding: the module is an embedding (num_embeddings, dim) looked up by token id. The
+            factors are still in the base weight's layout (B (num_embeddings, r), A (r, dim)),
+            so every op treats it like any module; only file formats differ: PEFT stores
+            ``lora_embedding_A`` = Bᵀ (r, num_embeddings) and ``lora_embedding_B`` = Aᵀ (dim, r)
+            (its delta ``s·(B_peft @ A_peft)ᵀ``), see :mod:`loratools.kinds.embedding`.
         magnitude: DoRA's magnitude vector m, shape (out_features,), or None for plain LoRA. With
             it the module is DoRA (Liu et al., 2024, https://arxiv.org/abs/2402.09353):
             ``W' = m / ‖W0 + s·B@A‖_row · (W0 + s·B@A)``, which depends on W0, so
@@ -119,6 +124,7 @@ class LoraWeight:
     alpha: float
     use_rslora: bool = False
     weight_shape: tuple[int, ...] | None = None
+    embedding: bool = False
     magnitude: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -236,8 +242,10 @@ class Adapter:
 
     def delta(self, name: str) -> torch.Tensor:
         """Module ``name``'s dense update in the base weight's layout, float32."""
-        delta = self.weights[name].delta()
-        return delta.T if self.fan_in_fan_out else delta
+        weight = self.weights[name]
+        delta = weight.delta()
+        # fan_in_fan_out is about Conv1D weights; an embedding is (num_embeddings, dim) either way
+        return delta.T if self.fan_in_fan_out and not getattr(weight, "embedding", False) else delta
 
     def with_weights(self, weights: Mapping[str, LoraWeight], **provenance: Any) -> Adapter:
         """A copy with new factors; ``provenance`` entries are added to the record."""

@@ -27,6 +27,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
 from loratools.formats import validate
+from loratools.kinds import embedding
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "to_adapter"]
 
@@ -36,8 +37,6 @@ PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 DORA_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 UNSUPPORTED_KEYS = {
-    "lora_embedding_A": "LoRA on embedding layers",
-    "lora_embedding_B": "LoRA on embedding layers",
     "lora_B.bias": "LoRA with a trained bias (lora_bias)",
 }
 # Fields we model; everything else in a config is carried through verbatim.
@@ -90,13 +89,16 @@ def to_adapter(
     magnitudes = dora_magnitudes(tensors, config)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
+    embeddings: set[str] = set()
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
-        match = LORA_KEY.match(name)
+        match = LORA_KEY.match(name) or embedding.PEFT_KEY.match(name)
         if match:
             factors.setdefault(match["module"], {})[match["side"]] = tensor
+            if ".lora_embedding_" in name:
+                embeddings.add(match["module"])
         elif not DORA_KEY.match(name):
-            saved[name] = tensor
+            saved[_saved_name(name)] = tensor
     unpaired = [f"{m} has only lora_{next(iter(f))}" for m, f in factors.items() if len(f) != 2]
     if unpaired:
         raise UnknownFormat(f"incomplete LoRA pairs: {list_problems(unpaired)}")
@@ -104,8 +106,11 @@ def to_adapter(
     weights = {}
     for module, f in sorted(factors.items(), key=lambda item: natural_key(item[0])):
         alpha = float(pattern_value(alpha_pattern, module, default_alpha))
-        weights[module] = LoraWeight(f["A"], f["B"], alpha, rslora, magnitude=magnitudes.get(module))
-    check_dora_pairs(magnitudes, factors, set())
+        if module in embeddings:
+            weights[module] = embedding.from_peft(f["A"], f["B"], alpha, rslora)
+        else:
+            weights[module] = LoraWeight(f["A"], f["B"], alpha, rslora, magnitude=magnitudes.get(module))
+    check_dora_pairs(magnitudes, factors, embeddings)
     validate.check_adapter(weights, source, {"a": "lora_A", "b": "lora_B"})
     provenance = _provenance(metadata)
     return Adapter(
@@ -161,6 +166,33 @@ def _provenance(metadata: Mapping[str, str] | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _saved_name(name: str) -> str:
+    """A whole tensor's name in the base: PEFT saves the base layer of an adapted embedding/head
+    (``save_embedding_layers``) as ``<module>.base_layer.weight`` and loads it over the base's
+    ``<module>.weight``, so it is a replacement of that tensor."""
+    stem, dot, suffix = name.rpartition(".")
+    return stem.removesuffix(".base_layer") + dot + suffix if stem.endswith(".base_layer") else name
+
+
+def _module_tensors(module: str, weight: LoraWeight) -> dict[str, torch.Tensor]:
+    """The PEFT keys of one module's factors: ``lora_A.weight``/``lora_B.weight``, or for an
+    embedding ``lora_embedding_A``/``lora_embedding_B`` in PEFT's transposed layout."""
+    if getattr(weight, "embedding", False):
+        a, b = embedding.to_peft(weight)
+        return {f"{PREFIX}{module}.lora_embedding_A": a, f"{PREFIX}{module}.lora_embedding_B": b}
+    return {
+        f"{PREFIX}{module}.lora_A.weight": weight.a.contiguous(),
+        f"{PREFIX}{module}.lora_B.weight": weight.b.contiguous(),
+    }
+
+
+def _saved_key(name: str, adapted: Mapping[str, Any]) -> str:
+    """The PEFT key of a whole tensor: a module that also has LoRA factors keeps its replaced base
+    weight under ``base_layer`` (the only place PEFT loads it from), others are modules_to_save."""
+    module, dot, suffix = name.rpartition(".")
+    return f"{PREFIX}{module}.base_layer{dot}{suffix}" if module in adapted else f"{PREFIX}{name}"
+
+
 def _most_common(values: list[Any], fallback: Any) -> Any:
     """The most frequent value; ties go to the largest, so the result does not depend on module order."""
     if not values:
@@ -194,10 +226,9 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
 
     tensors: dict[str, torch.Tensor] = {}
     for module, w in weights.items():
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = w.a.contiguous()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = w.b.contiguous()
+        tensors.update(_module_tensors(module, w))
     for name, tensor in adapter.saved_modules.items():
-        tensors[f"{PREFIX}{name}"] = tensor.contiguous()
+        tensors[_saved_key(name, weights)] = tensor.contiguous()
     use_dora = dora_tensors(weights, tensors)
 
     modules = list(weights)
@@ -206,7 +237,9 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not _covers(target, modules):
         # Exact module names: leaf names would also wrap modules this adapter has no factors for.
         target = sorted(modules, key=natural_key)
-    saved_modules = sorted({name.rsplit(".", 1)[0] for name in adapter.saved_modules})
+    saved_modules = sorted(
+        {m for m in (n.rsplit(".", 1)[0] for n in adapter.saved_modules) if m not in weights}
+    )
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": adapter.task_type,

@@ -65,7 +65,9 @@ def _plan_loras(
     seen: dict[str, str] = {}
     for module, target in targets.items():
         lora, info = adapter.weights[module], infos[target]
-        expected = (lora.in_features, lora.out_features) if adapter.fan_in_fan_out else lora.shape
+        # fan_in_fan_out (Conv1D) transposes linear deltas; an embedding keeps (num_embeddings, dim)
+        transposed = adapter.fan_in_fan_out and not getattr(lora, "embedding", False)
+        expected = (lora.in_features, lora.out_features) if transposed else lora.shape
         if target in seen:
             _misfit(problems, f"{label}: {module} and {seen[target]} both adapt {target}")
         elif tuple(info.shape) != expected:
@@ -76,9 +78,7 @@ def _plan_loras(
         elif info.dtype not in FLOAT_DTYPES:
             _misfit(problems, f"{label}: {target} is {info.dtype}, not a float tensor")
         else:
-            updates.setdefault(target, TensorUpdate()).loras.append(
-                (lora, term.weight, adapter.fan_in_fan_out)
-            )
+            updates.setdefault(target, TensorUpdate()).loras.append((lora, term.weight, transposed))
         seen[target] = module
 
 
