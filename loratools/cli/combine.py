@@ -73,7 +73,12 @@ def combine(
     import torch
 
     from loratools.device import resolve_device
-    from loratools.io.adapter_dir import check_output_form, load_adapter, save_adapter_as
+    from loratools.io.adapter_dir import (
+        check_output_form,
+        describe_adapter,
+        load_adapter,
+        save_adapter_as,
+    )
     from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
     from loratools.io.writer import check_not_an_input
@@ -101,6 +106,9 @@ def combine(
     with render.progress(len(modules), "combine", quiet=quiet or as_json) as advance:
         result = combine_adapters(loaded, options, sources=list(adapters), progress=advance)
     save_adapter_as(result.adapter, output, force=force)
+    if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
+        for source, adapter in zip(adapters, loaded, strict=True):
+            render.note(describe_adapter(source, adapter))
     _report(result.summary(), output, as_json, quiet)
 
 

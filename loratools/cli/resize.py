@@ -49,7 +49,12 @@ def resize(
     import torch
 
     from loratools.device import resolve_device
-    from loratools.io.adapter_dir import check_output_form, load_adapter, save_adapter_as
+    from loratools.io.adapter_dir import (
+        check_output_form,
+        describe_adapter,
+        load_adapter,
+        save_adapter_as,
+    )
     from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
     from loratools.io.writer import check_not_an_input
@@ -70,6 +75,8 @@ def resize(
     with render.progress(len(loaded.weights), "resize", quiet=quiet or as_json) as advance:
         result = resize_adapter(loaded, options, progress=advance)
     save_adapter_as(result.adapter, output, force=force)
+    if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
+        render.note(describe_adapter(path, loaded))
     summary = result.summary()
     if as_json:
         render.emit_json({"output": str(output), **summary})

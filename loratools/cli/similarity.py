@@ -49,7 +49,7 @@ def similarity(
     they are orthogonal; the ranks may differ (r = 8 vs r = 64, as in the paper's Figure 3).
     """
     from loratools.cli.spectrum import check_plot_output
-    from loratools.io.adapter_dir import load_adapter
+    from loratools.io.adapter_dir import describe_adapter, load_adapter
     from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
     from loratools.ops.similarity import SimilarityOptions, adapter_similarity
@@ -62,6 +62,9 @@ def similarity(
     with render.progress(shared, "similarity", quiet=quiet) as advance:
         report = adapter_similarity(*adapters, options, progress=advance)
     document = {"adapters": [first, second], **report.to_dict()}
+    if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
+        for source, adapter in zip((first, second), adapters, strict=True):
+            render.note(describe_adapter(source, adapter))
     if plot_path:
         _write_plot(document, plot_path, force)
     if as_json:

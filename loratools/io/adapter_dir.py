@@ -27,6 +27,7 @@ from loratools.io.writer import atomic_output
 __all__ = [
     "adapter_format",
     "check_output_form",
+    "describe_adapter",
     "load_adapter",
     "read_safetensors",
     "save_adapter",
@@ -139,6 +140,15 @@ def save_adapter(
         for name, text in (extra_files or {}).items():
             (folder / name).write_text(text)
     return Path(output)
+
+
+def describe_adapter(path: str | Path, adapter: Adapter) -> str:
+    """One line naming what a command got: ``PATH: a kohya LoRA adapter, 72 modules`` (and that
+    its module names are the file's kohya names when no base resolved them)."""
+    kind = detect_path(resolve_path(path, what="adapter"))
+    stems = bool(adapter.weights) and all(is_kohya_stem(m) for m in adapter.weights)
+    names = "; module names as in the kohya file (pass --base to resolve them)" if stems else ""
+    return f"{path}: {kind.label}, {len(adapter.weights)} modules{names}"
 
 
 def check_output_form(adapter: Adapter, output: str | Path) -> None:

@@ -201,8 +201,12 @@ def test_similarity_of_a_foreign_kohya_file_with_itself(run_cli, foreign_kohya: 
 
 def test_resize_writes_kohya_back_with_the_same_names(run_cli, foreign_kohya: Path, tmp_path: Path) -> None:
     out = tmp_path / "r2.safetensors"
-    result = run_cli("resize", foreign_kohya, "-r", "2", "-o", out, "-q")
+    result = run_cli("resize", foreign_kohya, "-r", "2", "-o", out)
     assert result.exit_code == 0, result.stderr
+    assert (
+        f"{foreign_kohya}: a kohya LoRA adapter, 4 modules; module names as in the kohya file"
+        in result.stderr
+    )
     before, _ = read_safetensors(foreign_kohya)
     after, _ = read_safetensors(out)
     assert set(after) == set(before)
