@@ -12,6 +12,8 @@ from loratools.cli import render
 from loratools.cli.options import reporting
 from loratools.formats.detect import is_kohya_stem
 
+SHORT_METADATA = 4  # metadata entries shown in the table; more are counted, and all go to --json
+
 
 def _human_bytes(n: int) -> str:
     size = float(n)
@@ -40,8 +42,9 @@ def inspect(path: str, base: str | None, as_json: bool, quiet: bool) -> None:
     render.table("summary", ["field", "value"], rows)
     for label, line in summary.get("training", {}).items():
         render.note(f"  training {label}: {line}")
-    if summary.get("metadata"):
-        render.note(f"{len(summary['metadata'])} metadata entries; all of them with --json")
+    metadata = summary.get("metadata") or {}
+    if len(metadata) > SHORT_METADATA or any(len(str(v)) > 80 for v in metadata.values()):
+        render.note(f"{len(metadata)} metadata entries, summarised above; all of them with --json")
 
 
 def _summary(path: str, base: str | None) -> dict[str, Any]:
@@ -113,8 +116,11 @@ def _unsupported(local: Path, kind: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shown(key: str, value: object) -> bool:
-    """Rows of the table: the long metadata and training settings are shown apart."""
-    return key not in ("metadata", "training", "label") and value not in (None, {}, [])
+    """Rows of the table: training settings are shown apart, and metadata only when short (a
+    kohya file carries hundreds of entries: --json has them all)."""
+    if key == "metadata" and isinstance(value, dict):
+        return 0 < len(value) <= SHORT_METADATA and all(len(str(v)) <= 80 for v in value.values())
+    return key not in ("training", "label") and value not in (None, {}, [])
 
 
 def _show(key: str, value: object) -> str:

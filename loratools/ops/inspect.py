@@ -156,8 +156,13 @@ def summarize_adapter_tensors(
 
 
 def _split_part(name: str) -> tuple[str, str]:
-    """``lora_unet_x.lokr_w1`` → (``lora_unet_x``, ``lokr_w1``); PEFT ``a.b.lokr_w1.default`` too."""
+    """``lora_unet_x.lokr_w1`` → (``lora_unet_x``, ``lokr_w1``); PEFT ``a.b.lokr_w1.default`` too;
+    cloneofsimo ``unet:0:up`` → (``unet:0``, ``up``)."""
     from loratools.formats.detect import KEY_PARTS
+
+    if "." not in name and name.count(":") == 2:
+        module, _, part = name.rpartition(":")
+        return module, part
 
     for part in [*KEY_PARTS, "alpha", "lora_up.weight", "lora_B.weight", "hada_w1_b", "hada_w2_a", "hada_w2_b",
                  "lokr_w1_b", "lokr_w2_b", "lokr_t2", "hada_t2", "lora_magnitude_vector"]:  # fmt: skip

@@ -242,3 +242,22 @@ def test_combine_of_two_foreign_kohya_files_stays_kohya(run_cli, foreign_kohya: 
     before, _ = read_safetensors(foreign_kohya)
     after, _ = read_safetensors(out)
     assert {k.split(".")[0] for k in after} == {k.split(".")[0] for k in before}
+
+
+def test_a_cloneofsimo_file_is_named_and_summarised(run_cli, tmp_path: Path) -> None:
+    path = tmp_path / "safeloras.safetensors"
+    tensors = {f"unet:{i}:{side}": torch.ones(4, 2) if side == "up" else torch.ones(2, 4) for i in range(3)
+               for side in ("up", "down")}  # fmt: skip
+    save_file(tensors, path, metadata={"unet": json.dumps(["CrossAttention"]), "unet:0:rank": "2"})
+    summary = json.loads(run_cli("inspect", path, "--json").stdout)
+    assert summary["label"] == "a cloneofsimo lora LoRA adapter" and summary["supported"] is False
+    assert summary["modules"] == 3 and summary["parts"] == {"down": 3, "up": 3}
+    refused(run_cli("spectrum", path), "a cloneofsimo lora LoRA adapter: not supported")
+
+
+def test_a_pipe_is_refused_not_read(run_cli, tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    refused(run_cli("inspect", fifo), "not a regular file")
