@@ -45,17 +45,26 @@ def training_metadata(entries: int) -> dict[str, str]:
     return metadata
 
 
-@pytest.fixture
-def lokr_file(tmp_path: Path) -> Path:
-    """A kohya-named LyCORIS LoKr file with ~420 metadata entries, as sd-scripts writes them."""
+def lycoris_file(path: Path, parts: dict[str, tuple[int, ...]]) -> Path:
+    """A kohya-named LyCORIS file, 3 modules of ``parts``, with ~420 metadata entries as sd-scripts writes."""
     tensors = {}
     for n in range(3):
         stem = f"lora_unet_input_blocks_{n}_proj_in"
-        tensors |= {f"{stem}.lokr_w1": torch.ones(4, 4), f"{stem}.lokr_w2": torch.ones(8, 8)}
+        tensors |= {f"{stem}.{part}": torch.ones(shape) for part, shape in parts.items()}
         tensors[f"{stem}.alpha"] = torch.tensor(4.0)
-    path = tmp_path / "lokr.safetensors"
     save_file(tensors, path, metadata=training_metadata(410))
     return path
+
+
+@pytest.fixture
+def lokr_file(tmp_path: Path) -> Path:
+    return lycoris_file(tmp_path / "lokr.safetensors", {"lokr_w1": (4, 4), "lokr_w2": (8, 8)})
+
+
+@pytest.fixture
+def oft_file(tmp_path: Path) -> Path:
+    """An OFT file: a kind loratools names but does not load (nor plans to, yet)."""
+    return lycoris_file(tmp_path / "oft.safetensors", {"oft_blocks": (4, 8, 8)})
 
 
 @pytest.fixture
@@ -110,10 +119,16 @@ def test_inspect_names_a_lokr_file_and_summarises_its_training(run_cli, lokr_fil
     assert len(result.stderr.splitlines()) < 60
     summary = json.loads(run_cli("inspect", lokr_file, "--json").stdout)
     assert summary["metadata"]["ss_tag_7"] == "tag number 7"  # … and all of it is in --json
-    assert summary["algorithm"] == "LoKr" and summary["supported"] is False
-    assert summary["modules"] == 3 and summary["tensors"] == 9
-    assert summary["parts"] == {"alpha": 3, "lokr_w1": 3, "lokr_w2": 3}
-    assert summary["parameters"] == 3 * (16 + 64 + 1)
+    assert summary["algorithm"] == "LoKr" and summary["label"] == "a kohya LoKr adapter"
+    assert summary["training"]["dataset"] == "num_train_images 120"
+
+
+def test_inspect_summarises_an_adapter_it_does_not_load_from_its_tensors(run_cli, oft_file: Path) -> None:
+    summary = json.loads(run_cli("inspect", oft_file, "--json").stdout)
+    assert summary["label"] == "a kohya OFT adapter" and summary["supported"] is False
+    assert summary["modules"] == 3 and summary["tensors"] == 6
+    assert summary["parts"] == {"alpha": 3, "oft_blocks": 3}
+    assert summary["parameters"] == 3 * (4 * 8 * 8 + 1)
 
 
 @pytest.mark.parametrize(
@@ -127,20 +142,21 @@ def test_inspect_names_a_lokr_file_and_summarises_its_training(run_cli, lokr_fil
         ["merge", "{base}", "{f}", "-o", "{tmp}/o"],
     ],
 )
-def test_every_command_refuses_a_lokr_file_by_name(
-    run_cli, fixtures_dir: Path, lokr_file: Path, tmp_path: Path, command: list[str]
+def test_every_command_refuses_an_oft_file_by_name(
+    run_cli, fixtures_dir: Path, oft_file: Path, tmp_path: Path, command: list[str]
 ) -> None:
-    names = {"f": lokr_file, "tmp": tmp_path, "base": fixtures_dir / "base"}
-    refused(run_cli(*(a.format(**names) for a in command)), "a kohya LoKr adapter: not supported")
+    names = {"f": oft_file, "tmp": tmp_path, "base": fixtures_dir / "base"}
+    refused(run_cli(*(a.format(**names) for a in command)), "a kohya OFT adapter: not supported")
     assert not (tmp_path / "o").exists()
 
 
-def test_inspect_names_a_peft_dora_adapter(run_cli, fixture_copy) -> None:
+def test_a_peft_type_loratools_does_not_know_is_named_from_the_config(run_cli, fixture_copy) -> None:
     folder = fixture_copy("adapter")
     config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VERA"}))
     result = run_cli("inspect", folder)
-    assert result.exit_code == 0 and "a PEFT LoHa adapter" in result.stderr
+    assert result.exit_code == 0 and "a PEFT VERA adapter" in result.stderr
+    refused(run_cli("spectrum", folder), "a PEFT VERA adapter: not supported")
 
 
 # -- §4: GGUF ---------------------------------------------------------------------------------------
