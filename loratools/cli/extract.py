@@ -29,6 +29,13 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @click.option("--alpha", type=float, help="LoRA alpha for every module [default: alpha = rank, scale 1].")
 @click.option("--modules-to-save", is_flag=True, help="Carry changed norms/biases/other weights in full.")
 @click.option("--include-embeddings", is_flag=True, help="Carry changed embeddings and lm_head in full.")
+@click.option(
+    "--embeddings",
+    type=click.Choice(["skip", "full", "lora"]),
+    default="skip",
+    show_default=True,
+    help="Changed embeddings and lm_head: report them, carry them whole, or factor them as LoRA.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @dtype_option
 @device_option

@@ -28,10 +28,17 @@ import torch
 from loratools.adapter import LoraWeight
 from loratools.errors import UnknownFormat, list_problems
 
-__all__ = ["PEFT_KEY", "from_peft", "gguf_factors", "refuse_embeddings", "to_peft"]
+__all__ = ["LOOKUP", "PEFT_KEY", "from_peft", "gguf_factors", "is_lookup", "refuse_embeddings", "to_peft"]
 
+# modules that are looked up by token id (nn.Embedding); lm_head/embed_out are linear layers
+LOOKUP = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings)$")
 # ``<module>.lora_embedding_A`` / ``_B``, optionally followed by an adapter name (``.default``)
 PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?$")
+
+
+def is_lookup(module: str) -> bool:
+    """Whether ``module`` (a path such as ``model.embed_tokens``) is an input embedding by its name."""
+    return LOOKUP.search(module) is not None
 
 
 def from_peft(a_peft: torch.Tensor, b_peft: torch.Tensor, alpha: float, use_rslora: bool) -> LoraWeight:

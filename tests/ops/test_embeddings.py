@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratools.adapter import Adapter, LoraWeight
-from loratools.errors import UnknownFormat
+from loratools.errors import LoratoolsError, UnknownFormat
 from loratools.formats import gguf as gguf_names
 from loratools.formats import peft
 from loratools.io.adapter_dir import load_adapter, save_adapter
@@ -234,3 +234,107 @@ def test_our_rewrite_is_byte_identical_and_loads_in_peft(
     assert not [w for w in caught if "missing adapter keys" in str(w.message).lower()]
     expected = logits_through_peft(fixtures_dir / "base", peft_embedding_dir, ids)
     torch.testing.assert_close(got, expected, **LOGITS_FP32)
+
+
+# -- extract --embeddings -----------------------------------------------------------------------
+def planted_finetune(base_dir: Path, out: Path, modules: list[str], rank: int = 3, seed: int = 11) -> Path:
+    """``base_dir`` + a rank-``rank`` ΔW on each named tensor, written to ``out`` (with config.json)."""
+    import shutil
+
+    from loratools.io.checkpoint import open_checkpoint
+    from tests.ops.test_merge import write_checkpoint
+
+    ckpt = open_checkpoint(base_dir)
+    tensors = {name: ckpt.get(name) for name in ckpt.names()}
+    gen = torch.Generator().manual_seed(seed)
+    for name in modules:
+        d, k = tensors[name].shape
+        tensors[name] = (
+            tensors[name] + torch.randn(d, rank, generator=gen) @ torch.randn(rank, k, generator=gen) * 0.1
+        )
+    write_checkpoint(out, tensors)
+    shutil.copy(base_dir / "config.json", out / "config.json")
+    return out
+
+
+@pytest.fixture
+def embedding_finetune(fixtures_dir: Path, tmp_path: Path) -> Path:
+    return planted_finetune(
+        fixtures_dir / "base", tmp_path / "ft", [f"{EMBED}.weight", "lm_head.weight", f"{Q0}.weight"]
+    )
+
+
+def test_extract_embeddings_skip_full_or_lora(fixtures_dir: Path, embedding_finetune: Path) -> None:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract
+
+    def run(mode: str):
+        base, ft = open_checkpoint(fixtures_dir / "base"), open_checkpoint(embedding_finetune)
+        return extract(base, ft, ExtractOptions(rank=4, embeddings=mode))  # type: ignore[arg-type]
+
+    skipped = run("skip")
+    assert set(skipped.adapter.weights) == {Q0}
+    assert "--embeddings" in skipped.skipped[f"{EMBED}.weight"] and "lm_head.weight" in skipped.skipped
+    full = run("full")
+    assert set(full.saved) == {f"{EMBED}.weight", "lm_head.weight"}
+    lora = run("lora")
+    assert set(lora.adapter.weights) == {EMBED, "lm_head", Q0} and not lora.saved and not lora.skipped
+    assert lora.adapter.weights[EMBED].embedding and not lora.adapter.weights["lm_head"].embedding
+    errors = {m.name: m.relative_error for m in lora.modules}
+    assert max(errors.values()) < 1e-5  # rank-3 ΔW at rank 4: exact up to float32 rounding
+    assert lora.summary("out")["tied_embeddings"] == []
+    with pytest.raises(LoratoolsError, match="--include-embeddings"):
+        ExtractOptions(rank=4, embeddings="lora", include_embeddings=True)
+
+
+@pytest.mark.slow
+def test_extracted_embedding_lora_gives_the_finetune_in_peft_and_merged(
+    fixtures_dir: Path, embedding_finetune: Path, tmp_path: Path
+) -> None:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract
+    from tests.peft_helpers import load_llama, logits, logits_through_peft, tokens
+
+    result = extract(
+        open_checkpoint(fixtures_dir / "base"),
+        open_checkpoint(embedding_finetune),
+        ExtractOptions(rank=4, embeddings="lora"),
+    )
+    save_adapter(result.adapter, tmp_path / "a")
+    ids = tokens()
+    expected = logits(load_llama(embedding_finetune), ids)
+    torch.testing.assert_close(
+        logits_through_peft(fixtures_dir / "base", tmp_path / "a", ids), expected, **LOGITS_FP32
+    )
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
+    torch.testing.assert_close(logits(load_llama(tmp_path / "m"), ids), expected, **LOGITS_FP32)
+
+
+@pytest.mark.slow
+def test_tied_embeddings_are_reported_and_tied_in_peft(fixtures_dir: Path, tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract
+    from tests.peft_helpers import load_llama, logits, logits_through_peft, tokens
+
+    settings = json.loads((fixtures_dir / "base" / "config.json").read_text())
+    settings.pop("architectures")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, "tie_word_embeddings": True}))
+    model.save_pretrained(tmp_path / "base")  # one matrix: no lm_head.weight in the file
+    ft = planted_finetune(tmp_path / "base", tmp_path / "ft", [f"{EMBED}.weight"])
+
+    result = extract(
+        open_checkpoint(tmp_path / "base"), open_checkpoint(ft), ExtractOptions(rank=4, embeddings="lora")
+    )
+    assert result.summary("out")["tied_embeddings"] == [EMBED]
+    assert result.adapter.extra_config["ensure_weight_tying"] is True
+    save_adapter(result.adapter, tmp_path / "a")
+    ids = tokens()
+    expected = logits(load_llama(ft), ids)  # the tied fine-tune: input and output side both changed
+    torch.testing.assert_close(
+        logits_through_peft(tmp_path / "base", tmp_path / "a", ids), expected, **LOGITS_FP32
+    )
+    merge_paths(str(tmp_path / "base"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
+    torch.testing.assert_close(logits(load_llama(tmp_path / "m"), ids), expected, **LOGITS_FP32)

@@ -12,11 +12,12 @@ and ``relative_error = ‖ΔW − s·B·A‖_F / ‖ΔW‖_F``, measured from th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from loratools.adapter import LoraWeight
+from loratools.kinds import embedding
 from loratools.linalg import Svd, exact_svd, randomized_svd, rank_for_energy
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item
@@ -90,9 +91,11 @@ def factor_module(
     chosen = choose_rank(svd.s, total, options) if rank is None else min(rank, svd.rank)
     if chosen == 0:
         return None
+    module = item.name.removesuffix(".weight")
     weight = lora_from_svd(svd, chosen, options, dtype)
+    if embedding.is_lookup(module):  # same factors; PEFT stores them in its embedding layout
+        weight = replace(weight, embedding=True)
     energy = float(svd.s[:chosen].double().square().sum()) / total
     error = residual_norm(delta, weight) / math.sqrt(total)
-    module = item.name.removesuffix(".weight")
     shape = (int(item.shape[0]), int(item.shape[1]))
     return weight, ModuleReport(module, shape, chosen, min(energy, 1.0), error, math.sqrt(total))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from loratools.errors import LoratoolsError
+from loratools.errors import InvalidOptions
 from loratools.linalg import Split
 
 DEFAULT_MAX_RANK = 64  # SVD width for --energy/--sv-threshold/--budget when --max-rank is not given
@@ -31,7 +32,12 @@ class ExtractOptions:
         split: ``"sqrt"`` (B = U√S, A = √S Vᵀ) or ``"b"`` (B = U S, A = Vᵀ).
         alpha: LoRA alpha of every module; None means alpha = rank, so scale = 1.
         modules_to_save: carry norms/biases/untargeted weights that differ, in full.
-        include_embeddings: carry embeddings and lm_head that differ (also grown vocabularies).
+        include_embeddings: carry embeddings and lm_head that differ (also grown vocabularies);
+            the same as ``embeddings="full"``.
+        embeddings: what to do with embeddings and lm_head that differ: ``"skip"`` (report
+            them), ``"full"`` (carry them whole, PEFT's modules_to_save) or ``"lora"`` (factor
+            them like any module, with the same rank rule; an input embedding is written in
+            PEFT's embedding layout, see :mod:`loratools.kinds.embedding`).
         dtype: output dtype; None keeps the fine-tune's float dtype.
         seed: seed of the randomized SVD's Gaussian sketch.
     """
@@ -47,6 +53,7 @@ class ExtractOptions:
     alpha: float | None = None
     modules_to_save: bool = False
     include_embeddings: bool = False
+    embeddings: Literal["skip", "full", "lora"] = "skip"
     dtype: torch.dtype | None = None
     seed: int = 0
 
@@ -54,7 +61,7 @@ class ExtractOptions:
         chosen = [f for f in ("rank", "energy", "sv_threshold", "budget") if getattr(self, f) is not None]
         if len(chosen) != 1:
             given = ", ".join(f"--{f.replace('_', '-')}" for f in chosen) or "none"
-            raise LoratoolsError(
+            raise InvalidOptions(
                 f"choose exactly one of -r/--rank, --energy, --sv-threshold, --budget (got {given})"
             )
         checks = [
@@ -67,9 +74,14 @@ class ExtractOptions:
                 self.max_rank is None or self.rank is None,
                 "--max-rank goes with --energy/--sv-threshold/--budget",
             ),
-            (self.alpha is None or self.alpha > 0, "--alpha must be positive"),
+            (self.alpha is None or 0 < self.alpha < math.inf, "--alpha must be a positive number"),
             (self.split in ("sqrt", "b"), "--split must be 'sqrt' or 'b'"),
             (not self.targets or all(self.targets), "--targets names must not be empty"),
+            (self.embeddings in ("skip", "full", "lora"), "--embeddings must be 'skip', 'full' or 'lora'"),
+            (
+                not (self.include_embeddings and self.embeddings == "lora"),
+                "--include-embeddings carries embeddings whole; it cannot go with --embeddings lora",
+            ),
         ]
         problems = [message for ok, message in checks if not ok]
         if self.targets and len(self.targets) == 1 and REGEX_CHARS & set(self.targets[0]):
@@ -78,7 +90,7 @@ class ExtractOptions:
             except re.error as exc:
                 problems.append(f"--targets {self.targets[0]!r} is not a valid regex ({exc})")
         if problems:
-            raise LoratoolsError("; ".join(problems))
+            raise InvalidOptions("; ".join(problems))
 
     @property
     def rule(self) -> Literal["rank", "energy", "sv_threshold", "budget"]:
@@ -86,6 +98,11 @@ class ExtractOptions:
             if getattr(self, name) is not None:
                 return name  # type: ignore[return-value]
         return "budget"
+
+    @property
+    def embedding_mode(self) -> Literal["skip", "full", "lora"]:
+        """``embeddings``, with ``include_embeddings`` meaning ``"full"``."""
+        return "full" if self.include_embeddings else self.embeddings
 
     @property
     def width(self) -> int:

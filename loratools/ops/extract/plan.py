@@ -62,7 +62,8 @@ class ExtractPlan:
 def _kind(name: str, shape: tuple[int, ...], options: ExtractOptions) -> Kind:
     module = name.rsplit(".", 1)[0]
     if EMBEDDING.search(module):
-        return "embedding"
+        lora = options.embedding_mode == "lora" and len(shape) == 2 and name.endswith(".weight")
+        return "lora" if lora else "embedding"
     if len(shape) == 2 and name.endswith(".weight") and options.targets_module(module):
         return "lora"
     return "other"
@@ -73,7 +74,7 @@ def plan_extraction(base: TensorSource, finetuned: TensorSource, options: Extrac
 
     Raises:
         ShapeMismatch: tensors whose shapes differ (all listed), except embeddings with
-            ``include_embeddings``; or no tensor selected for LoRA.
+            ``embeddings="full"``; or no tensor selected for LoRA.
     """
     base_names = set(base.names())
     items, bad = [], []
@@ -83,13 +84,14 @@ def plan_extraction(base: TensorSource, finetuned: TensorSource, options: Extrac
         shape, base_shape = tuple(finetuned.info(name).shape), tuple(base.info(name).shape)
         kind = _kind(name, shape, options)
         resized = shape != base_shape
-        if resized and not (kind == "embedding" and options.include_embeddings):
+        if resized and not (kind == "embedding" and options.embedding_mode == "full"):
             bad.append(f"{name} {list(base_shape)} → {list(shape)}")
         items.append(Item(name, kind, shape, resized))
     if bad:
         raise ShapeMismatch(
             f"base and fine-tune shapes differ: {list_problems(bad)}; a grown vocabulary is carried "
-            "with --include-embeddings (resize the base's embeddings before loading), other tensors cannot be"
+            "whole with --embeddings full (--include-embeddings; resize the base's embeddings before loading), "
+            "other tensors cannot be"
         )
     lora = [item for item in items if item.kind == "lora"]
     if not lora:

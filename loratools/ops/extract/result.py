@@ -7,6 +7,7 @@ from typing import Any
 
 from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError
+from loratools.ops.extract.embeddings import tied_embeddings, tying_config
 from loratools.ops.extract.factor import ModuleReport
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import ExtractPlan
@@ -69,6 +70,7 @@ class ExtractResult:
             "unchanged": len(self.unchanged),
             "only_in_base": self.plan.only_in_base,
             "only_in_finetuned": self.plan.only_in_finetuned,
+            "tied_embeddings": self.adapter.provenance.get("tied_embeddings", []),
         }
 
 
@@ -103,11 +105,15 @@ def build_result(
             "check the two paths, --targets and --sv-threshold"
         )
     provenance = _provenance(options, plan, base, finetuned)
+    tied = tied_embeddings([*order, *plan.only_in_base, *plan.only_in_finetuned])
+    if tied:
+        provenance["tied_embeddings"] = tied  # one matrix for input and output: reported
     adapter = Adapter(
         weights=weights,
         saved_modules={n: outcome.saved[n] for n in order if n in outcome.saved},
         base_model=base,
         task_type=task_type,
+        extra_config=tying_config(tied, weights),
         provenance=provenance,
     )
     result = ExtractResult(

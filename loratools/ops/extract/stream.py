@@ -69,7 +69,9 @@ def _carry(
     if item.name.rsplit(".", 1)[0] in lora_modules:
         return "differs, but its module gets LoRA factors; PEFT cannot also save it in full (not carried)"
     if item.kind == "embedding":
-        return None if options.include_embeddings else "embedding/lm_head differs: pass --include-embeddings"
+        if options.embedding_mode == "full":
+            return None
+        return "embedding/lm_head differs: pass --embeddings lora, or full (--include-embeddings)"
     return None if options.modules_to_save else "differs (not LoRA-able): pass --modules-to-save to carry it"
 
 
