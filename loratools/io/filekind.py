@@ -116,6 +116,9 @@ def _detect_folder(path: Path) -> FileKind:
         weights = path / peft.WEIGHTS_NAME
         keys = _safetensors_keys(weights) if weights.is_file() else []
         return adapter_kind(keys, config=_read_config(path / peft.CONFIG_NAME))
+    pickled = _pytorch_folder(path)
+    if pickled is not None:
+        return pickled
     try:
         ckpt = open_checkpoint(path)
     except LoratoolsError as exc:
@@ -123,6 +126,24 @@ def _detect_folder(path: Path) -> FileKind:
             f"{path}: not an adapter folder (no {peft.CONFIG_NAME}), and not a model folder: {exc}"
         ) from None
     return checkpoint_kind(ckpt.kind, len(ckpt.files))
+
+
+def _pytorch_folder(path: Path) -> FileKind | None:
+    """A folder of PyTorch pickles only, named without unpickling it (that is the command's job,
+    and costs the whole model's loading time)."""
+    from loratools.io.checkpoint import PYTORCH_INDEX
+
+    if any(path.glob("*.safetensors")):
+        return None
+    if (path / PYTORCH_INDEX).is_file():
+        try:
+            shards = len(set(json.loads((path / PYTORCH_INDEX).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # open_checkpoint says what is wrong with it
+        return checkpoint_kind("pytorch", shards)
+    if any((path / name).is_file() for name in ("pytorch_model.bin", "model.pt", "model.bin")):
+        return checkpoint_kind("pytorch")
+    return None
 
 
 def _safetensors_keys(path: Path) -> list[str]:

@@ -277,3 +277,10 @@ def test_a_pipe_is_refused_not_read(run_cli, tmp_path: Path) -> None:
     fifo = tmp_path / "x.safetensors"
     os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
     refused(run_cli("inspect", fifo), "not a regular file")
+
+
+def test_a_pytorch_folder_is_named_and_read(run_cli, tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2, 3)}, tmp_path / "pytorch_model.bin")
+    result = run_cli("inspect", tmp_path)
+    assert result.exit_code == 0 and result.stderr.splitlines()[0] == f"{tmp_path}: a PyTorch checkpoint"
+    assert json.loads(run_cli("inspect", tmp_path, "--json").stdout)["parameters"] == 6
