@@ -108,7 +108,8 @@ def _column_groups(widths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def common_prefix(names: Sequence[str]) -> str:
-    """The longest prefix ending in ``.`` that every name starts with and none equals."""
+    """The longest prefix ending in ``.`` that every name starts with and none equals (in ``_``
+    for names without dots: kohya's ``lora_unet_down_blocks_…``)."""
     if len(names) < 2:
         return ""
     first, last = min(names), max(names)
@@ -116,7 +117,8 @@ def common_prefix(names: Sequence[str]) -> str:
     while n < min(len(first), len(last)) and first[n] == last[n]:
         n += 1
     prefix = first[:n]
-    return prefix[: prefix.rfind(".") + 1]
+    separator = "." if any("." in name for name in names) else "_"
+    return prefix[: prefix.rfind(separator) + 1]
 
 
 def _strip_common_prefix(

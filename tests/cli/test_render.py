@@ -52,6 +52,7 @@ def test_common_prefix_ends_at_a_dot() -> None:
     assert render.common_prefix(["a.b.c1", "a.b.c2"]) == "a.b."
     assert render.common_prefix(["a.bc", "a.bd"]) == "a."
     assert render.common_prefix(["only.one"]) == ""
+    assert render.common_prefix(["lora_unet_down_0_q", "lora_unet_down_1_q"]) == "lora_unet_down_"
 
 
 def test_plot_without_suffix_gets_png(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
