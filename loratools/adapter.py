@@ -43,6 +43,8 @@ class ModuleWeight(Protocol):
         weight_shape: the base weight's full shape when it is not 2-D (conv: (out, in, kh, kw)),
             else None (see :func:`base_weight_shape`).
         rank: the width of the exact factored form ``scaled_factors()``.
+        alpha: the module's alpha as stored (what the file says).
+        scale: the multiplier the kind's rule derives from alpha (LoRA alpha/r, LoKr per its file).
         dtype: the dtype the factors are stored in.
         num_parameters: stored parameters (what the file holds for this module).
     """
@@ -64,6 +66,12 @@ class ModuleWeight(Protocol):
 
     @property
     def num_parameters(self) -> int: ...
+
+    @property
+    def alpha(self) -> float: ...
+
+    @property
+    def scale(self) -> float: ...
 
     def scaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 ``(L, R)``, shapes (out, rank) and (rank, in·kh·kw), with ``L @ R = ΔW``."""
@@ -214,7 +222,7 @@ class Adapter:
         provenance: how the adapter was made (command, inputs, ranks, energy kept).
     """
 
-    weights: Mapping[str, LoraWeight]
+    weights: Mapping[str, ModuleWeight]
     saved_modules: Mapping[str, torch.Tensor] = field(default_factory=dict)
     base_model: str | None = None
     task_type: str | None = None
@@ -247,6 +255,22 @@ class Adapter:
         # fan_in_fan_out is about Conv1D weights; an embedding is (num_embeddings, dim) either way
         return delta.T if self.fan_in_fan_out and not getattr(weight, "embedding", False) else delta
 
-    def with_weights(self, weights: Mapping[str, LoraWeight], **provenance: Any) -> Adapter:
+    @property
+    def lora_weights(self) -> dict[str, LoraWeight]:
+        """The modules as plain LoRA factors, for code that needs A and B themselves (file writers,
+        training). Raises UnknownFormat naming the first module of another kind (LoHa, LoKr)."""
+        loras = {name: w for name, w in self.weights.items() if isinstance(w, LoraWeight)}
+        other = next((name for name in self.weights if name not in loras), None)
+        if other is not None:
+            from loratools.errors import UnknownFormat
+            from loratools.kinds import kind_label
+
+            raise UnknownFormat(
+                f"module {other} is a {kind_label(self.weights[other].kind)} module, which this needs as "
+                "plain LoRA factors; convert the adapter to LoRA first (loratools convert ADAPTER --to peft -r RANK)"
+            )
+        return loras
+
+    def with_weights(self, weights: Mapping[str, ModuleWeight], **provenance: Any) -> Adapter:
         """A copy with new factors; ``provenance`` entries are added to the record."""
         return replace(self, weights=dict(weights), provenance={**self.provenance, **provenance})

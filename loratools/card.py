@@ -163,7 +163,7 @@ def _facts_table(adapter: Adapter) -> list[str]:
     rows = [
         ("rank r", _span([w.rank for w in weights]) if weights else "—"),
         ("alpha", _span([w.alpha for w in weights]) if weights else "—"),
-        ("scale (alpha/√r, rsLoRA)" if any(w.use_rslora for w in weights) else "scale (alpha/r)",
+        ("scale (alpha/√r, rsLoRA)" if any(getattr(w, "use_rslora", False) for w in weights) else "scale (alpha/r)",
          _span([w.scale for w in weights]) if weights else "—"),
         ("target modules", ", ".join(f"`{t}`" for t in adapter.target_modules) or "—"),
         ("adapted modules", str(len(weights))),

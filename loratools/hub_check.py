@@ -89,7 +89,7 @@ def _value_problems(adapter: Adapter) -> list[str]:
     bad = [
         name
         for name, w in adapter.weights.items()
-        if not (torch.isfinite(w.a).all() and torch.isfinite(w.b).all())
+        if not all(torch.isfinite(t).all() for t in w.scaled_factors())
     ]
     bad += [
         name

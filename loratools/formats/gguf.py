@@ -182,7 +182,7 @@ def gguf_alpha(adapter: Adapter) -> float:
     """The one ``adapter.lora.alpha`` to write: the most common plain (``alpha/r``) alpha, so
     that a uniform adapter keeps its factors bit for bit; rounded to float32 as the file stores it,
     so the folding below is relative to the value llama.cpp will read."""
-    counts = Counter(w.with_plain_scaling().alpha for w in adapter.weights.values())
+    counts = Counter(w.with_plain_scaling().alpha for w in adapter.lora_weights.values())
     alpha = max(counts, key=lambda value: (counts[value], value)) if counts else 1.0  # ties: the largest
     return float(torch.tensor(alpha if alpha != 0 else 1.0, dtype=torch.float32))
 
@@ -227,7 +227,7 @@ def adapter_tensors(
         raise UnknownFormat(f"modules llama.cpp cannot map to a GGUF tensor: {list_problems(unmapped)}")
     alpha = gguf_alpha(adapter)
     out: dict[str, torch.Tensor] = {}
-    for module, weight in adapter.weights.items():
+    for module, weight in adapter.lora_weights.items():
         name = str(names[module])
         plain = weight.with_plain_scaling()
         if getattr(weight, "embedding", False):  # token_embd: A and B flipped (kinds/embedding.py)

@@ -317,7 +317,7 @@ def from_adapter(
     if clashes:
         raise LoratoolsError(f"modules that share a kohya name: {list_problems(clashes)}")
     tensors: dict[str, torch.Tensor] = {}
-    for module, weight in adapter.weights.items():
+    for module, weight in adapter.lora_weights.items():
         plain = weight.with_plain_scaling()
         stem = kohya_stem(module, prefix)
         tensors[f"{stem}.lora_down.weight"] = plain.a.contiguous()  # (r, in)
@@ -331,12 +331,12 @@ def from_adapter(
 
 def _metadata(adapter: Adapter, prefix: str) -> dict[str, str]:
     """sd-scripts' ``ss_*`` fields (the most common rank/alpha) plus the loratools record."""
-    plain = [w.with_plain_scaling() for w in adapter.weights.values()]
+    plain = [w.with_plain_scaling() for w in adapter.lora_weights.values()]
     rank = _most_common([w.rank for w in plain], 0)
     alpha = _most_common([w.alpha for w in plain if w.rank == rank], 0.0)
     record = {
         "prefix": prefix,
-        "modules": [[m, w.alpha, w.use_rslora] for m, w in adapter.weights.items()],
+        "modules": [[m, w.alpha, w.use_rslora] for m, w in adapter.lora_weights.items()],
         "base_model": adapter.base_model,
         "task_type": adapter.task_type,
         "fan_in_fan_out": adapter.fan_in_fan_out,

@@ -217,8 +217,9 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
     ``rank_pattern``/``alpha_pattern`` for the rest. rsLoRA is kept when every module uses it;
     otherwise rsLoRA modules are rewritten with ``alpha·√r`` so that ``alpha/r`` gives the same scale.
     """
-    rslora = bool(adapter.weights) and all(w.use_rslora for w in adapter.weights.values())
-    weights = {m: w if rslora else w.with_plain_scaling() for m, w in adapter.weights.items()}
+    loras = adapter.lora_weights
+    rslora = bool(loras) and all(w.use_rslora for w in loras.values())
+    weights = {m: w if rslora else w.with_plain_scaling() for m, w in loras.items()}
     r = _most_common([w.rank for w in weights.values()], 8)
     alpha = _most_common([w.alpha for w in weights.values() if w.rank == r], float(r))
     rank_pattern = {m: w.rank for m, w in weights.items() if w.rank != r}

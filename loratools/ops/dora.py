@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from loratools.adapter import Adapter, LoraWeight
+from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import LoratoolsError, list_problems
 
 __all__ = [
@@ -65,7 +65,7 @@ def refuse_dora(adapter: Adapter, what: str, how: str, where: str = "adapter") -
 
 
 def add_direction(
-    v: torch.Tensor, weight: LoraWeight, sign: float = 1.0, transposed: bool = False
+    v: torch.Tensor, weight: ModuleWeight, sign: float = 1.0, transposed: bool = False
 ) -> torch.Tensor:
     """``V += sign · s·B@A`` in place on a float32 (out, in) tensor (or (in, out) when transposed)."""
     b, a = weight.scaled_factors()  # (out, r) · s, (r, in)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from loratools.adapter import Adapter, LoraWeight
+from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import LoratoolsError
 from loratools.linalg import Split, Svd, allocate_budget, factored_svd, rank_for_energy
 from loratools.ops import Progress, no_progress
@@ -140,7 +140,7 @@ def lora_from_svd(svd: Svd, rank: int, split: Split, dtype: torch.dtype) -> Lora
     return LoraWeight(a.to("cpu", dtype).contiguous(), b.to("cpu", dtype).contiguous(), float(rank))
 
 
-def _module_svd(weight: LoraWeight, device: torch.device) -> Svd:
+def _module_svd(weight: ModuleWeight, device: torch.device) -> Svd:
     b, a = weight.scaled_factors()  # (d, r) with the scale folded in, (r, k)
     return factored_svd(b.to(device), a.to(device))
 
@@ -186,7 +186,7 @@ def resize_adapter(
         svds[name] = _module_svd(weight, device)
         progress(name)
     ranks = _choose_ranks({n: svd.s.cpu() for n, svd in svds.items()}, options)
-    weights: dict[str, LoraWeight] = {}
+    weights: dict[str, ModuleWeight] = {}
     report: list[ModuleResize] = []
     for name, weight in adapter.weights.items():
         new_rank = min(ranks[name], weight.rank)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from loratools.adapter import Adapter, LoraWeight
+from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import LoratoolsError, MissingKeys, ShapeMismatch, list_problems
 from loratools.ops import Progress, no_progress
 
@@ -58,13 +58,19 @@ class SimilarityOptions:
             raise LoratoolsError(f"--threshold {self.threshold}: must lie in [0, 1]")
 
 
-def singular_basis(weight: LoraWeight, side: Side = "right") -> torch.Tensor:
+def singular_basis(weight: ModuleWeight, side: Side = "right") -> torch.Tensor:
     """Orthonormal singular vectors of A (right) or B (left), by descending singular value.
 
     Returns:
         (in_features, r') for ``"right"``, (out_features, r') for ``"left"``; r' = min(r, n),
         float64 (these matrices are small and float64 keeps φ(A, A, i, i) = 1 to 1e-12).
     """
+    if not isinstance(weight, LoraWeight):  # LoHa, LoKr: ΔW's own singular vectors, from L @ R
+        from loratools.linalg import factored_svd
+
+        svd = factored_svd(*(t.double() for t in weight.scaled_factors()))
+        kept = svd.s > (svd.s[0] * 1e-10 if svd.s.numel() else 0.0)  # its rank, not the width of L @ R
+        return svd.vh[kept].T if side == "right" else svd.u[:, kept]
     if side == "right":
         return torch.linalg.svd(weight.a.double(), full_matrices=False).Vh.T  # (in, r')
     return torch.linalg.svd(weight.b.double(), full_matrices=False).U  # (out, r')

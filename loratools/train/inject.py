@@ -160,12 +160,12 @@ def load_lora_adapter(
     if problems:
         raise MissingKeys(f"adapter modules that do not fit the model: {list_problems(problems)}")
     pattern = {mapping[n]: w.rank for n, w in adapter.weights.items()}
-    first = next(iter(adapter.weights.values()))
+    first = next(iter(adapter.lora_weights.values()))
     inject_lora(
         model, list(pattern), first.rank, first.alpha, dropout=dropout, init=init, rank_pattern=pattern
     )
     layers = lora_layers(model)
-    for name, weight in adapter.weights.items():
+    for name, weight in adapter.lora_weights.items():
         target = layers[mapping[name]]
         if weight.shape != (target.out_features, target.in_features):
             raise ShapeMismatch(

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from loratools.adapter import Adapter, LoraWeight
+from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import ShapeMismatch, list_problems
 from loratools.ops import Progress, no_progress
 from loratools.ops.combine.module import combine_module, folded
@@ -17,8 +17,8 @@ from loratools.ops.combine.options import CombineOptions, CombineResult, ModuleC
 from loratools.ops.combine.saved import combine_saved
 
 
-def _gather(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, LoraWeight]]]:
-    groups: dict[str, list[tuple[int, LoraWeight]]] = {}
+def _gather(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, ModuleWeight]]]:
+    groups: dict[str, list[tuple[int, ModuleWeight]]] = {}
     for i, adapter in enumerate(adapters):
         for name, weight in adapter.weights.items():
             groups.setdefault(name, []).append((i, weight))
@@ -26,7 +26,7 @@ def _gather(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, LoraWeight
 
 
 def _check_compatible(
-    adapters: Sequence[Adapter], groups: dict[str, list[tuple[int, LoraWeight]]], labels: list[str]
+    adapters: Sequence[Adapter], groups: dict[str, list[tuple[int, ModuleWeight]]], labels: list[str]
 ) -> None:
     """Refuse, listing every conflict at once, modules whose delta shapes differ between adapters."""
     conflicts = []

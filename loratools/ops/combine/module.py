@@ -8,14 +8,16 @@ from collections.abc import Sequence
 
 import torch
 
-from loratools.adapter import LoraWeight
+from loratools.adapter import LoraWeight, ModuleWeight
 from loratools.linalg import factored_svd_sum
 from loratools.ops.combine.dense import dense_module
 from loratools.ops.combine.options import CombineOptions, Pair, pick_rank
 from loratools.ops.resize import energy_kept, lora_from_svd
 
 
-def folded(items: list[tuple[int, LoraWeight]], weights: Sequence[float], device: torch.device) -> list[Pair]:
+def folded(
+    items: list[tuple[int, ModuleWeight]], weights: Sequence[float], device: torch.device
+) -> list[Pair]:
     """``(wᵢ·sᵢ·Bᵢ, Aᵢ)`` per adapter, float32 on ``device``; the weight goes into B only."""
     pairs = []
     for i, weight in items:

@@ -177,15 +177,16 @@ class DoraPlan:
         base = w0.to(device)
         current = base.to(torch.float32, copy=True)
         for index, lora, weight, transposed in removals:
-            if lora.magnitude is not None:
-                unscale_rows(current, lora.magnitude, self._norms(index, name).to(device), transposed)
+            if (magnitude := getattr(lora, "magnitude", None)) is not None:
+                unscale_rows(current, magnitude, self._norms(index, name).to(device), transposed)
             add_direction(current, lora, weight, transposed)
         # a DoRA's norm is taken against the unmerged base; keep it apart once something else is added
         reference = (
             current.clone() if len(additions) > 1 and any(_is_dora(op[1]) for op in additions) else None
         )
         for position, lora, weight, transposed in additions:
-            if lora.magnitude is None:
+            magnitude = getattr(lora, "magnitude", None)  # DoRA only; other kinds add L @ R
+            if magnitude is None:
                 add_direction(current, lora, weight, transposed)
                 continue
             if reference is None:
@@ -194,7 +195,7 @@ class DoraPlan:
             else:
                 norms = row_norms(add_direction(reference.clone(), lora, 1.0, transposed), transposed)
                 add_direction(current, lora, 1.0, transposed)
-            scale_rows(current, lora.magnitude, norms, transposed)
+            scale_rows(current, magnitude, norms, transposed)
             self.new_norms[(position, name)] = norms.cpu()
         return current.to(out_dtype), _stats(name, base, current, out_dtype, len(update.loras))
 

@@ -67,7 +67,7 @@ def _plan_loras(
         lora, info = adapter.weights[module], infos[target]
         # fan_in_fan_out (Conv1D) transposes linear deltas; an embedding keeps (num_embeddings, dim)
         transposed = adapter.fan_in_fan_out and not getattr(lora, "embedding", False)
-        expected = (lora.in_features, lora.out_features) if transposed else lora.shape
+        expected = (lora.shape[1], lora.shape[0]) if transposed else lora.shape
         if target in seen:
             _misfit(problems, f"{label}: {module} and {seen[target]} both adapt {target}")
         elif tuple(info.shape) != expected:

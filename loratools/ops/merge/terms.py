@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loratools.adapter import Adapter, LoraWeight
+from loratools.adapter import Adapter, ModuleWeight
 from loratools.errors import LoratoolsError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -71,5 +71,5 @@ class TensorUpdate:
         replacement: a ``modules_to_save`` tensor that replaces the base tensor whole.
     """
 
-    loras: list[tuple[LoraWeight, float, bool]] = field(default_factory=list)
+    loras: list[tuple[ModuleWeight, float, bool]] = field(default_factory=list)
     replacement: torch.Tensor | None = None

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from loratools import linalg
-from loratools.adapter import Adapter, LoraWeight
+from loratools.adapter import Adapter, ModuleWeight
 from loratools.errors import LoratoolsError, ShapeMismatch, list_problems
 from loratools.formats.names import resolve_modules
 from loratools.ops import Progress, no_progress
@@ -68,7 +68,7 @@ def adapter_spectrum(
 
 def _adapter_module(
     name: str,
-    weight: LoraWeight,
+    weight: ModuleWeight,
     options: SpectrumOptions,
     w0s: Iterator[torch.Tensor] | None,
     fan_in_fan_out: bool,
