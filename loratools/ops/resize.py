@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
-from loratools.errors import LoratoolsError
+from loratools.errors import InvalidOptions, LoratoolsError
 from loratools.linalg import Split, Svd, allocate_budget, factored_svd, rank_for_energy
 from loratools.ops import Progress, no_progress
 
@@ -64,17 +64,17 @@ class ResizeOptions:
     def __post_init__(self) -> None:
         given = [n for n in ("rank", "energy", "budget") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of rank (-r), energy (--energy) or budget (--budget)")
+            raise InvalidOptions("give exactly one of -r/--rank, --energy or --budget")
         if self.rank is not None and self.rank < 1:
-            raise ValueError(f"rank must be at least 1, got {self.rank}")
+            raise InvalidOptions(f"-r/--rank {self.rank}: must be at least 1")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+            raise InvalidOptions(f"--energy {self.energy}: must be in (0, 1], e.g. 0.9")
         if self.budget is not None and self.budget < 1:
-            raise ValueError(f"budget must be at least 1, got {self.budget}")
+            raise InvalidOptions(f"--budget {self.budget}: must be at least 1")
         if self.min_rank < 1:
-            raise ValueError(f"min_rank must be at least 1, got {self.min_rank}")
+            raise InvalidOptions(f"--min-rank {self.min_rank}: must be at least 1")
         if self.split not in ("sqrt", "b"):
-            raise ValueError(f"split must be 'sqrt' or 'b', got {self.split!r}")
+            raise InvalidOptions(f"--split {self.split!r}: use 'sqrt' or 'b'")
 
     def record(self) -> dict[str, Any]:
         """The choices that changed the numbers, for the output's provenance."""

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loratools.errors import InvalidOptions
 from loratools.ops import Progress, no_progress
 from loratools.train.data import IGNORE, Packed
 from loratools.train.distributed import Workers, all_reduce_sum, wrap_model
@@ -55,9 +56,20 @@ class LoopOptions:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+                raise InvalidOptions(
+                    f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})"
+                )
+        checks = [
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number (got {self.lr})"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be ≥ 0"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup must be ≥ 0"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "--max-grad-norm must be positive"),
+            (self.eval_every >= 0 and self.save_every >= 0, "--eval-every/--save-every must be ≥ 0"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise InvalidOptions("; ".join(problems))
 
     @property
     def warmup(self) -> int:

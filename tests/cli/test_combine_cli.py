@@ -151,16 +151,16 @@ def test_shape_conflict_is_one_line_and_writes_nothing(run_cli, adapters, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "code"),
     [
-        (["-w", "1", "-w", "2", "-w", "3"], "3 --weight values for 2 adapters"),
-        (["--method", "ties", "-r", "4"], "needs --density"),
-        (["-r", "4", "--energy", "0.5"], "not both"),
+        (["-w", "1", "-w", "2", "-w", "3"], "3 --weight values for 2 adapters", 2),
+        (["--method", "ties", "-r", "4"], "needs --density", 1),  # option values: a clear error, exit 1
+        (["-r", "4", "--energy", "0.5"], "not both", 1),
     ],
 )
-def test_usage_errors_exit_2(run_cli, adapters, tmp_path, args: list[str], message: str) -> None:
+def test_usage_errors(run_cli, adapters, tmp_path, args: list[str], message: str, code: int) -> None:
     result = run_cli("combine", adapters["peft"], adapters["rs"], "-o", tmp_path / "u", *args)
-    assert result.exit_code == 2 and message in result.stderr
+    assert result.exit_code == code and message in result.stderr
     assert not (tmp_path / "u").exists()
 
 
@@ -169,7 +169,7 @@ def test_resize_needs_exactly_one_rule_and_output_must_not_be_the_input(
 ) -> None:
     adapter = fixture_copy("adapter")
     result = run_cli("resize", adapter, "-o", tmp_path / "r")
-    assert result.exit_code == 2 and "exactly one" in result.stderr
+    assert result.exit_code == 1 and "exactly one" in result.stderr
     before = (adapter / "adapter_model.safetensors").read_bytes()
     result = run_cli("resize", adapter, "-o", adapter, "-r", "2", "--force")
     assert result.exit_code == 1 and "overlaps the input" in result.stderr

@@ -305,7 +305,9 @@ def test_mixed_fan_in_fan_out_refused() -> None:
     ],
 )
 def test_options_refuse_bad_combinations(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    from loratools.errors import InvalidOptions  # a LoratoolsError: exit 1, not a usage error
+
+    with pytest.raises(InvalidOptions, match=message):
         CombineOptions(**kwargs)
 
 

@@ -98,11 +98,13 @@ def test_budget_too_small_for_min_rank_is_a_clear_error() -> None:
         ({"rank": 0}, "at least 1"),
         ({"energy": 1.5}, r"\(0, 1\]"),
         ({"budget": 0}, "at least 1"),
-        ({"budget": 4, "min_rank": 0}, "min_rank"),
+        ({"budget": 4, "min_rank": 0}, "--min-rank"),
     ],
 )
 def test_options_refuse_bad_values(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    from loratools.errors import InvalidOptions  # a LoratoolsError: exit 1, not a usage error
+
+    with pytest.raises(InvalidOptions, match=message):
         ResizeOptions(**kwargs)
 
 

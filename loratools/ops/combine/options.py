@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 
 from loratools.adapter import Adapter
+from loratools.errors import InvalidOptions
 from loratools.linalg import Split, rank_for_energy
 
 Method = Literal["exact", "svd", "ties", "dare"]
@@ -57,7 +58,7 @@ class CombineOptions:
         object.__setattr__(self, "method", method)  # resolve the default once
         problem = self._problem(method, truncating)
         if problem:
-            raise ValueError(problem)
+            raise InvalidOptions(problem)
 
     def _problem(self, method: str, truncating: bool) -> str | None:
         rank, energy, density = self.rank, self.energy, self.density
