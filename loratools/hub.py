@@ -35,6 +35,7 @@ __all__ = [
     "PushOptions",
     "PushResult",
     "check_adapter_folder",
+    "is_pickle",
     "parse_repo_ref",
     "pull",
     "push",
@@ -42,7 +43,20 @@ __all__ = [
 
 REPO_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 REVISION = re.compile(r"^[\w./-]+$")
-PICKLES = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]  # never fetched: loading them can run code
+# Pickle files are never fetched nor uploaded: loading one can run arbitrary code. Matched in any
+# case (``model.BIN`` is a pickle too); ``PICKLES`` spells the same rule as case-blind globs for
+# huggingface_hub's ignore_patterns, whose fnmatch is case-sensitive on POSIX.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PICKLES = [
+    "*" + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in suffix)
+    for suffix in PICKLE_SUFFIXES
+]
+
+
+def is_pickle(path: str | Path) -> bool:
+    """Whether a file name ends like a pickle (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.pickle``,
+    ``.ckpt``), in any case."""
+    return Path(path).name.lower().endswith(PICKLE_SUFFIXES)
 
 
 def parse_repo_ref(argument: str) -> tuple[str, str | None]:
@@ -145,7 +159,7 @@ def _upload_files(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if hidden or any(path.match(pattern) for pattern in PICKLES):
+        if hidden or is_pickle(path):
             skipped.append(rel)
         else:
             files.append((rel, path))
@@ -229,7 +243,8 @@ def pull(options: PullOptions, progress: Progress = no_progress) -> PullResult:
     """Download ``options.repo_id`` at one commit into the new folder ``options.output``.
 
     The revision is resolved to a commit first, so every file comes from the same commit. Pickled
-    weights (``*.bin``, ``*.pt``, …) are not downloaded. The folder appears only when complete.
+    weights (``*.bin``, ``*.pt``, … in any case: :func:`is_pickle`) are not downloaded. The
+    folder appears only when complete.
 
     Raises:
         OutputExists: ``output`` exists and ``force`` is False.
@@ -247,12 +262,14 @@ def pull(options: PullOptions, progress: Progress = no_progress) -> PullResult:
     ):
         info = api.model_info(options.repo_id, revision=options.revision)
         remote = [s.rfilename for s in info.siblings or []]
-        skipped = [f for f in remote if any(Path(f).match(p) for p in PICKLES)]
+        skipped = [f for f in remote if is_pickle(f)]
         progress("resolved")
         snapshot_download(
             options.repo_id, revision=info.sha, local_dir=tmp, token=options.token, ignore_patterns=PICKLES
         )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local_dir bookkeeping
+        for path in [p for p in tmp.rglob("*") if p.is_file() and is_pickle(p)]:
+            path.unlink()  # a second net, should the pattern matching above ever change
         progress("downloaded")
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     revision = options.revision or "main"

@@ -274,8 +274,8 @@ def _break_config(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("breakage", "words"),
     [
-        (_break_rank, "config gives it r=8"),
-        (_break_targets, "not selected by target_modules"),
+        (_break_rank, "config says 8"),  # load-time validation (formats/validate.py) refuses first
+        (_break_targets, "would silently skip them"),
         (_break_values, "NaN"),
         (_break_shapes, "lora"),
         (_break_config, "adapter_config.json"),
@@ -398,3 +398,50 @@ def test_hidden_files_and_pickles_are_not_uploaded(hub, run_cli, fixture_copy):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["skipped"] == [".git/config", "training_args.bin"]
     assert set(hub.files("tester/demo")) == {".gitattributes", "README.md", "notes/eval.json", *ADAPTER_FILES}
+
+
+PICKLE_NAMES = [
+    "model.BIN",
+    "weights.Pt",
+    "x.PTH",
+    "opt.CKPT",
+    "state.Pkl",
+    "a/b/optimizer.bin",
+    "data.pickle",
+]
+
+
+def test_pickles_are_recognised_in_any_case():
+    from loratools.hub import PICKLES, is_pickle
+
+    assert all(is_pickle(name) for name in PICKLE_NAMES)
+    assert not any(is_pickle(n) for n in ("model.safetensors", "bin", "x.binary", "x.pt.json", "x.ptx"))
+    from huggingface_hub.utils import filter_repo_objects  # what snapshot_download filters with
+
+    names = [*PICKLE_NAMES, "model.safetensors", "x.binary"]
+    assert list(filter_repo_objects(names, ignore_patterns=PICKLES)) == ["model.safetensors", "x.binary"]
+
+
+def test_pull_skips_pickles_whatever_their_case(hub, run_cli, fixtures_dir, tmp_path):
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub.token)
+    api.create_repo("tester/mixed")
+    api.upload_folder(repo_id="tester/mixed", folder_path=fixtures_dir / "adapter")
+    for name in PICKLE_NAMES:
+        api.upload_file(path_or_fileobj=b"\x80\x04pickle", path_in_repo=name, repo_id="tester/mixed")
+    result = run_cli("pull", "tester/mixed", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sorted(report["skipped"]) == sorted(PICKLE_NAMES)
+    assert sorted(_tree(tmp_path / "out")) == sorted(report["files"]) == [".gitattributes", *ADAPTER_FILES]
+
+
+def test_push_skips_pickles_whatever_their_case(hub, run_cli, fixture_copy):
+    folder = fixture_copy("adapter")
+    (folder / "training_args.BIN").write_bytes(b"\x80\x04pickle")
+    (folder / "optimizer.Pt").write_bytes(b"\x80\x04pickle")
+    result = run_cli("push", folder, "tester/demo", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["skipped"] == ["optimizer.Pt", "training_args.BIN"]
+    assert set(hub.files("tester/demo")) == {".gitattributes", "README.md", *ADAPTER_FILES}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
 import sys
 import warnings
 from typing import Any
@@ -71,6 +72,38 @@ class LazyGroup(click.Group):
             _fail(f"{type(exc).__name__}: {exc}")
         except KeyboardInterrupt:
             _fail("interrupted; no output was written", code=130)
+        except Terminated as exc:
+            _stopped(exc)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM/SIGHUP, so the run unwinds like Ctrl-C: every
+    ``finally`` runs and temporaries are removed. A BaseException, so no ``except Exception``
+    swallows it."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.name = signal.Signals(number).name
+        super().__init__(self.name)
+
+
+def _terminate(number: int, _frame: object) -> None:
+    # a second signal during the clean-up ends the process at once (a later run removes what is left)
+    signal.signal(number, signal.SIG_DFL)
+    raise Terminated(number)
+
+
+def handle_termination() -> None:
+    """Turn SIGTERM (and SIGHUP where it exists) into :class:`Terminated`, unless they are ignored
+    (``nohup`` ignores SIGHUP: keep that)."""
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, _terminate)
+
+
+def _stopped(exc: Terminated) -> None:
+    _fail(f"stopped by {exc.name} before finishing; nothing partial was left behind", code=128 + exc.number)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -93,8 +126,11 @@ def cli(debug: bool) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    handle_termination()
     try:
         cli(prog_name="loratools")
+    except Terminated as exc:  # outside a command (while parsing or rendering)
+        _stopped(exc)
     except Exception as exc:  # a bug: still one line unless --debug was asked for
         if "--debug" in sys.argv:
             raise

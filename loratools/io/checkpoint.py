@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -170,9 +171,13 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
         except RuntimeError:  # old (non-zip) serialization cannot be memory-mapped
             state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's own message advises weights_only=False, i.e. running the file's code: not repeated
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
+        what = f" (such as {found[1]})" if found else ""
         raise CheckpointError(
-            f"{file}: refused to load: it holds Python objects beyond tensors, which weights_only "
-            f"loading does not unpickle ({str(exc).splitlines()[0]})"
+            f"{file}: refused to load: it is a pickle holding Python objects beyond tensors{what}, which "
+            "loratools will not execute; if you trust its source, convert it to safetensors with a "
+            "trusted tool (e.g. the one that made it), and otherwise do not use it"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({exc})") from exc

@@ -6,9 +6,13 @@ complete, so a failed or interrupted run leaves nothing behind and never touches
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,8 +28,11 @@ __all__ = [
     "CheckpointWriter",
     "atomic_output",
     "check_not_an_input",
+    "checkpoint_output_is_file",
     "copy_model_files",
+    "model_files",
     "plan_shards",
+    "remove_stale_temporaries",
 ]
 
 DEFAULT_METADATA = {"format": "pt"}
@@ -116,21 +123,105 @@ class CheckpointWriter:
         (self.folder / str(self.index_name)).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_model_files(source: Path, destination: Path, skip: Sequence[str] = ()) -> list[str]:
-    """Copy a model directory's non-weight files (config.json, tokenizer files, …).
+# Top-level files that are the model's weights in another form: copying them next to rewritten
+# weights would ship a stale, unmerged copy (transformers may even load it instead).
+OTHER_WEIGHT_SUFFIXES = (*WEIGHT_SUFFIXES, ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 
-    Weight files and their index are not copied; nor are hidden files or sub-folders.
+
+def copy_model_files(source: Path, destination: Path, skip: Sequence[str] = ()) -> list[str]:
+    """Copy everything of a model directory except the weights being rewritten.
+
+    Copied: every top-level file that is not a weight file (``*.safetensors``, ``*.bin``, …) or an
+    ``*.index.json``, and every sub-folder recursively, weights included (a sentence-transformers
+    model keeps ``1_Pooling/``, ``2_Dense/model.safetensors`` there, which nothing rewrites).
+    Not copied: hidden files and folders (``.git``, ``.cache``) at any depth, names in ``skip``,
+    folder symlinks, and anything that is not a regular file (a FIFO would block the copy).
 
     Returns:
-        the names copied.
+        the relative paths (POSIX) of the files copied, folder by folder in name order.
     """
     copied = []
     for item in sorted(source.iterdir()):
-        weight = item.suffix in WEIGHT_SUFFIXES or item.name.endswith(".index.json")
-        if item.is_file() and not weight and not item.name.startswith(".") and item.name not in skip:
+        if item.name.startswith(".") or item.name in skip:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            copied += [f"{item.name}/{name}" for name in _copy_tree(item, destination / item.name)]
+        elif item.is_file() and not _is_weight_file(item.name):
             shutil.copy2(item, destination / item.name)
             copied.append(item.name)
     return copied
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.lower().endswith(OTHER_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
+def _copy_tree(source: Path, destination: Path) -> list[str]:
+    """Copy a sub-folder's regular files (hidden entries and folder symlinks left out)."""
+    destination.mkdir(exist_ok=True)
+    copied = []
+    for item in sorted(source.iterdir()):
+        if item.name.startswith("."):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            copied += [f"{item.name}/{name}" for name in _copy_tree(item, destination / item.name)]
+        elif item.is_file():
+            shutil.copy2(item, destination / item.name)
+            copied.append(item.name)
+    return copied
+
+
+PICKLED_OR_FOREIGN = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def checkpoint_output_is_file(output: str | Path, *, source: str | Path, shards: int | None = None) -> bool:
+    """Outputs are what their names say: ``NAME.safetensors`` is one safetensors file, any
+    other name a model folder (``model.safetensors`` or shards + index, plus the model's files).
+
+    Args:
+        output: the output path the user named.
+        source: the input, for messages.
+        shards: the number of weight files of a sharded output (files + index), None when it is
+            one plain file. A sharded model is only ever written as a folder.
+
+    Returns:
+        True for a single-file output, False for a folder.
+
+    Raises:
+        LoratoolsError: a name that promises another format (``.bin``, ``.gguf``, …, or
+            ``.SAFETENSORS``, which loratools would not read back), or a sharded model named
+            ``.safetensors``.
+    """
+    name = Path(output).name
+    suffix = Path(name).suffix
+    if suffix.lower() in PICKLED_OR_FOREIGN or (
+        suffix.lower() == ".safetensors" and suffix != ".safetensors"
+    ):
+        raise LoratoolsError(
+            f"-o {output}: loratools writes checkpoints as safetensors; name the output "
+            f"{Path(name).stem}.safetensors (one file) or {Path(name).stem} (a model folder)"
+        )
+    if suffix != ".safetensors":
+        return False
+    if shards is not None:
+        raise LoratoolsError(
+            f"-o {output}: {source} is sharded ({shards} file(s) and an index), so the result "
+            f"is a model folder; name the output without .safetensors (e.g. -o {Path(name).stem})"
+        )
+    return True
+
+
+def model_files(source: Path) -> list[str]:
+    """The top-level names :func:`copy_model_files` would carry (folders with a trailing ``/``)."""
+    names = []
+    for item in sorted(source.iterdir()):
+        if item.name.startswith("."):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            names.append(item.name + "/")
+        elif item.is_file() and not _is_weight_file(item.name):
+            names.append(item.name)
+    return names
 
 
 def check_not_an_input(output: Path, inputs: Sequence[Path | None]) -> None:
@@ -146,33 +237,155 @@ def check_not_an_input(output: Path, inputs: Sequence[Path | None]) -> None:
 
 @contextmanager
 def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+    """Yield a temporary path beside ``path``; on success publish it as ``path``.
 
-    The caller creates a file or a folder at the yielded path. On any exception the temporary
-    path is removed and ``path`` is left as it was.
+    The caller creates a file or a folder at the yielded path. On any exception (SIGTERM too, when
+    the CLI runs: it raises there) the temporary is removed and ``path`` is left as it was.
+
+    Publishing claims ``path`` atomically: without ``force`` it fails if ``path`` appeared while
+    this run was writing (another run got there first), so two runs can never both "succeed" on
+    one output. Temporaries are named ``.<name prefix>.<hash of the name>.<host>-<pid>-<random>
+    .loratools.tmp`` (at most about 150 bytes, whatever the output name's length); those of this output
+    left by a process that no longer runs (SIGKILL, power loss) are removed first.
 
     Raises:
-        OutputExists: ``path`` exists and ``force`` is False.
+        OutputExists: ``path`` exists (before or at publishing) and ``force`` is False.
     """
     path = Path(path)
-    if path.exists() and not force:
+    if _occupied(path) and not force:
         raise OutputExists(f"{path} already exists; pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    temporary = path.parent / f".{path.name}.loratools-{tag}.tmp"
+    remove_stale_temporaries(path)
+    temporary = _temporary_name(path, "tmp")
     try:
         yield temporary
         if not temporary.exists():
             raise RuntimeError(f"nothing was written for {path}")
-        if path.exists():
-            old = path.parent / f".{path.name}.loratools-{tag}.old"
-            os.replace(path, old)
-            os.replace(temporary, path)
-            _remove(old)
+        if force:
+            _replace(temporary, path)
         else:
-            os.replace(temporary, path)
+            _claim(temporary, path)
     finally:
         _remove(temporary)
+
+
+TEMPORARY_PREFIX = 24  # characters of the output name kept in a temporary's name, for people
+
+
+def _name_tag(name: str) -> str:
+    """``<prefix>.<hash>``: what every temporary of the output ``name`` starts with (after the dot)."""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{name[:TEMPORARY_PREFIX]}.{digest}"
+
+
+def _host_tag() -> str:
+    """Four hex digits of the host name: a pid is only checked on the host that owns it."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:4]
+
+
+def _temporary_name(path: Path, kind: str) -> Path:
+    tag = f"{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / f".{_name_tag(path.name)}.{tag}.loratools.{kind}"
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove temporaries of the output ``path`` whose writing process is gone (killed, crashed).
+
+    Only names of this output's exact pattern, written on this host by a pid that is not running,
+    are touched; a live run's temporary is never removed. An old output that a killed ``--force``
+    run had moved aside is put back when nothing replaced it.
+
+    Returns:
+        the paths removed.
+    """
+    path = Path(path)
+    pattern = re.compile(
+        rf"\.{re.escape(_name_tag(path.name))}\.{_host_tag()}-(?P<pid>\d+)-[0-9a-f]{{8}}\.loratools\.(?:tmp|old)"
+    )
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match or _pid_alive(int(match["pid"])):
+            continue
+        if entry.name.endswith(".old") and not _occupied(path):
+            # killed between moving the old output aside and publishing the new one: restore it
+            os.replace(entry.path, path)
+            continue
+        _remove(Path(entry.path))
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process (or no way to tell): keep its files
+    return True
+
+
+def _occupied(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _claim(temporary: Path, path: Path) -> None:
+    """Publish ``temporary`` as ``path`` only if ``path`` does not exist, atomically.
+
+    A file is hard-linked (``link`` fails if the name exists), then its temporary name removed. A
+    folder is renamed: ``rename`` fails onto a non-empty folder or a file; the re-check before it
+    covers the rest (an empty folder made in between is all it could replace).
+    """
+    taken = OutputExists(
+        f"{path} was created by another run while this one was writing; nothing was replaced "
+        "(pass --force to replace it)"
+    )
+    if temporary.is_dir():
+        if _occupied(path):
+            raise taken
+        try:
+            os.rename(temporary, path)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+            raise taken from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise taken from exc
+            raise
+        return
+    try:
+        os.link(temporary, path, follow_symlinks=False)
+    except FileExistsError as exc:
+        raise taken from exc
+    except OSError as exc:  # no hard links here (some network/FUSE file systems): check, then rename
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+            raise
+        if _occupied(path):
+            raise taken from exc
+        os.replace(temporary, path)
+    else:
+        temporary.unlink()
+
+
+def _replace(temporary: Path, path: Path) -> None:
+    """Publish ``temporary`` as ``path``, replacing whatever is there (``--force``)."""
+    if not _occupied(path):
+        os.replace(temporary, path)
+        return
+    old = _temporary_name(path, "old")
+    os.replace(path, old)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        os.replace(old, path)  # put the old output back: a failed forced run keeps it
+        raise
+    _remove(old)
 
 
 def _remove(path: Path) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,9 @@ from loratools.io.writer import (
     atomic_output,
     check_not_an_input,
     copy_model_files,
+    model_files,
     plan_shards,
+    remove_stale_temporaries,
 )
 
 
@@ -89,3 +96,222 @@ def test_outputs_overlapping_inputs_are_refused(tmp_path: Path) -> None:
 def test_copy_model_files_skips_weights(fixtures_dir: Path, tmp_path: Path) -> None:
     copied = copy_model_files(fixtures_dir / "base-sharded", tmp_path)
     assert copied == ["config.json", "generation_config.json"]
+
+
+# -- names, races and leftovers (issue 12 §3) ------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (it could only be reused after wrapping around)."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    return int(child.stdout)
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_a_255_character_output_name_works(tmp_path: Path, as_folder: bool) -> None:
+    output = tmp_path / ("n" * 243 + ".safetensors")  # 255 characters: the longest valid name
+    assert len(output.name) == 255
+    with atomic_output(output) as tmp:
+        assert len(tmp.name) < 100  # short whatever the output name
+        if as_folder:
+            tmp.mkdir()
+            (tmp / "model.safetensors").write_bytes(b"weights")
+        else:
+            tmp.write_bytes(b"weights")
+    assert (output / "model.safetensors" if as_folder else output).read_bytes() == b"weights"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_two_runs_racing_on_one_output_exactly_one_wins(tmp_path: Path, as_folder: bool) -> None:
+    """Both runs pass the up-front check and write their temporaries; only one may publish."""
+    output = tmp_path / ("out" if as_folder else "out.safetensors")
+    both_written = threading.Barrier(2)
+    results: dict[str, str] = {}
+
+    def run(label: str) -> None:
+        try:
+            with atomic_output(output) as tmp:
+                if as_folder:
+                    tmp.mkdir()
+                    (tmp / "who").write_text(label)
+                else:
+                    tmp.write_text(label)
+                both_written.wait(timeout=30)
+            results[label] = "published"
+        except OutputExists as exc:
+            results[label] = str(exc)
+
+    threads = [threading.Thread(target=run, args=(label,)) for label in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [label for label, result in results.items() if result == "published"]
+    assert len(winners) == 1, results
+    loser = ({"first", "second"} - set(winners)).pop()
+    assert "created by another run" in results[loser] and "--force" in results[loser]
+    assert (output / "who" if as_folder else output).read_text() == winners[0]  # intact, not replaced
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("competitor", ["file", "empty folder", "folder"])
+def test_an_output_that_appears_meanwhile_is_refused_at_publish_time(tmp_path: Path, competitor: str) -> None:
+    for as_folder in (False, True):
+        output = tmp_path / f"out-{as_folder}"
+        with pytest.raises(OutputExists, match="created by another run"), atomic_output(output) as tmp:
+            if as_folder:
+                tmp.mkdir()
+                (tmp / "mine").write_text("mine")
+            else:
+                tmp.write_text("mine")
+            if competitor == "file":
+                output.write_text("theirs")
+            else:
+                output.mkdir()
+                if competitor == "folder":
+                    (output / "theirs").write_text("theirs")
+        if competitor == "file":
+            assert output.read_text() == "theirs"
+        else:
+            assert sorted(p.name for p in output.iterdir()) == (
+                [] if competitor == "empty folder" else ["theirs"]
+            )
+        assert leftovers(tmp_path) == []
+
+
+def test_forced_replacement_still_replaces_at_publish_time(tmp_path: Path) -> None:
+    output = tmp_path / "out.safetensors"
+    with atomic_output(output, force=True) as tmp:
+        tmp.write_text("new")
+        output.write_text("theirs")  # appeared meanwhile: --force replaces it
+    assert output.read_text() == "new"
+    assert leftovers(tmp_path) == []
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_and_only_those(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    with atomic_output(output) as tmp:  # learn this output's temporary pattern from a real one
+        name = tmp.name
+        tmp.mkdir()
+    prefix, _pid, rand = name.rsplit(".loratools.tmp", 1)[0].rsplit("-", 2)
+
+    def temporary(pid: int, kind: str = "tmp", of: str = prefix) -> Path:
+        path = tmp_path / f"{of}-{pid}-{rand}.loratools.{kind}"
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x" * 64)
+        return path
+
+    dead = _dead_pid()
+    stale = [temporary(dead), temporary(dead, "old")]
+    alive = temporary(os.getppid())  # the process that started pytest: running
+    other_output = temporary(dead, of=prefix.replace(".out.", ".out2."))
+    (tmp_path / "unrelated.tmp").write_text("keep")
+    with atomic_output(output, force=True) as tmp:  # a later run on the same output
+        tmp.write_text("new")
+    assert not any(path.exists() for path in stale)
+    assert alive.exists() and other_output.exists() and (tmp_path / "unrelated.tmp").exists()
+    assert output.read_text() == "new"
+
+
+def test_an_old_output_left_aside_by_a_killed_forced_run_is_put_back(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    with atomic_output(output) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("old")
+    with pytest.raises(RuntimeError), atomic_output(output, force=True) as tmp:
+        name = tmp.name  # this output's temporary pattern; nothing is published
+        raise RuntimeError
+    # the killed run had moved the old output aside and died before publishing its own
+    aside = tmp_path / name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-").replace(".tmp", ".old")
+    os.replace(output, aside)
+    assert remove_stale_temporaries(output) == []
+    assert (output / "weights").read_text() == "old" and not aside.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_writer_leaves_a_temporary_that_the_next_run_removes(tmp_path: Path) -> None:
+    """SIGKILL cannot be handled: the temporary stays, and the next run on that output removes it."""
+    output = tmp_path / "out"
+    script = (
+        "import sys, time\n"
+        "from loratools.io.writer import atomic_output\n"
+        "with atomic_output(sys.argv[1]) as tmp:\n"
+        "    tmp.mkdir()\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'x' * 4096)\n"
+        "    print(tmp.name, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(output)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    name = child.stdout.readline().strip()  # the temporary exists once its name is printed
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert (tmp_path / name).is_dir() and leftovers(tmp_path) == [name]
+    with atomic_output(output) as tmp:
+        tmp.mkdir()
+    assert leftovers(tmp_path) == [] and output.is_dir()
+
+
+# -- what a model folder carries (issue 12 §5) -----------------------------------------------------
+
+
+def sentence_transformers_folder(root: Path) -> Path:
+    """The shape of a sentence-transformers model: weights at the top, modules in sub-folders."""
+    model = root / "st-model"
+    (model / "1_Pooling").mkdir(parents=True)
+    (model / "2_Dense").mkdir()
+    (model / ".git" / "objects").mkdir(parents=True)
+    (model / ".cache").mkdir()
+    files = {
+        "config.json": b'{"model_type": "bert"}',
+        "modules.json": b'[{"idx": 1, "name": "1", "path": "1_Pooling", "type": "Pooling"}]',
+        "sentence_bert_config.json": b'{"max_seq_length": 128}',
+        "tokenizer.json": b"{}",
+        "README.md": b"# model",
+        "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}',
+        "2_Dense/config.json": b'{"in_features": 8}',
+        "2_Dense/model.safetensors": b"dense weights nothing rewrites",
+    }
+    for name, data in files.items():
+        (model / name).write_bytes(data)
+    for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", ".gitattributes"):
+        (model / name).write_bytes(b"not copied")
+    (model / ".git" / "objects" / "x").write_bytes(b"not copied")
+    return model
+
+
+def test_copy_model_files_copies_every_file_and_folder_but_the_weights(tmp_path: Path) -> None:
+    model = sentence_transformers_folder(tmp_path)
+    os.mkfifo(model / "a-fifo")  # would block a copy: skipped
+    (tmp_path / "elsewhere").mkdir()
+    (model / "linked-folder").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    copied = copy_model_files(model, out)
+    expected = [
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+        "README.md",
+        "config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "tokenizer.json",
+    ]
+    assert sorted(copied) == expected
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert on_disk == expected
+    for name in expected:
+        assert (out / name).read_bytes() == (model / name).read_bytes()
+    assert model_files(model) == [
+        "1_Pooling/",
+        "2_Dense/",
+        "README.md",
+        "config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "tokenizer.json",
+    ]
