@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +22,15 @@ import torch
 
 from loratools.errors import CheckpointError, MissingKeys, UnknownFormat, list_problems
 from loratools.io.prefetch import prefetched
-from loratools.io.safetensors_file import SafetensorsFile, TensorInfo, TensorSpec
+from loratools.io.safetensors_file import (
+    DuplicateKey,
+    SafetensorsFile,
+    TensorInfo,
+    TensorSpec,
+    bad_text,
+    open_regular,
+    unique_object,
+)
 
 __all__ = ["Checkpoint", "ShardLayout", "open_checkpoint"]
 
@@ -171,13 +178,9 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
         except RuntimeError:  # old (non-zip) serialization cannot be memory-mapped
             state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's own message advises weights_only=False, i.e. running the file's code: not repeated
-        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
-        what = f" (such as {found[1]})" if found else ""
         raise CheckpointError(
-            f"{file}: refused to load: it is a pickle holding Python objects beyond tensors{what}, which "
-            "loratools will not execute; if you trust its source, convert it to safetensors with a "
-            "trusted tool (e.g. the one that made it), and otherwise do not use it"
+            f"{file}: refused to load: it holds Python objects beyond tensors, which weights_only "
+            f"loading does not unpickle ({str(exc).splitlines()[0]})"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({exc})") from exc
@@ -189,38 +192,94 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name → shard file name), checked to be strings only."""
     try:
-        index = json.loads(index_path.read_text())
-        weight_map: dict[str, str] = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid index ({exc!r}); it needs a weight_map") from exc
+        with open_regular(index_path) as f:
+            index = json.loads(f.read(), object_pairs_hook=unique_object)
+    except DuplicateKey as exc:
+        raise CheckpointError(
+            f"{index_path}: not a valid index: it lists {exc.args[0]!a} twice; re-download it"
+        ) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(
+            f"{index_path}: not a valid index: not JSON ({why!a}); re-download it"
+        ) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f'{index_path}: not a valid index: it needs a "weight_map" object of tensor name → shard file'
+        )
+    bad = [f"{k!a}: {v!a}"[:80] for k, v in weight_map.items() if not isinstance(v, str) or bad_text(k)]
+    if bad:
+        raise CheckpointError(
+            f"{index_path}: not a valid index: weight_map entries must map a tensor name to a shard "
+            f"file name: {list_problems(bad, 3)}"
+        )
     return weight_map
 
 
-def _open_index(index_path: Path, kind: str, named: Path) -> Checkpoint:
-    """A sharded checkpoint from its index.json: every shard a bare file name in the folder, every
-    shard present, and every tensor the index lists found in its shards. ``named`` is the path the
-    user gave (the folder or the index itself)."""
-    weight_map = _read_weight_map(index_path)
-    folder = index_path.parent.resolve()
-    files: list[Path] = []
-    for shard in dict.fromkeys(weight_map.values()):
-        # a bare file name, checked lexically: Hub cache snapshots are symlinks into ../../blobs
-        candidate = folder / str(shard)
-        if Path(str(shard)).name != str(shard) or str(shard) in (".", ".."):
+def _in_hub_blobs(target: Path) -> bool:
+    """``target`` is a file in a Hugging Face cache's ``models--org--name/blobs/`` folder."""
+    return target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+
+
+def _shard_path(index_path: Path, folder: Path, shard: str) -> Path:
+    """The shard file named ``shard`` in ``folder``: a bare file name, and a symlink only when it
+    stays inside the folder or points into a Hub cache's blobs/ (snapshots link to ../../blobs)."""
+    if Path(shard).name != shard or shard in (".", "..") or bad_text(shard):
+        raise CheckpointError(
+            f"{index_path}: refused: shard {shard!a} points outside the model folder {folder}; "
+            "an index names shards by bare file name"
+        )
+    candidate = folder / shard
+    if candidate.is_symlink():
+        target = candidate.resolve()
+        if not (target.is_relative_to(folder) or _in_hub_blobs(target)):
             raise CheckpointError(
-                f"{index_path}: refused: shard {shard!r} points outside the model folder {folder}"
+                f"{index_path}: refused: shard {shard!r} is a symlink to {target}, outside the model "
+                "folder; only links into a Hugging Face cache's blobs/ are followed — copy the file in"
             )
-        files.append(candidate)
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise MissingKeys(f"{index_path}: missing shard files: {list_problems(missing)}")
-    ckpt = Checkpoint(named, kind, files, index_path.parent, index_path.name)
-    absent = [name for name in weight_map if name not in ckpt]
+    return candidate
+
+
+def _check_index_matches_shards(index_path: Path, weight_map: dict[str, str], ckpt: Checkpoint) -> None:
+    """Every tensor the index lists is stored in the shard it names, and every stored tensor is
+    listed: a stale or hand-edited index would make outputs disagree with their own index."""
+    stored = {name: file.name for file, st in ckpt._safetensors.items() for name in st.infos}
+    if not ckpt._safetensors:  # PyTorch shards
+        stored = {name: info.file.name for name, info in ckpt._infos.items()}
+    absent = [name for name in weight_map if name not in stored]
     if absent:
         raise MissingKeys(f"{index_path}: tensors listed but not in their shards: {list_problems(absent)}")
+    unlisted = [f"{name} (in {file})" for name, file in stored.items() if name not in weight_map]
+    if unlisted:
+        raise CheckpointError(
+            f"{index_path}: tensors stored in the shards but missing from the index: "
+            f"{list_problems(unlisted)}; the index is stale — re-download or regenerate it"
+        )
+    moved = [f"{n} (index: {f}, stored in {stored[n]})" for n, f in weight_map.items() if stored[n] != f]
+    if moved:
+        raise CheckpointError(
+            f"{index_path}: tensors the index maps to the wrong shard: {list_problems(moved)}; "
+            "the index is stale — re-download or regenerate it"
+        )
+
+
+def _open_index(index_path: Path, kind: str, named: Path) -> Checkpoint:
+    """A sharded checkpoint from its index.json: every shard a bare file name in the folder (or a
+    link into a Hub cache's blobs/), every shard present, and the index and the shards agreeing on
+    which tensor is where. ``named`` is the path the user gave (the folder or the index itself)."""
+    weight_map = _read_weight_map(index_path)
+    folder = index_path.parent.resolve()
+    files = [_shard_path(index_path, folder, shard) for shard in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MissingKeys(
+            f"{index_path}: missing shard files (or not regular files): {list_problems(missing)}"
+        )
+    ckpt = Checkpoint(named, kind, files, index_path.parent, index_path.name)
+    _check_index_matches_shards(index_path, weight_map, ckpt)
     return ckpt
 
 
@@ -258,6 +317,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return _open_directory(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(f"{path}: not a regular file (a pipe, device or socket); pass a weights file")
     if path.suffix == ".safetensors":
         return Checkpoint(path, "safetensors", [path], None)
     if path.suffix in (".bin", ".pt", ".pth"):

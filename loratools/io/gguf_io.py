@@ -19,6 +19,7 @@ import torch
 
 from loratools.errors import CheckpointError, MissingExtra, UnknownFormat, list_problems
 from loratools.formats import gguf as names
+from loratools.io.gguf_header import open_gguf_reader
 from loratools.io.prefetch import prefetched
 from loratools.io.safetensors_file import TensorSpec
 
@@ -94,15 +95,10 @@ class GgufModel:
     """
 
     def __init__(self, path: Path, dtype: torch.dtype | None = None) -> None:
-        gguf = _gguf()
         self.path, self.dtype = Path(path), dtype
         self.notes: list[str] = []
-        try:
-            self._reader = gguf.GGUFReader(str(path))
-        except (ValueError, OSError, IndexError, KeyError) as exc:
-            raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from exc
-        if self._reader.byte_order != "I":
-            raise UnknownFormat(f"{path}: a big-endian GGUF; only little-endian files are supported")
+        # every length and offset bounded by the file's size before gguf reads it
+        self._reader = open_gguf_reader(self.path)
         self.kv = read_gguf_kv(self._reader)
         if self.kv.get(names.KEY_TYPE) == names.ADAPTER_TYPE:
             raise UnknownFormat(f"{path}: a GGUF LoRA adapter, not a model; convert models only")

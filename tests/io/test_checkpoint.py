@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -211,3 +212,89 @@ def test_an_index_named_directly_is_checked_like_its_folder(fixture_copy) -> Non
     index_path.write_text(json.dumps(index))
     with pytest.raises(MissingKeys, match="model.extra.weight"):
         open_checkpoint(index_path)
+
+
+# ---- the index and the shards must agree; shards stay in the folder (or the Hub cache) ---------
+
+
+def edit_index(folder: Path, edit) -> Path:
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    edit(index["weight_map"])
+    index_path.write_text(json.dumps(index))
+    return index_path
+
+
+def test_a_stored_tensor_missing_from_the_index_is_an_error(fixture_copy) -> None:
+    folder = fixture_copy("base-sharded")
+    edit_index(folder, lambda wm: wm.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match=r"missing from the index: model\.norm\.weight \(in model-0000"):
+        open_checkpoint(folder)
+
+
+def test_a_tensor_mapped_to_the_wrong_shard_is_an_error(fixture_copy) -> None:
+    folder = fixture_copy("base-sharded")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    other = next(f for f in index["weight_map"].values() if f != index["weight_map"][first])
+    edit_index(folder, lambda wm: wm.update({first: other}))
+    with pytest.raises(CheckpointError, match=f"wrong shard: {first} \\(index: {other}, stored in"):
+        open_checkpoint(folder)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"weight_map": {"w": ["a.safetensors"]}}, r"map a tensor name to a shard file name: 'w': \['a"),
+        ({"weight_map": {"w": {"x": 1}}}, "map a tensor name to a shard file name"),
+        ({"weight_map": ["w"]}, 'needs a "weight_map" object'),
+        ([1, 2], 'needs a "weight_map" object'),
+    ],
+)
+def test_malformed_index_is_one_clear_line(tmp_path: Path, document: object, message: str | None) -> None:
+    index_path = tmp_path / "model.safetensors.index.json"
+    index_path.write_text(json.dumps(document))
+    with pytest.raises((CheckpointError, MissingKeys), match=message) as info:
+        open_checkpoint(tmp_path)
+    assert str(index_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_repeated_names_or_deep_nesting_in_an_index_are_refused(tmp_path: Path) -> None:
+    index_path = tmp_path / "model.safetensors.index.json"
+    index_path.write_text('{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}')
+    with pytest.raises(CheckpointError, match="not a valid index: it lists 'w' twice"):
+        open_checkpoint(tmp_path)
+    index_path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        open_checkpoint(tmp_path)
+
+
+def test_a_shard_symlinked_out_of_the_folder_is_refused(fixture_copy, tmp_path: Path) -> None:
+    folder = fixture_copy("base-sharded")
+    shard = folder / "model-00002-of-00005.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    with pytest.raises(CheckpointError, match="is a symlink to .*outside the model folder.*blobs/"):
+        open_checkpoint(folder)
+
+
+def test_shards_linked_into_a_hub_cache_blobs_folder_are_followed(fixtures_dir: Path, tmp_path: Path) -> None:
+    # the Hub cache layout: models--org--name/snapshots/<rev>/<file> → ../../blobs/<hash>
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, file in enumerate(sorted((fixtures_dir / "base-sharded").iterdir())):
+        shutil.copy(file, blobs / f"{i:040x}")
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", f"{i:040x}"))
+    ckpt = open_checkpoint(snapshot)
+    assert ckpt.kind == "safetensors-sharded" and len(ckpt) == len(open_checkpoint(fixtures_dir / "base"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+@pytest.mark.parametrize("name", ["x.safetensors", "x.bin", "model.safetensors.index.json"])
+def test_a_fifo_is_refused_not_read(tmp_path: Path, name: str) -> None:
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        open_checkpoint(tmp_path / name)
