@@ -42,7 +42,11 @@ def _run(
     from loratools.ops.merge import MergeOptions, merge_paths
 
     dtype = getattr(torch, settings["dtype"]) if settings["dtype"] else None
-    options = MergeOptions(dtype=dtype, device=str(resolve_device(settings["device"])))
+    options = MergeOptions(
+        dtype=dtype,
+        device=str(resolve_device(settings["device"])),
+        keep_quantization=settings["keep_quantization"],
+    )
     quiet, as_json = settings["quiet"], settings["as_json"]
     total = len(open_checkpoint(resolve_path(base)))
     label = "swapping" if add and remove else "merging" if add else "unmerging"
@@ -63,7 +67,7 @@ def _summary(report: Any, quiet: bool) -> None:
         report.modules, key=lambda m: -(m.lost_fraction if m.lost_fraction == m.lost_fraction else 0)
     )
     shown = modules[:TABLE_ROWS] if len(modules) > TABLE_ROWS else report.modules
-    rows = [
+    rows: list[tuple[Any, ...]] = [
         (
             m.name.removesuffix(".weight"),
             "×".join(map(str, m.shape)),
@@ -76,7 +80,11 @@ def _summary(report: Any, quiet: bool) -> None:
     title = f"{report.operation}: {len(report.modules)} tensor(s) updated"
     if len(shown) < len(modules):
         title += f" (the {len(shown)} losing most to rounding; --json lists all)"
-    render.table(title, ["module", "shape", "dtype", "‖Δ‖/‖W0‖", "lost"], rows, quiet=quiet)
+    columns = ["module", "shape", "dtype", "‖Δ‖/‖W0‖", "lost"]
+    if any(m.survival is not None for m in shown):  # --keep-quantization: what survived, and its direction
+        rows = [(*row, m.survival, m.direction) for row, m in zip(rows, shown, strict=True)]
+        columns += ["kept ‖ΔQ‖/‖Δ‖", "cos(ΔQ, Δ)"]
+    render.table(title, columns, rows, quiet=quiet)
     if not quiet:
         render.note(
             f"{report.operation}: {len(report.modules)} updated, {len(report.replaced)} replaced, "
@@ -92,6 +100,12 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         device_option,
         force_flag,
         reporting,
+        click.option(
+            "--keep-quantization",
+            is_flag=True,
+            help="Write the quantized base's own types back (GGUF, bitsandbytes, FP8) and report how "
+            "much of each update survives requantization.",
+        ),
     ):
         command = decorate(command)
     return command

@@ -122,6 +122,14 @@ class GgufModel:
                 f"RoPE scaling is not written to config.json ({', '.join(scaling)}); add rope_scaling by hand"
             )
 
+    def tensor_types(self) -> dict[str, str]:
+        """Hugging Face name → stored GGUF type name (``Q4_K``, ``F16``, …)."""
+        return {name: t.tensor_type.name for name, t in self._tensors.items()}
+
+    def gguf_tensor(self, name: str) -> Any:
+        """The reader's record of a Hugging Face-named tensor (GGUF name, type, shape, offset)."""
+        return self._tensors[name]
+
     def specs(self) -> list[TensorSpec]:
         """Name, shape (PyTorch order) and output dtype of every tensor, in file order."""
         return [TensorSpec(name, self._shape(t), self._dtype(t)) for name, t in self._tensors.items()]

@@ -41,6 +41,9 @@ class ModuleStats:
     delta_norm: float
     lost_norm: float
     base_round_norm: float = 0.0  # ‖round(W0) − W0‖ when the output dtype is narrower than W0's
+    # --keep-quantization only: ‖Q(W0+Δ) − Q(W0)‖ / ‖Δ‖ and cos(Q(W0+Δ) − Q(W0), Δ)
+    survival: float | None = None
+    direction: float | None = None
 
     @property
     def base_rounding(self) -> float | None:
@@ -66,6 +69,7 @@ class ModuleStats:
             "relative_delta": self.relative_delta,
             "lost_fraction": self.lost_fraction,
             "base_rounding": self.base_rounding,
+            **({"survival": self.survival, "direction": self.direction} if self.survival is not None else {}),
         }
 
 
@@ -157,7 +161,9 @@ def build_report(
         str(output), operation, adapters, dtype, stats, replaced, total - len(plan.updates), files,
         list(plan.warnings), options.lost_warning,
     )  # fmt: skip
-    return replace(report, warnings=report.warnings + precision_warnings(report))
+    kept = any(m.survival is not None for m in stats)  # --keep-quantization: its own warning
+    warn = survival_warnings if kept else precision_warnings
+    return replace(report, warnings=report.warnings + warn(report))
 
 
 def precision_warnings(report: MergeReport) -> list[str]:
@@ -192,3 +198,20 @@ def precision_warnings(report: MergeReport) -> list[str]:
 def _step(dtype: str) -> float:
     """Half the relative spacing of ``dtype``'s numbers: the most one rounding moves a weight."""
     return float(torch.finfo(getattr(torch, dtype)).eps) / 2
+
+
+def survival_warnings(report: MergeReport, named: int = 8) -> list[str]:
+    """A loud warning naming the modules whose update mostly vanished on requantization: the part
+    of Q(W0+Δ) − Q(W0) along Δ, ``survival · direction``, below 1 − ``lost_warning`` of ‖Δ‖."""
+    floor = 1.0 - report.lost_warning
+    lost = [m for m in report.modules if m.survival is not None and m.survival * (m.direction or 0.0) < floor]
+    if not lost:
+        return []
+    lost.sort(key=lambda m: m.survival or 0.0)
+    names = ", ".join(f"{m.name} (kept {m.survival:.0%}, cos {m.direction:.2f})" for m in lost[:named])
+    more = f" and {len(lost) - named} more" if len(lost) > named else ""
+    return [
+        f"MOST OF THE UPDATE IS LOST requantizing {len(lost)} of {len(report.modules)} module(s) to "
+        f"{'/'.join(sorted({m.dtype for m in lost}))}: {names}{more}; write a float output instead "
+        "(merge without --keep-quantization, e.g. --dtype bfloat16) or apply the adapter at run time"
+    ]

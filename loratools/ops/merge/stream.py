@@ -24,6 +24,7 @@ import torch
 
 from loratools.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, ShardLayout
 from loratools.io.dora_record import record_path, write_record_file
+from loratools.io.quant import drop_quantization_config
 from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
 from loratools.ops import Progress
 from loratools.ops.merge.plan import MergePlan
@@ -46,6 +47,10 @@ def write_merged(
     Returns:
         the precision record of every adapted tensor, and the model files copied next to the shards.
     """
+    if options.keep_quantization:  # the base's own quantization out
+        from loratools.ops.merge.requant import write_requantized
+
+        return write_requantized(ckpt, plan, output, options, force=force, progress=progress)
     layout = _output_layout(ckpt, options)
     stats: list[ModuleStats] = []
     files: list[str] = []
@@ -173,7 +178,8 @@ def _finish_model_dir(ckpt: Checkpoint, folder: Path, options: MergeOptions) -> 
     """Copy config/tokenizer files; keep the source index verbatim when no dtype changed."""
     assert ckpt.model_dir is not None
     copied = copy_model_files(ckpt.model_dir, folder)
-    if options.dtype is None and ckpt.kind == "safetensors-sharded" and ckpt.index_name:
+    keep_index = options.dtype is None and not ckpt.quantized  # same tensors, same sizes
+    if keep_index and ckpt.kind == "safetensors-sharded" and ckpt.index_name:
         shutil.copyfile(ckpt.model_dir / ckpt.index_name, folder / SAFETENSORS_INDEX)
     config = folder / "config.json"
     if options.dtype is not None and config.is_file():
@@ -181,4 +187,6 @@ def _finish_model_dir(ckpt: Checkpoint, folder: Path, options: MergeOptions) -> 
         if isinstance(data, dict) and "torch_dtype" in data:
             data["torch_dtype"] = str(options.dtype).removeprefix("torch.")
             config.write_text(json.dumps(data, indent=2) + "\n")
+    if ckpt.quantized and not options.keep_quantization:
+        drop_quantization_config(config)  # float weights out: loaders must not expect packed ones
     return copied

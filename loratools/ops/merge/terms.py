@@ -39,12 +39,15 @@ class MergeOptions:
         threads: torch's intra-op threads for the CPU math; 0 means the cores less the two that
             the reader and writer threads keep busy (at least 1). Oversubscribed OpenMP regions
             slow every op several-fold (a 16×16 Gram matrix took 80 ms instead of 0.05 ms).
+        keep_quantization: requantize adapted weights of a quantized base (GGUF, bitsandbytes,
+            FP8) into its own types instead of writing float weights, and report what survives.
     """
 
     dtype: torch.dtype | None = None
     device: str = "cpu"
     lost_warning: float = 0.5
     threads: int = 0
+    keep_quantization: bool = False  # write the base's own quantization back (requant.py)
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in FLOAT_DTYPES:

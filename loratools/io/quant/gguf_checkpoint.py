@@ -1,0 +1,48 @@
+"""A GGUF model file as a :class:`~loratools.io.checkpoint.Checkpoint`: Hugging Face names,
+tensors dequantized one at a time (float32 for block types, F16/BF16/F32 as stored), llama.cpp's
+q/k row permutation undone — so every command that takes a base takes a ``.gguf`` too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loratools.io.checkpoint import Checkpoint, ShardLayout
+from loratools.io.gguf_io import GgufModel
+from loratools.io.safetensors_file import TensorInfo, TensorSpec
+
+
+class GgufCheckpoint(Checkpoint):
+    """Read-only view of a GGUF model (see :class:`~loratools.io.gguf_io.GgufModel`).
+
+    Attributes:
+        model: the underlying reader (its ``kv`` metadata, ``config`` and tensor types).
+        tensor_types: Hugging Face name → GGUF type name (``Q4_K``, ``F16``, …).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.model = GgufModel(path)
+        self.path, self.kind, self.files = Path(path), "gguf", [Path(path)]
+        self.model_dir, self.index_name = None, None
+        self.metadata = {"format": "pt"}
+        self._safetensors, self._pytorch = {}, {}
+        self._infos = {
+            s.name: TensorInfo(s.name, s.shape, s.dtype, self.path, 0, 0) for s in self.model.specs()
+        }
+        self.stored, self.quantized = self._infos, {}
+        self.tensor_types = self.model.tensor_types()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._infos:
+            return super().get(name)  # raises MissingKeys
+        return self.model.get(name)
+
+    def get_raw(self, name: str) -> bytes:
+        tensor = self.get(name).contiguous().reshape(-1)
+        return tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+    def layout(self, dtype_of: dict[str, torch.dtype] | None = None) -> list[ShardLayout]:
+        dtype_of = dtype_of or {}
+        specs = [TensorSpec(i.name, i.shape, dtype_of.get(i.name, i.dtype)) for i in self._infos.values()]
+        return [ShardLayout("model.safetensors", specs, None)]

@@ -1,0 +1,212 @@
+"""``loratools merge`` into quantized bases (GGUF, bitsandbytes, FP8): a float output equal to
+dequant(W0) + Δ, ``--keep-quantization`` outputs read back by the reference readers, and the
+survival report on an update known to vanish."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loratools.formats import gguf as gguf_names
+from loratools.io.adapter_dir import load_adapter
+from loratools.io.checkpoint import open_checkpoint
+from loratools.ops.merge import TensorUpdate, stacked_factors
+from tests.cli.test_merge_cli import make_adapter, ok_json, refused
+from tests.io.test_gguf_io import write_gguf_model
+
+gguf = pytest.importorskip("gguf")
+
+Q0 = "model.layers.0.self_attn.q_proj"
+ADAPTED = [f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "v_proj")]
+
+
+def expected_merge(base: Path, adapter: Path, name: str) -> torch.Tensor:
+    """dequant(W0) + s·B·A with the merge's own float32 arithmetic: one addmm into a float32 copy."""
+    module = load_adapter(adapter).weights[name.removesuffix(".weight")]
+    left, right = stacked_factors(TensorUpdate(loras=[(module, 1.0, False)]))
+    return open_checkpoint(base).get(name).to(torch.float32, copy=True).addmm_(left, right)
+
+
+# -- GGUF --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_float_merge_into_gguf_is_dequant_plus_delta(
+    run_cli, fixtures_dir: Path, tmp_path: Path, qtype: str
+) -> None:
+    base = tmp_path / "base.gguf"
+    write_gguf_model(fixtures_dir / "base", base, qtype=qtype)
+    out = tmp_path / "merged.safetensors"
+    ok_json(run_cli("merge", base, fixtures_dir / "adapter", "-o", out, "--json"))
+    merged = open_checkpoint(out)
+    for name in ADAPTED:  # same float32 arithmetic on the same inputs: the same bits
+        assert torch.equal(merged.get(name), expected_merge(base, fixtures_dir / "adapter", name)), name
+    assert torch.equal(merged.get("model.norm.weight"), open_checkpoint(base).get("model.norm.weight"))
+
+
+def gguf_tensors(path: Path) -> dict[str, object]:
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_keep_quantization_gguf_round_trips(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    base, out = tmp_path / "base.gguf", tmp_path / "merged.gguf"
+    write_gguf_model(fixtures_dir / "base", base, qtype="Q8_0")
+    report = ok_json(
+        run_cli("merge", base, fixtures_dir / "adapter", "-o", out, "--keep-quantization", "--json")
+    )
+    source, merged = gguf_tensors(base), gguf_tensors(out)
+    assert list(merged) == list(source)
+    assert all(merged[n].tensor_type == source[n].tensor_type for n in source)
+    src_kv, out_kv = gguf.GGUFReader(str(base)).fields, gguf.GGUFReader(str(out)).fields
+    assert {k: f.contents() for k, f in src_kv.items() if not k.startswith("GGUF.")} == {
+        k: f.contents() for k, f in out_kv.items() if not k.startswith("GGUF.")
+    }
+    for name, t in source.items():
+        changed = name.startswith(("blk.0.attn_q", "blk.0.attn_v", "blk.1.attn_q", "blk.1.attn_v"))
+        assert np.array_equal(merged[name].data, t.data) != changed, name  # only adapted tensors change
+    # the adapted q tensor is exactly Q8_0(W0 + Δ) in llama.cpp's row order
+    heads = 4
+    want = gguf_names.permute_qk(expected_merge(base, fixtures_dir / "adapter", f"{Q0}.weight"), heads)
+    q = gguf.quants.quantize(want.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(merged["blk.0.attn_q.weight"].data, q)
+    modules = {m["name"]: m for m in report["modules"]}
+    # Q8_0 keeps 8 bits per weight: an update of 10-40% of ‖W0‖ survives nearly whole
+    assert all(0.9 < m["survival"] < 1.1 and m["direction"] > 0.99 for m in modules.values())
+    assert not any("LOST" in w for w in report["warnings"])
+
+
+def test_tiny_update_into_q4_vanishes_and_is_reported(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    base, out = tmp_path / "base.gguf", tmp_path / "merged.gguf"
+    write_gguf_model(fixtures_dir / "base", base, qtype="Q4_0")
+    adapter = make_adapter(tmp_path / "tiny", {Q0: (32, 32)}, scale=3e-3)  # ‖Δ‖/‖W0‖ ≈ 1e-4
+    result = run_cli("merge", base, adapter, "-o", out, "--keep-quantization", "--json")
+    report = ok_json(result)
+    (module,) = report["modules"]
+    # Q4_0's step is max|w|/8 per 32 weights: Δ ≈ 1e-4·|W0| moves almost no weight across a step
+    assert module["survival"] * module["direction"] < 0.5 and module["lost_fraction"] > 0.5
+    assert "MOST OF THE UPDATE IS LOST" in result.stderr and f"{Q0}.weight" in result.stderr
+    assert "MOST OF THE UPDATE IS LOST" in report["warnings"][-1]
+
+
+def test_keep_quantization_refusals(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    refused(
+        run_cli(
+            "merge",
+            fixtures_dir / "base",
+            fixtures_dir / "adapter",
+            "-o",
+            tmp_path / "o",
+            "--keep-quantization",
+        ),
+        "not a quantized checkpoint",
+    )
+    base = tmp_path / "base.gguf"
+    write_gguf_model(fixtures_dir / "base", base, qtype="Q8_0")
+    refused(
+        run_cli(
+            "merge", base, fixtures_dir / "adapter", "-o", tmp_path / "o.safetensors", "--keep-quantization"
+        ),
+        "o.gguf",
+    )
+    refused(
+        run_cli(
+            "merge",
+            base,
+            fixtures_dir / "adapter",
+            "-o",
+            tmp_path / "o.gguf",
+            "--keep-quantization",
+            "--dtype",
+            "bfloat16",
+        ),
+        "drop --dtype",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
+
+
+# -- bitsandbytes and FP8 safetensors ---------------------------------------------------------------
+def quantized_copy(fixtures_dir: Path, folder: Path, kind: str) -> Path:
+    """The fixture model with every 2-D weight but the embeddings quantized as ``kind``, config included."""
+    shutil.copytree(fixtures_dir / "base", folder)
+    ckpt = open_checkpoint(fixtures_dir / "base")
+    tensors, config = {}, json.loads((folder / "config.json").read_text())
+    for name in ckpt.names():
+        w = ckpt.get(name)
+        if w.ndim != 2 or "embed" in name:
+            tensors[name] = w
+        elif kind == "nf4":
+            F = pytest.importorskip("bitsandbytes.functional")
+            packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            tensors[name] = packed
+            tensors |= {f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()}
+            config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        else:  # FP8 with 128×128 block scales, DeepSeek-V3 style
+            scale = torch.full((1, 1), float(w.abs().max()) / 448.0)
+            tensors[name] = (w / scale).to(torch.float8_e4m3fn)
+            tensors[f"{name}_scale_inv"] = scale
+            config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def bnb_reference_dequant(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' own torch implementation of dequantize_4bit (its "default" backend). Its CPU
+    C kernel (0.50.2) mis-indexes absmax when a row is shorter than the block (here 32 < 64)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    F = pytest.importorskip("bitsandbytes.functional")
+    absmax = (
+        F.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    )
+    code = _get_4bit_code(state.quant_type, packed.device)
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # not compiled
+    return compute(packed.reshape(-1), absmax, code, state.blocksize, state.shape, state.dtype)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_float_merge_into_quantized_safetensors(
+    run_cli, fixtures_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    base = quantized_copy(fixtures_dir, tmp_path / "base", kind)
+    out = tmp_path / "out"
+    ok_json(run_cli("merge", base, fixtures_dir / "adapter", "-o", out, "--json"))
+    merged = open_checkpoint(out)
+    assert not merged.quantized and sorted(merged.names()) == sorted(
+        open_checkpoint(fixtures_dir / "base").names()
+    )
+    for name in ADAPTED:
+        assert torch.equal(merged.get(name), expected_merge(base, fixtures_dir / "adapter", name)), name
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_keep_quantization_safetensors(run_cli, fixtures_dir: Path, tmp_path: Path, kind: str) -> None:
+    base = quantized_copy(fixtures_dir, tmp_path / "base", kind)
+    out = tmp_path / "out"
+    report = ok_json(
+        run_cli("merge", base, fixtures_dir / "adapter", "-o", out, "--keep-quantization", "--json")
+    )
+    source, merged = open_checkpoint(base), open_checkpoint(out)
+    assert {n: (i.shape, i.dtype) for n, i in merged.stored.items()} == {
+        n: (i.shape, i.dtype) for n, i in source.stored.items()
+    }
+    assert json.loads((out / "config.json").read_text())["quantization_config"]
+    for name in source.names():
+        if name not in ADAPTED:
+            assert torch.equal(merged.get(name), source.get(name)), name
+    survival = {m["name"]: m["survival"] * m["direction"] for m in report["modules"]}
+    assert sorted(survival) == sorted(ADAPTED)
+    if kind == "nf4":  # what bitsandbytes itself reads from the output
+        F = pytest.importorskip("bitsandbytes.functional")
+        name = ADAPTED[0]
+        parts = {k.removeprefix(f"{name}."): merged.read_stored(k) for k in merged.quantized[name].parts[1:]}
+        state = F.QuantState.from_dict(parts, torch.device("cpu"))
+        assert torch.equal(bnb_reference_dequant(merged.read_stored(name), state), merged.get(name))
+    else:  # e4m3 rounds by ≤ 2⁻⁴ relative: an update of 10-40% of ‖W0‖ survives mostly
+        assert all(0.8 < s < 1.2 for s in survival.values())
