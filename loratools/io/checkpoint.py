@@ -23,6 +23,7 @@ import torch
 
 from loratools.errors import CheckpointError, MissingKeys, UnknownFormat, list_problems
 from loratools.io.prefetch import prefetched
+from loratools.io.quant import QuantGroup, dequantize, find_groups, logical_infos
 from loratools.io.safetensors_file import (
     DuplicateKey,
     SafetensorsFile,
@@ -78,6 +79,13 @@ class Checkpoint:
         self.metadata: dict[str, str] = (
             dict(self._safetensors[files[0]].metadata) if kind != "pytorch" and files else {}
         )
+        # quantized weights (bitsandbytes, FP8) read as one float32 tensor under their plain name;
+        # ``stored`` keeps the tensors as the files hold them
+        self.stored: dict[str, TensorInfo] = self._infos
+        self.quantized: dict[str, QuantGroup] = {}
+        if kind != "pytorch":
+            self.quantized = find_groups(self._infos, self.read_stored, model_dir)
+            self._infos = logical_infos(self._infos, self.quantized) if self.quantized else self._infos
 
     def _load_header(self, file: Path) -> None:
         if self.kind == "pytorch":
@@ -126,12 +134,18 @@ class Checkpoint:
             raise MissingKeys(f"{self.path}: no tensor named {name!r}")
         if self.kind == "pytorch":
             return self._pytorch[name]
+        if name in self.quantized:
+            return dequantize(self.quantized[name], self.read_stored)
         return self._safetensors[self._infos[name].file].read(name)
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """One tensor exactly as stored (a quantized weight's packed part, scale or state)."""
+        return self._safetensors[self.stored[name].file].read(name)
 
     def get_raw(self, name: str) -> bytes:
         """One tensor's stored bytes, for copies that must stay bit-identical."""
-        if self.kind == "pytorch":
-            tensor = self._pytorch[name].contiguous().reshape(-1)
+        if self.kind == "pytorch" or name in self.quantized:
+            tensor = self.get(name).contiguous().reshape(-1)  # a quantized weight: its float32 values
             return tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         return self._safetensors[self._infos[name].file].read_raw(name)
 
@@ -158,6 +172,7 @@ class Checkpoint:
             infos = [info for info in self._infos.values() if info.file == file]
             specs = [TensorSpec(i.name, i.shape, dtype_of.get(i.name, i.dtype)) for i in infos]
             unchanged = all(spec.dtype == info.dtype for spec, info in zip(specs, infos, strict=True))
+            unchanged = unchanged and not any(info.name in self.quantized for info in infos)
             header = self._safetensors[file].header if unchanged and file in self._safetensors else None
             out.append(ShardLayout(_safetensors_name(file), specs, header))
         return out
@@ -326,6 +341,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a regular file (a pipe, device or socket); pass a weights file")
     if path.suffix == ".safetensors":
         return Checkpoint(path, "safetensors", [path], None)
+    if path.suffix == ".gguf":  # a llama.cpp model: HF names, dequantized tensor by tensor
+        from loratools.io.quant.gguf_checkpoint import GgufCheckpoint
+
+        return GgufCheckpoint(path)
     if path.suffix in (".bin", ".pt", ".pth"):
         return Checkpoint(path, "pytorch", [path], None)
     if path.name.endswith(".index.json"):
