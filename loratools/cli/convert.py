@@ -86,10 +86,10 @@ def convert(
     options = ConvertOptions(source, to, output, base, prefix, dtype, max_shard_size, force)
     kind = check_source(source, to)
     conversion = prepare(options)
-    if not (quiet or as_json):
-        render.note(f"{source}: {kind.label} → {TARGETS[to]}")
     with render.progress(conversion.total, f"convert → {to}", quiet=quiet or as_json) as advance:
         report = conversion.run(advance)
+    if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
+        render.note(f"{source}: {kind.label} → {TARGETS[to]}")
     if as_json:
         render.emit_json(report)
         return

@@ -165,7 +165,7 @@ def check_output_form(adapter: Adapter, output: str | Path) -> None:
         raise UnknownFormat(
             f"{output}: the adapter's module names are kohya names ({stems[0]}, …) read without a base; "
             "a PEFT folder needs dotted module paths: pass --base BASE (the model it was made for), "
-            "or write a kohya file instead (-o NAME.safetensors)"
+            "or write kohya instead (-o NAME.safetensors; convert: --to kohya)"
         )
 
 

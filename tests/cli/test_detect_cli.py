@@ -284,3 +284,19 @@ def test_a_pytorch_folder_is_named_and_read(run_cli, tmp_path: Path) -> None:
     result = run_cli("inspect", tmp_path)
     assert result.exit_code == 0 and f"{tmp_path}: a PyTorch checkpoint\n" in result.stderr
     assert json.loads(run_cli("inspect", tmp_path, "--json").stdout)["parameters"] == 6
+
+
+def test_convert_of_a_foreign_kohya_file(
+    run_cli, fixtures_dir: Path, foreign_kohya: Path, tmp_path: Path
+) -> None:
+    refused(run_cli("convert", foreign_kohya, "--to", "peft", "-o", tmp_path / "p"), "--base", "--to kohya")
+    assert not (tmp_path / "p").exists()
+    out = tmp_path / "same.safetensors"
+    assert run_cli("convert", foreign_kohya, "--to", "kohya", "-o", out, "-q").exit_code == 0
+    before, _ = read_safetensors(foreign_kohya)
+    after, _ = read_safetensors(out)
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    ok = run_cli(
+        "convert", foreign_kohya, "--to", "peft", "-o", tmp_path / "p", "--base", fixtures_dir / "base"
+    )
+    assert ok.exit_code == 0 and "a kohya LoRA adapter → a PEFT adapter folder" in ok.stderr
