@@ -59,6 +59,13 @@ def check_source(source: str, to: str) -> Any:
 )
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Output dtype (default: keep).")
 @click.option("--max-shard-size", default=None, help="Model shard size limit, e.g. 5GB (default 5GB).")
+@click.option("-r", "--rank", type=int, default=None, help="DoRA → plain LoRA of this rank (needs --base).")
+@click.option(
+    "--energy",
+    type=float,
+    default=None,
+    help="DoRA → plain LoRA keeping this energy fraction (needs --base).",
+)
 @force_flag
 @reporting
 def convert(
@@ -69,6 +76,8 @@ def convert(
     prefix: str,
     dtype: str | None,
     max_shard_size: str | None,
+    rank: int | None,
+    energy: float | None,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -80,10 +89,11 @@ def convert(
       loratools convert lora.safetensors --to peft -o DIR --base BASE
       loratools convert ADAPTER --to gguf -o lora.gguf --base BASE_DIR
       loratools convert model.bin|model.gguf --to safetensors -o DIR [--dtype bf16]
+      loratools convert DORA --to gguf -o lora.gguf --base BASE -r 16   # DoRA → plain LoRA
     """
     from loratools.ops.convert import ConvertOptions, prepare
 
-    options = ConvertOptions(source, to, output, base, prefix, dtype, max_shard_size, force)
+    options = ConvertOptions(source, to, output, base, prefix, dtype, max_shard_size, force, rank, energy)
     kind = check_source(source, to)
     conversion = prepare(options)
     with render.progress(conversion.total, f"convert → {to}", quiet=quiet or as_json) as advance:
@@ -96,8 +106,14 @@ def convert(
     rows = [
         (key, str(value))
         for key, value in report.items()
-        if key not in ("modules", "config", "files", "notes")
+        if key not in ("modules", "config", "files", "notes", "dora_baked")
     ]
     render.table(f"convert {source}", ["field", "value"], rows, quiet=quiet)
+    if report.get("dora_baked"):
+        baked = [
+            (m["name"], str(m["rank"]), f"{m['relative_error']:.4f}", f"{m['energy_kept']:.4f}")
+            for m in report["dora_baked"]
+        ]
+        render.table("DoRA → LoRA", ["module", "rank", "relative error", "energy kept"], baked, quiet=quiet)
     for note in report.get("notes", []):
         render.note(note)

@@ -65,6 +65,8 @@ class ConvertOptions:
         dtype: output dtype name (``bf16``, ``float16``, …); None keeps the input's.
         max_shard_size: safetensors shard limit for models, e.g. ``5GB``.
         force: replace an existing output.
+        rank, energy: bake a DoRA adapter into a plain LoRA of this rank (or keeping this
+            fraction of each module's ‖ΔW‖²_F); needs ``base`` (see ops/dora_bake.py).
     """
 
     source: str
@@ -75,8 +77,11 @@ class ConvertOptions:
     dtype: str | None = None
     max_shard_size: str | None = None
     force: bool = False
+    rank: int | None = None
+    energy: float | None = None
 
     def __post_init__(self) -> None:
+        _check_bake_rule(self)
         if self.to not in TARGETS:
             raise LoratoolsError(f"--to {self.to!r}: choose one of {', '.join(TARGETS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -137,6 +142,53 @@ def convert(options: ConvertOptions, progress: Progress = no_progress) -> dict[s
     return prepare(options).run(progress)
 
 
+# -- DoRA → plain LoRA (-r R | --energy F, with --base) ------------------------------------------------
+def _check_bake_rule(options: ConvertOptions) -> None:
+    if options.rank is not None and options.energy is not None:
+        raise LoratoolsError("-r and --energy both given; choose one rank rule")
+    if options.rank is not None and options.rank < 1:
+        raise LoratoolsError(f"-r {options.rank}: the rank must be at least 1")
+    if options.energy is not None and not 0.0 < options.energy <= 1.0:
+        raise LoratoolsError(f"--energy {options.energy}: must be in (0, 1]")
+    if (options.rank is not None or options.energy is not None) and options.base is None:
+        raise LoratoolsError(
+            "-r/--energy bake a DoRA adapter into a plain LoRA from its base; pass --base BASE"
+        )
+
+
+def _dora_to_lora(adapter: Adapter, options: ConvertOptions) -> tuple[Adapter, list[Any]]:
+    """Bake a DoRA adapter into a plain LoRA of its effective updates, streaming the base one
+    module at a time; a plain adapter passes unchanged (and refuses a rank rule)."""
+    from loratools.ops.dora import dora_modules
+
+    rule = options.rank is not None or options.energy is not None
+    if not dora_modules(adapter):
+        if rule:
+            raise LoratoolsError(
+                f"{options.source}: a plain LoRA; -r/--energy bake DoRA adapters only (re-rank a LoRA "
+                "with loratools resize)"
+            )
+        return adapter, []
+    if not rule:
+        if options.to == "gguf":
+            raise LoratoolsError(
+                f"{options.source}: a DoRA adapter, which llama.cpp does not run; bake it into a plain "
+                "LoRA with -r RANK or --energy F and --base BASE"
+            )
+        return adapter, []
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.resolve import resolve_path
+    from loratools.ops.dora_bake import bake_adapter
+
+    assert options.base is not None
+    ckpt = open_checkpoint(resolve_path(options.base))
+    from loratools.formats.names import resolve_modules
+
+    targets = resolve_modules(adapter.modules, ckpt.names())
+    base = ((module, ckpt.get(target)) for module, target in targets.items())
+    return bake_adapter(adapter, base, rank=options.rank, energy=options.energy)
+
+
 # -- adapters ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BaseModel:
@@ -189,6 +241,7 @@ def _prepare_adapter(options: ConvertOptions) -> Conversion:
     fmt = adapter_format(source)
     base = _open_base(options.base)
     adapter = load_adapter(source, base_names=base.names() if base is not None else None)
+    adapter, baked = _dora_to_lora(adapter, options)
     if options.dtype:
         adapter = adapter.with_weights({m: w.to(DTYPES[options.dtype]) for m, w in adapter.weights.items()})
     if adapter.base_model is None and options.base is not None:
@@ -198,6 +251,8 @@ def _prepare_adapter(options: ConvertOptions) -> Conversion:
 
     def run(progress: Progress) -> dict[str, Any]:
         report: dict[str, Any] = {"output": options.output, "from": fmt, "to": options.to, **write()}
+        if baked:
+            report["dora_baked"] = [b.to_dict() for b in baked]
         for module in adapter.weights:
             progress(module)
         report["modules"] = [

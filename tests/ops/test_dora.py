@@ -269,3 +269,35 @@ def test_plain_then_dora_stack_matches_peft(fixtures_dir: Path, tmp_path: Path) 
     merge_paths(str(fixtures_dir / "base"), tmp_path / "out", add=[(str(p), 1.0) for p in order])
     for name, tensor in read_all(tmp_path / "out").items():
         torch.testing.assert_close(tensor, reference[name], **TOL[torch.float32])
+
+
+# -- DoRA → plain LoRA: Eckart–Young on the effective update ------------------------------------------
+@pytest.mark.parametrize(("rank", "transposed"), [(1, False), (3, False), (3, True), (8, False)])
+def test_bake_module_is_within_one_percent_of_eckart_young(rank: int, transposed: bool) -> None:
+    from loratools.ops.dora_bake import bake_module
+
+    w0 = torch.randn(48, 40)
+    lora = LoraWeight(torch.randn(4, 40) * 0.1, torch.randn(48, 4) * 0.1, 4.0, magnitude=w0.norm(dim=1) * 1.1)
+    base = w0.T.contiguous() if transposed else w0
+    baked, record = bake_module("m", base, lora, transposed=transposed, rank=rank)
+    delta = effective_delta(w0, lora)  # (out, in)
+    s = torch.linalg.svdvals(delta.double())
+    optimal = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
+    actual = float((delta - baked.delta()).norm() / delta.norm())
+    assert baked.rank == record.rank == rank and baked.scale == pytest.approx(1.0)
+    assert actual == pytest.approx(record.relative_error, rel=1e-4)
+    assert optimal <= actual <= 1.01 * optimal + 1e-6
+    assert record.energy_kept == pytest.approx(float(s[:rank].square().sum() / s.square().sum()), rel=1e-3)
+
+
+def test_bake_by_energy_keeps_at_least_that_energy() -> None:
+    from loratools.ops.dora_bake import bake_adapter
+
+    w0 = torch.randn(24, 20)
+    lora = LoraWeight(torch.randn(2, 20), torch.randn(24, 2), 2.0, magnitude=torch.rand(24) + 1.0)
+    baked, report = bake_adapter(Adapter({"m": lora}), [("m", w0)], energy=0.9)
+    s = torch.linalg.svdvals(effective_delta(w0, lora).double())
+    smallest = int((s.square().cumsum(0) / s.square().sum() >= 0.9).nonzero()[0]) + 1
+    assert report[0].rank == baked.weights["m"].rank == smallest
+    assert report[0].energy_kept >= 0.9 - 1e-9
+    assert baked.weights["m"].kind == "lora"
