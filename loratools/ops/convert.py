@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from loratools.formats import kohya
 from loratools.io.safetensors_file import TensorSpec
 from loratools.kinds import embedding
 from loratools.ops import Progress, no_progress
+
+if TYPE_CHECKING:
+    from loratools.io.checkpoint import ShardLayout
 
 __all__ = ["ADAPTER_TARGETS", "Conversion", "ConvertOptions", "convert", "parse_size", "prepare"]
 
@@ -363,9 +366,11 @@ def _prepare_model(options: ConvertOptions) -> Conversion:
         files, copy_from = {}, ckpt.model_dir
         report = {"from": ckpt.kind}
 
+    layout, as_file = _model_layout(options, specs, copy_from, files, report)
+
     def run(progress: Progress) -> dict[str, Any]:
-        out = _write_model(options, specs, tensors, files, copy_from, progress)
-        files_out = sorted(p.name for p in out.iterdir())
+        out = _write_model(options, layout, as_file, tensors, files, copy_from, progress)
+        files_out = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
         return {"output": str(out), "to": "safetensors", **report, "tensors": len(specs), "files": files_out}
 
     return Conversion(len(specs), run)
@@ -383,25 +388,56 @@ def _cast(
         yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def _write_model(
+def _model_layout(
     options: ConvertOptions,
     specs: list[TensorSpec],
+    copy_from: Path | None,
+    files: dict[str, str],
+    report: dict[str, Any],
+) -> tuple[list[ShardLayout], bool]:
+    """The output shards, and whether the output is the single file ``NAME.safetensors`` (then
+    the model's other files cannot come along: a note says which). Refuses a sharded model named
+    ``.safetensors``."""
+    from loratools.io.writer import checkpoint_output_is_file, model_files, plan_shards
+
+    layout = plan_shards(specs, parse_size(options.max_shard_size or DEFAULT_SHARD))
+    shards = len(layout) if len(layout) > 1 else None
+    if not checkpoint_output_is_file(options.output, source=options.source, shards=shards):
+        return layout, False
+    left = (model_files(copy_from) if copy_from is not None else []) + sorted(files)
+    if left:
+        report["notes"] = [
+            *report.get("notes", []),
+            f"{options.output} is a single weights file: {', '.join(left)} not written "
+            f"(convert to a folder, -o {Path(options.output).stem}, to keep them)",
+        ]
+    return layout, True
+
+
+def _write_model(
+    options: ConvertOptions,
+    layout: list[ShardLayout],
+    as_file: bool,
     tensors: Iterator[tuple[str, torch.Tensor]],
     files: dict[str, str],
     copy_from: Path | None,
     progress: Progress,
 ) -> Path:
-    """Stream ``tensors`` into HF-style safetensors shards under ``options.output``, atomically."""
-    from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files, plan_shards
+    """Stream ``tensors`` into HF-style safetensors shards under ``options.output`` (or into the
+    single file ``options.output`` when ``as_file``), atomically."""
+    from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
 
-    layout = plan_shards(specs, parse_size(options.max_shard_size or DEFAULT_SHARD))
-    with atomic_output(options.output, force=options.force) as folder:
-        with CheckpointWriter(folder, layout, {"format": "pt"}) as writer:
+    with atomic_output(options.output, force=options.force) as path:
+        folder, shards = (
+            (path.parent, [replace(layout[0], filename=path.name)]) if as_file else (path, layout)
+        )
+        with CheckpointWriter(folder, shards, {"format": "pt"}) as writer:
             for name, tensor in tensors:
                 writer.write(name, tensor)
                 progress(name)
-        if copy_from is not None:
-            copy_model_files(copy_from, folder)
-        for name, text in files.items():
-            (folder / name).write_text(text)
+        if not as_file:
+            if copy_from is not None:
+                copy_model_files(copy_from, path)
+            for name, text in files.items():
+                (path / name).write_text(text)
     return Path(options.output)

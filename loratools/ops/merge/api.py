@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from loratools.errors import LoratoolsError
 from loratools.io.checkpoint import Checkpoint
 from loratools.io.dora_record import read_record_file, record_path
-from loratools.io.writer import check_not_an_input
+from loratools.io.writer import check_not_an_input, checkpoint_output_is_file, model_files
 from loratools.ops import Progress, no_progress
 from loratools.ops.merge.dora import DoraPlan, DoraRecord, plan_dora
 from loratools.ops.merge.plan import plan_merge
@@ -34,9 +35,11 @@ def merge_checkpoint(
 ) -> MergeReport:
     """Write ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` for every tensor of ``ckpt`` to ``output``, streaming.
 
-    ``output`` is a model folder when the base is one (same shard files, index and metadata,
-    config/tokenizer files copied), else a single ``.safetensors`` file. It is written
-    atomically after every adapter has been checked against the base.
+    ``output`` is what its name says: ``NAME.safetensors`` is one file (refused for a sharded
+    base; a model folder's other files are then left out, with a warning), any other name a model
+    folder (the base's shard files, index and metadata, and every non-weight file and sub-folder
+    copied; ``model.safetensors`` for a single-file base). It is written atomically after every
+    adapter has been checked against the base.
 
     Args:
         ckpt: the base (or merged) checkpoint.
@@ -55,11 +58,15 @@ def merge_checkpoint(
 
     Raises:
         MissingKeys, ShapeMismatch: adapters that do not fit, all listed, before writing anything.
-        OutputExists: ``output`` exists and not ``force``.
+        OutputExists: ``output`` exists and not ``force`` (or another run created it meanwhile).
+        LoratoolsError: an output name that is not a folder or ``.safetensors`` file (see
+            :func:`~loratools.io.writer.checkpoint_output_is_file`).
     """
     options = options or MergeOptions()
     output = Path(output)
     check_not_an_input(output, [ckpt.path, ckpt.model_dir, *inputs])
+    shards = len(ckpt.files) if ckpt.index_name else None
+    as_file = checkpoint_output_is_file(output, source=ckpt.path, shards=shards)
     infos = {info.name: info for info in ckpt.infos()}
     if operation is None:
         signs = {term.weight > 0 for term in terms}
@@ -68,8 +75,16 @@ def merge_checkpoint(
         base_ids = [str(ckpt.path)] if operation == "merge" else []
     plan = plan_merge(infos, terms, base_ids)
     plan.dora = _plan_dora(ckpt, terms)
-    stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress)
-    return build_report(output, operation, terms, options, plan, stats, files, len(infos))
+    stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
+    report = build_report(output, operation, terms, options, plan, stats, files, len(infos))
+    left = model_files(ckpt.model_dir) if as_file and ckpt.model_dir is not None else []
+    if left:  # a model folder merged into one file: say what did not come along
+        note = (
+            f"{output} is a single weights file, so {ckpt.model_dir}'s other files were not carried "
+            f"({', '.join(left)}); write to a folder (-o {output.stem}) to keep them"
+        )
+        report = replace(report, warnings=[note, *report.warnings])
+    return report
 
 
 def _plan_dora(ckpt: Checkpoint, terms: Sequence[MergeTerm]) -> DoraPlan | None:
@@ -106,7 +121,7 @@ def merge_paths(
 
     Args:
         base: checkpoint path or Hub id (the merged model, for unmerge/swap).
-        output: folder (or ``.safetensors`` file for a single-file base) to write.
+        output: model folder, or ``NAME.safetensors`` for one file (not for a sharded base).
         add: (adapter, weight) pairs to add: ``W += w·s·B·A``.
         remove: (adapter, weight) pairs to subtract: ``W −= w·s·B·A``.
         options: dtype, device, warning threshold.

@@ -41,8 +41,10 @@ def write_merged(
     *,
     force: bool,
     progress: Progress,
+    as_file: bool | None = None,
 ) -> tuple[list[ModuleStats], list[str]]:
-    """Write the merged checkpoint to ``output`` atomically (a folder, or one file for a single-file base).
+    """Write the merged checkpoint to ``output`` atomically: one file when ``as_file`` (default:
+    when the base is one file; never for a sharded base), else a model folder.
 
     Returns:
         the precision record of every adapted tensor, and the model files copied next to the shards.
@@ -57,8 +59,8 @@ def write_merged(
     threads = options.intra_op_threads(os.cpu_count() or 1)
     with atomic_output(output, force=force) as temporary, _intra_op_threads(threads):
         tensors = merged_tensors(ckpt, plan, options, stats, progress)
-        one_file = ckpt.model_dir is None
-        if one_file:  # a single file in, a single file out
+        one_file = ckpt.model_dir is None if as_file is None else as_file
+        if one_file:  # one file out
             _write(ckpt, temporary.parent, [replace(layout[0], filename=temporary.name)], tensors)
         else:
             _write(ckpt, temporary, layout, tensors)
@@ -135,7 +137,7 @@ def _output_layout(ckpt: Checkpoint, options: MergeOptions) -> list[ShardLayout]
     if options.dtype is not None:
         dtype_of = {i.name: options.dtype for i in ckpt.infos() if i.dtype in FLOAT_DTYPES}
     layout = ckpt.layout(dtype_of)
-    if ckpt.kind == "pytorch" and len(layout) == 1 and ckpt.model_dir is not None:
+    if len(layout) == 1 and (ckpt.kind == "pytorch" or ckpt.model_dir is None):
         layout = [replace(layout[0], filename="model.safetensors")]  # what transformers looks for
     return layout
 
@@ -175,8 +177,11 @@ def _write_behind(items: Iterator[tuple[str, Any]], write: Callable[[str, Any], 
 
 
 def _finish_model_dir(ckpt: Checkpoint, folder: Path, options: MergeOptions) -> list[str]:
-    """Copy config/tokenizer files; keep the source index verbatim when no dtype changed."""
-    assert ckpt.model_dir is not None
+    """Copy the model folder's other files and sub-folders (config, tokenizer, a sentence-transformers
+    model's ``1_Pooling/``…); keep the source index verbatim when no dtype changed. A single-file
+    base written as a folder has nothing to copy."""
+    if ckpt.model_dir is None:
+        return []
     copied = copy_model_files(ckpt.model_dir, folder)
     keep_index = options.dtype is None and not ckpt.quantized  # same tensors, same sizes
     if keep_index and ckpt.kind == "safetensors-sharded" and ckpt.index_name:
