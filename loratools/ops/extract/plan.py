@@ -11,6 +11,7 @@ import torch
 
 from loratools.errors import LoratoolsError, ShapeMismatch, list_problems
 from loratools.ops.extract.options import ExtractOptions
+from loratools.ops.moe import is_router
 
 EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|wte|wpe|word_embeddings|lm_head)(\.|$)")
 
@@ -64,6 +65,8 @@ def _kind(name: str, shape: tuple[int, ...], options: ExtractOptions) -> Kind:
     if EMBEDDING.search(module):
         lora = options.embedding_mode == "lora" and len(shape) == 2 and name.endswith(".weight")
         return "lora" if lora else "embedding"
+    if is_router(name) and options.targets is None:
+        return "other"  # a router is small: carried whole when it changed (ops/extract/experts.py)
     if len(shape) == 2 and name.endswith(".weight") and options.targets_module(module):
         return "lora"
     return "other"

@@ -8,10 +8,12 @@ from typing import Any
 from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError
 from loratools.ops.extract.embeddings import tied_embeddings, tying_config
+from loratools.ops.extract.experts import expert_count
 from loratools.ops.extract.factor import ModuleReport
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import ExtractPlan
 from loratools.ops.extract.stream import Outcome
+from loratools.ops.moe import ExpertCount
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class ExtractResult:
     skipped: dict[str, str]
     unchanged: list[str]
     plan: ExtractPlan
+    experts: ExpertCount | None = None  # a mixture of experts: expert weights factored vs in the base
 
     @property
     def energy_kept(self) -> float:
@@ -71,6 +74,7 @@ class ExtractResult:
             "only_in_base": self.plan.only_in_base,
             "only_in_finetuned": self.plan.only_in_finetuned,
             "tied_embeddings": self.adapter.provenance.get("tied_embeddings", []),
+            "experts": self.experts.to_dict() if self.experts is not None else None,
         }
 
 
@@ -123,6 +127,7 @@ def build_result(
         skipped={n: r for n in order if (r := outcome.skipped.get(n)) and r != "unchanged"},
         unchanged=[n for n in order if outcome.skipped.get(n) == "unchanged"],
         plan=plan,
+        experts=expert_count(plan, outcome),
     )
     provenance["energy_kept"] = round(result.energy_kept, 6)
     return result

@@ -22,6 +22,7 @@ from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.factor import ModuleReport, factor_module, truncated_spectrum
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item, TensorSource
+from loratools.ops.moe import is_router
 
 
 @dataclass
@@ -68,6 +69,8 @@ def _carry(
         return "unchanged"
     if item.name.rsplit(".", 1)[0] in lora_modules:
         return "differs, but its module gets LoRA factors; PEFT cannot also save it in full (not carried)"
+    if is_router(item.name):
+        return None  # routers are carried whole (E × hidden: small), see ops/moe.py
     if item.kind == "embedding":
         if options.embedding_mode == "full":
             return None

@@ -1,0 +1,108 @@
+"""Mixture-of-experts accounting: which expert weights a command touched, against the base.
+
+A merge that silently applies 3 of 60 expert deltas looks like success. So every expert weight
+is counted, by name, on both sides. On disk, Mixtral and Qwen2-MoE checkpoints (also those
+transformers 5 writes, whose in-memory layout is fused) store one 2-D weight per expert::
+
+    model.layers.N.block_sparse_moe.experts.E.w1.weight      (Mixtral: w1, w2, w3)
+    model.layers.N.mlp.experts.E.gate_proj.weight            (Qwen2-MoE: gate/up/down_proj)
+
+and a router per layer (``…block_sparse_moe.gate.weight``, ``…mlp.gate.weight``, Qwen2-MoE's
+``…mlp.shared_expert_gate.weight``): (num_experts, hidden), small, carried whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loratools.errors import LoratoolsError, list_problems
+
+__all__ = ["ExpertCount", "check_no_expert_dropped", "count_experts", "is_expert", "is_router"]
+
+EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<index>\d+)\.(?P<proj>.+)\.weight$")
+ROUTER = re.compile(r"(^|\.)(gate|router|shared_expert_gate)\.weight$")
+
+
+def is_expert(name: str) -> bool:
+    """Whether tensor ``name`` is one expert's 2-D weight (``….experts.3.w1.weight``)."""
+    return EXPERT.match(name) is not None
+
+
+def is_router(name: str) -> bool:
+    """Whether tensor ``name`` is a router (``….gate.weight``; not ``gate_proj``)."""
+    return ROUTER.search(name) is not None and not is_expert(name)
+
+
+@dataclass(frozen=True)
+class ExpertCount:
+    """How many expert weights a command touched, of how many the base has.
+
+    Attributes:
+        base: expert 2-D weights in the base.
+        experts: distinct experts (layer block + index) in the base.
+        touched: expert weights the command changed (factored, merged, …).
+        dropped: expert weights whose change would be lost, by name (must be empty to succeed).
+        routers: router weights carried whole (their names).
+    """
+
+    base: int
+    experts: int
+    touched: int
+    dropped: list[str] = field(default_factory=list)
+    routers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "experts": self.experts,
+            "touched": self.touched,
+            "dropped": list(self.dropped),
+            "routers": list(self.routers),
+        }
+
+
+def count_experts(
+    base_names: Iterable[str],
+    touched: Iterable[str],
+    dropped: Iterable[str] = (),
+    routers: Iterable[str] = (),
+) -> ExpertCount | None:
+    """Count expert weights; None when the base has none (not a mixture of experts).
+
+    Args:
+        base_names: every tensor name of the base.
+        touched: tensor names the command changed.
+        dropped: tensor names whose change the command would lose.
+        routers: router tensor names carried whole.
+    """
+    experts = [n for n in base_names if is_expert(n)]
+    if not experts:
+        return None
+    groups = set()
+    for name in experts:
+        match = EXPERT.match(name)
+        assert match is not None
+        groups.add((match["block"], match["index"]))
+    return ExpertCount(
+        base=len(experts),
+        experts=len(groups),
+        touched=sum(1 for n in set(touched) if is_expert(n)),
+        dropped=sorted(n for n in set(dropped) if is_expert(n)),
+        routers=sorted(set(routers)),
+    )
+
+
+def check_no_expert_dropped(count: ExpertCount | None, fix: str) -> None:
+    """Refuse to finish when an expert's change would be lost.
+
+    Raises:
+        LoratoolsError: the dropped expert weights, named, with ``fix``.
+    """
+    if count is not None and count.dropped:
+        raise LoratoolsError(
+            f"{len(count.dropped)} of {count.base} expert weights changed but would be dropped: "
+            f"{list_problems(count.dropped)}; {fix}"
+        )
