@@ -91,7 +91,7 @@ def spectrum(
     else:
         check_pair(paths[0], paths[1])
         report = _pair(paths[0], paths[1], options, quiet)
-    document = {"inputs": list(paths), "base": base_path, **report.to_dict()}
+    document = {"inputs": list(paths), "kinds": _kinds(paths), "base": base_path, **report.to_dict()}
     if plot_path:
         _write_plot(document, plot_path, force, " vs ".join(paths))
     if geometry_plot_path:
@@ -127,6 +127,14 @@ def _load_adapter(path: str, base_names: list[str] | None = None) -> Any:
             "loratools spectrum BASE FINETUNED"
         )
     return load_adapter(path, base_names=base_names)
+
+
+def _kinds(paths: tuple[str, ...]) -> list[str]:
+    """What each input is, in the detector's words ("a kohya LoRA adapter")."""
+    from loratools.io.filekind import detect_path
+    from loratools.io.resolve import resolve_path
+
+    return [detect_path(resolve_path(p)).label for p in paths]
 
 
 def check_pair(base_path: str, tuned_path: str) -> None:
@@ -238,6 +246,8 @@ def _show(document: dict[str, Any], quiet: bool) -> None:
         rows.append((labels[m["name"]], shape, f"{s[0]:.3g}" if s else "0", m["stable_rank"],
                      _rank(eff["0.9"], m), _rank(eff["0.99"], m), *energies, spark))  # fmt: skip
     title = "Δ = s·B·A" if document["source"] == "adapter" else "ΔW = W_ft − W_base"
+    for path, kind in zip(document["inputs"], document.get("kinds", []), strict=False):
+        render.note(f"{path}: {kind}")
     columns = ["module", "shape", "σ₁", "stable rank", "r@90%", "r@99%"]
     columns += [f"e({r})" for r in ranks] + ["σᵢ/σ₁"]
     render.table(f"Spectrum of {title}: {' vs '.join(document['inputs'])}", columns, rows)

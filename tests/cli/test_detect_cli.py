@@ -300,3 +300,11 @@ def test_convert_of_a_foreign_kohya_file(
         "convert", foreign_kohya, "--to", "peft", "-o", tmp_path / "p", "--base", fixtures_dir / "base"
     )
     assert ok.exit_code == 0 and "a kohya LoRA adapter → a PEFT adapter folder" in ok.stderr
+
+
+def test_spectrum_names_its_inputs(run_cli, fixtures_dir: Path, foreign_kohya: Path) -> None:
+    result = run_cli("spectrum", fixtures_dir / "base", fixtures_dir / "finetuned")
+    assert result.exit_code == 0, result.stderr
+    assert f"{fixtures_dir / 'base'}: a safetensors checkpoint\n" in result.stderr
+    document = json.loads(run_cli("spectrum", foreign_kohya, "--json").stdout)
+    assert document["kinds"] == ["a kohya LoRA adapter"]
