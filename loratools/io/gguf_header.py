@@ -86,8 +86,11 @@ class _Walker:
 
     def value(self, kind: int, key: str, depth: int = 0) -> int | None:
         """Skip one value of type ``kind``; returns a u32 value (for general.alignment)."""
-        if kind == STRING:
-            self.string(f"the string value of {key!a}")
+        if kind == STRING:  # gguf decodes every string value as UTF-8 when it is read
+            try:
+                self.string(f"the string value of {key!a}").decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Corrupt(f"a string value of {key!a} is not UTF-8") from None
         elif kind == ARRAY:
             if depth >= MAX_NESTING:
                 raise _Corrupt(f"the value of {key!a} nests arrays more than {MAX_NESTING} deep")

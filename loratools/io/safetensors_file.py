@@ -152,8 +152,22 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+U64_MAX = 2**64 - 1  # sizes and offsets are u64 in the reference reader
+
+
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U64_MAX
+
+
+def _overflows(shape: list[int], itemsize: int) -> bool:
+    """The reference reader multiplies the dims in order with overflow checks (then × item size):
+    a running product past u64 is refused even when a later dim is 0."""
+    count = 1
+    for n in shape:
+        count *= n
+        if count > U64_MAX:
+            return True
+    return count * itemsize > U64_MAX
 
 
 def _parse_entry(path: Path, name: str, entry: object, start: int) -> TensorInfo:
@@ -171,6 +185,8 @@ def _parse_entry(path: Path, name: str, entry: object, start: int) -> TensorInfo
         raise _fail(
             path, f"tensor {name!r} has data_offsets {_short(offsets)}, not [begin, end] byte offsets"
         )
+    if _overflows(shape, DTYPES[dtype].itemsize):
+        raise _fail(path, f"tensor {name!r} has shape {_short(shape)}, too large to address")
     begin, end = offsets
     info = TensorInfo(name, tuple(shape), DTYPES[dtype], path, start + begin, start + end)
     if end < begin or end - begin != info.nbytes:

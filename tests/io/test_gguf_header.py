@@ -104,6 +104,10 @@ BAD = {
     ),
     "control characters in a name": ({"tensors": [(b"w\x1b[2J", [4, 2], F32, 0)], **GOOD}, "control"),
     "name not UTF-8": ({"tensors": [(b"w\xff", [4, 2], F32, 0)], **GOOD}, "not UTF-8"),
+    "string value not UTF-8": (
+        {"kvs": [string(b"k") + struct.pack("<I", 8) + string(b"\xff")], **GOOD},
+        "UTF-8",
+    ),
     "version 7": ({"version": 7, **GOOD}, "version 7"),
     "zero alignment": (
         {"kvs": [string(b"general.alignment") + struct.pack("<II", 4, 0)], **GOOD},

@@ -162,6 +162,11 @@ MALFORMED = {
         4,
         r"tensor name '\\ud800'",
     ),
+    "shape overflowing u64 before a zero": (
+        b'{"w":{"dtype":"F32","shape":[1099511627776,1099511627776,0],"data_offsets":[0,0]}}',
+        0,
+        "too large to address",
+    ),
     "unknown dtype": (b'{"w":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}', 4, "dtype 'F33'"),
     "NaN in the JSON": (b'{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', 4, "not JSON"),
 }
