@@ -23,7 +23,7 @@ import torch
 
 from loratools.errors import CheckpointError, MissingKeys, UnknownFormat, list_problems
 from loratools.io.prefetch import prefetched
-from loratools.io.quant import QuantGroup, dequantize, find_groups, logical_infos
+from loratools.io.quant import QuantGroup, dequantize, find_groups, logical_infos, requantize
 from loratools.io.safetensors_file import (
     DuplicateKey,
     SafetensorsFile,
@@ -137,6 +137,12 @@ class Checkpoint:
         if name in self.quantized:
             return dequantize(self.quantized[name], self.read_stored)
         return self._safetensors[self._infos[name].file].read(name)
+
+    def requantize(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
+        """``w`` (float32) put through ``name``'s stored quantization and read back; None when
+        ``name`` is not quantized. ``requantize(name, w) − w`` is that quantization's rounding."""
+        group = self.quantized.get(name)
+        return None if group is None else requantize(group, w, self.read_stored)
 
     def read_stored(self, name: str) -> torch.Tensor:
         """One tensor exactly as stored (a quantized weight's packed part, scale or state)."""

@@ -210,3 +210,24 @@ def test_keep_quantization_safetensors(run_cli, fixtures_dir: Path, tmp_path: Pa
         assert torch.equal(bnb_reference_dequant(merged.read_stored(name), state), merged.get(name))
     else:  # e4m3 rounds by ≤ 2⁻⁴ relative: an update of 10-40% of ‖W0‖ survives mostly
         assert all(0.8 < s < 1.2 for s in survival.values())
+
+
+def test_unmerge_from_a_quantized_merge_reports_its_error(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    base, merged, out = tmp_path / "base.gguf", tmp_path / "merged.gguf", tmp_path / "unmerged.safetensors"
+    write_gguf_model(fixtures_dir / "base", base, qtype="Q8_0")
+    adapter = fixtures_dir / "adapter"
+    ok_json(run_cli("merge", base, adapter, "-o", merged, "--keep-quantization", "--json"))
+    result = run_cli("unmerge", merged, adapter, "-o", out, "--json")
+    report = ok_json(result)
+    assert "exact only up to its quantization" in result.stderr
+    original, unmerged = open_checkpoint(base), open_checkpoint(out)
+    for module in report["modules"]:
+        name = module["name"]
+        delta = float(torch.linalg.vector_norm(expected_merge(base, adapter, name) - original.get(name)))
+        actual = float(torch.linalg.vector_norm(unmerged.get(name) - original.get(name))) / delta
+        # the estimate ‖Q(W) − W‖ is the rounding of a matrix like the merged one: the same size as
+        # the rounding actually left behind, within a factor 2 (Q8_0 rounding is near-uniform noise)
+        assert 0.5 * actual < module["quantization_error"] < 2 * actual, name
+        assert 0 < actual < 0.1  # Q8_0: the removal is far from exact zero error, and far from useless

@@ -23,7 +23,7 @@ from loratools.io.quant import bnb, fp8
 from loratools.io.quant.group import QuantGroup
 from loratools.io.safetensors_file import TensorInfo
 
-__all__ = ["QuantGroup", "dequantize", "find_groups", "logical_infos", "quantize"]
+__all__ = ["QuantGroup", "dequantize", "find_groups", "logical_infos", "quantize", "requantize"]
 
 Read = Callable[[str], torch.Tensor]
 
@@ -92,6 +92,11 @@ def quantize(group: QuantGroup, w: torch.Tensor, read: Read) -> dict[str, torch.
     """``w`` (float32, ``group.shape``) as ``group``'s stored tensors, scales recomputed."""
     module = bnb if group.kind.startswith("bnb-") else fp8
     return module.quantize(group, w.to(torch.float32), read)
+
+
+def requantize(group: QuantGroup, w: torch.Tensor, read: Read) -> torch.Tensor:
+    """``dequant(Q(w))``: ``w`` (float32) quantized as ``group`` and read back (float32)."""
+    return dequantize(group, quantize(group, w, read).__getitem__)
 
 
 def drop_quantization_config(config: Path) -> None:

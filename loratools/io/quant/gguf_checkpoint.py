@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loratools.io.checkpoint import Checkpoint, ShardLayout
-from loratools.io.gguf_io import GgufModel
+from loratools.io.gguf_io import GgufModel, _gguf
+from loratools.io.quant import gguf_types
+from loratools.io.quant.gguf_types import WRITE
 from loratools.io.safetensors_file import TensorInfo, TensorSpec
 
 
@@ -46,3 +49,16 @@ class GgufCheckpoint(Checkpoint):
         dtype_of = dtype_of or {}
         specs = [TensorSpec(i.name, i.shape, dtype_of.get(i.name, i.dtype)) for i in self._infos.values()]
         return [ShardLayout("model.safetensors", specs, None)]
+
+    def requantize(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
+        """``w`` (float32, Hugging Face layout) through ``name``'s GGUF type and back; None for F32
+        and for types loratools cannot quantize (k-quants). Blocks run along rows, so llama.cpp's
+        q/k row permutation does not change the result."""
+        kind = self.tensor_types.get(name)
+        if kind not in WRITE or kind == "F32":
+            return None
+        gguf = _gguf()
+        qtype = gguf.GGMLQuantizationType[kind]
+        stored = gguf_types.quantize(gguf, w.numpy(), qtype)
+        raw = np.ascontiguousarray(stored).reshape(-1).view(np.uint8).reshape(w.shape[0], -1)
+        return torch.from_numpy(gguf_types.dequantize(gguf, raw, qtype)).reshape(w.shape)

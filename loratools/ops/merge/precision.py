@@ -44,6 +44,9 @@ class ModuleStats:
     # --keep-quantization only: ‖Q(W0+Δ) − Q(W0)‖ / ‖Δ‖ and cos(Q(W0+Δ) − Q(W0), Δ)
     survival: float | None = None
     direction: float | None = None
+    # unmerge/swap from a quantized model: ‖Q(W) − W‖ / ‖Δ‖ of the output W, about how far it
+    # is from the original base (the merged model's own rounding, which cannot be undone)
+    quantization_error: float | None = None
 
     @property
     def base_rounding(self) -> float | None:
@@ -70,6 +73,7 @@ class ModuleStats:
             "lost_fraction": self.lost_fraction,
             "base_rounding": self.base_rounding,
             **({"survival": self.survival, "direction": self.direction} if self.survival is not None else {}),
+            **({"quantization_error": q} if (q := self.quantization_error) is not None else {}),
         }
 
 
@@ -163,7 +167,7 @@ def build_report(
     )  # fmt: skip
     kept = any(m.survival is not None for m in stats)  # --keep-quantization: its own warning
     warn = survival_warnings if kept else precision_warnings
-    return replace(report, warnings=report.warnings + warn(report))
+    return replace(report, warnings=report.warnings + warn(report) + quantized_unmerge_warnings(report))
 
 
 def precision_warnings(report: MergeReport) -> list[str]:
@@ -198,6 +202,19 @@ def precision_warnings(report: MergeReport) -> list[str]:
 def _step(dtype: str) -> float:
     """Half the relative spacing of ``dtype``'s numbers: the most one rounding moves a weight."""
     return float(torch.finfo(getattr(torch, dtype)).eps) / 2
+
+
+def quantized_unmerge_warnings(report: MergeReport) -> list[str]:
+    """Adapters removed from a quantized model: the result is the base only up to its rounding."""
+    errors = sorted((q, m.name) for m in report.modules if (q := m.quantization_error) is not None)
+    if not errors:
+        return []
+    median, (worst, name) = errors[len(errors) // 2][0], errors[-1]
+    return [
+        f"{report.operation} from a quantized model is exact only up to its quantization: the output "
+        f"differs from the original base by about {median:.2g}× the removed update (median over "
+        f"{len(errors)} module(s); {worst:.2g}× in {name}), see quantization_error in --json"
+    ]
 
 
 def survival_warnings(report: MergeReport, named: int = 8) -> list[str]:

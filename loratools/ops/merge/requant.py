@@ -79,15 +79,25 @@ def survival_stats(
 
 
 def requantized_update(
-    name: str, kind: str, w0: torch.Tensor, update: TensorUpdate, requantize: Requantize, device: str
+    name: str,
+    kind: str,
+    w0: torch.Tensor,
+    update: TensorUpdate,
+    requantize: Requantize,
+    device: str,
+    rows: Callable[[torch.Tensor], torch.Tensor] = lambda m: m,
 ) -> tuple[Any, ModuleStats | None]:
     """``Q(W0 + Σ wᵢsᵢBᵢAᵢ)`` (stored form) and its survival record; a ``modules_to_save``
-    replacement stands in for W0 and is requantized too."""
-    w0 = (update.replacement if update.replacement is not None else w0).to(torch.float32)
+    replacement stands in for W0 and is requantized too. ``rows`` reorders the update's rows
+    into the stored order (llama.cpp's q/k permutation: Δ = P·L·R, so only L is permuted)."""
+    if update.replacement is not None:
+        w0 = rows(update.replacement)
+    w0 = w0.to(torch.float32)
     if not update.loras:
         stored, _ = requantize(w0)
         return stored, None
     left, right = stacked_factors(update, device)
+    left = rows(left)
     total = w0.to(left.device, copy=True).addmm_(left, right).cpu()  # (d, k) float32
     stored, new = requantize(total)
     record = survival_stats(name, kind, w0, new, left.cpu(), right.cpu())
@@ -218,18 +228,39 @@ def _gguf_update(
     w0 = torch.from_numpy(types.dequantize(gguf, raw.reshape(t.data.shape), t.tensor_type)).reshape(shape)
     n_head = names.qk_heads(t.name, *heads)
     permute = (lambda m: names.permute_qk(m, n_head)) if n_head else (lambda m: m)
-    loras = [(replace(lora, b=permute(lora.b)), w, tr) for lora, w, tr in update.loras]
-    replacement = permute(update.replacement.float()) if update.replacement is not None else None
-    permuted = TensorUpdate(loras, replacement)
 
     def requantize(w: torch.Tensor) -> tuple[Any, torch.Tensor]:
         stored = types.quantize(gguf, w.numpy(), t.tensor_type)
         new = types.dequantize(gguf, stored.reshape(-1).view(np.uint8).reshape(shape[0], -1), t.tensor_type)
         return stored, torch.from_numpy(new).reshape(shape)
 
-    stored, record = requantized_update(hf, t.tensor_type.name, w0, permuted, requantize, options.device)
+    stored, record = requantized_update(
+        hf, t.tensor_type.name, w0, update, requantize, options.device, permute
+    )
     if record is not None:
         stats.append(record)
     if stored.nbytes != t.n_bytes:
         raise ShapeMismatch(f"{hf}: requantized to {stored.nbytes} bytes, the base has {t.n_bytes}")
     return stored
+
+
+def unmerge_error(
+    ckpt: Checkpoint, name: str, out: torch.Tensor, update: TensorUpdate, record: ModuleStats
+) -> ModuleStats:
+    """For adapters removed from a quantized model, ``record`` with ``quantization_error`` set.
+
+    The removal starts from the *rounded* merge Q(W0 + Δ), so the output misses W0 by that
+    rounding, ``Q(W0+Δ) − (W0+Δ)``, which nothing can recover. Its size is estimated by the
+    rounding of the output itself, ``‖Q(W) − W‖``, in units of ‖Δ‖.
+    """
+    requantize = getattr(ckpt, "requantize", None)
+    if requantize is None or not any(weight < 0 for _, weight, _ in update.loras):
+        return record
+    w = out.detach().to("cpu", torch.float32)
+    back = requantize(name, w)
+    if back is None:
+        return record
+    noise = float(torch.linalg.vector_norm(back - w))
+    return replace(
+        record, quantization_error=noise / record.delta_norm if record.delta_norm > 0 else math.inf
+    )

@@ -29,6 +29,7 @@ from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_file
 from loratools.ops import Progress
 from loratools.ops.merge.plan import MergePlan
 from loratools.ops.merge.precision import ModuleStats
+from loratools.ops.merge.requant import unmerge_error
 from loratools.ops.merge.terms import FLOAT_DTYPES, MergeOptions
 from loratools.ops.merge.update import Scratch, apply_update, stacked_factors
 
@@ -115,7 +116,8 @@ def merged_tensors(
             elif update.loras:
                 left, right = stacked_factors(update, device)
                 out, record = apply_update(name, w0.to(device), left, right, out_dtype, scratch)
-                stats.append(replace(record, adapters=len(update.loras)))
+                record = replace(record, adapters=len(update.loras))
+                stats.append(unmerge_error(ckpt, name, out, update, record))  # a quantized merged model
                 yield name, out.cpu()
             else:
                 yield name, w0.to(out_dtype)

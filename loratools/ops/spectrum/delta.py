@@ -17,6 +17,7 @@ from loratools.errors import ShapeMismatch, list_problems
 from loratools.ops import Progress, no_progress
 from loratools.ops.delta import DeltaBuffer
 from loratools.ops.spectrum.geometry import module_geometry
+from loratools.ops.spectrum.noise import noise_floor
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
 
 __all__ = ["delta_spectrum", "plan_delta"]
@@ -94,7 +95,8 @@ def delta_spectrum(
                 device = options.device
                 geometry = module_geometry(w_base.to(device), w_ft.to(device), options.geometry)
                 spectrum = replace(spectrum, geometry=geometry)
-            modules.append(spectrum)
+            floor = noise_floor(base, finetuned, name, w_ft, spectrum.singular_values, spectrum.energy)
+            modules.append(replace(spectrum, noise_floor=floor) if floor is not None else spectrum)
         progress(name)
     method = "exact" if options.exact else "randomized"
     settings = {"method": method, "top": options.top, "seed": options.seed, **options.geometry.settings()}

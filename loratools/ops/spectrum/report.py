@@ -22,6 +22,7 @@ from loratools import linalg
 from loratools.errors import LoratoolsError
 from loratools.ops.spectrum.amplification_factor import Amplification
 from loratools.ops.spectrum.geometry import GeometryOptions, ModuleGeometry, direction_magnitude_correlation
+from loratools.ops.spectrum.noise import NoiseFloor
 from loratools.ops.spectrum.summary import ENERGY_LEVELS, summarize
 
 __all__ = ["ModuleSpectrum", "SpectrumOptions", "SpectrumReport", "TensorSource"]
@@ -91,6 +92,7 @@ class ModuleSpectrum:
     complete: bool
     amplification: Amplification | None = None
     geometry: ModuleGeometry | None = None
+    noise_floor: NoiseFloor | None = None  # a quantized base's rounding (ops/spectrum/noise.py)
 
     @property
     def stable_rank(self) -> float:
@@ -139,6 +141,8 @@ class ModuleSpectrum:
             doc["amplification"] = self.amplification.to_dict()
         if self.geometry is not None:
             doc.update(self.geometry.to_dict())
+        if self.noise_floor is not None:
+            doc.update(self.noise_floor.to_dict())
         return doc
 
 
