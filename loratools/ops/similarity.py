@@ -22,6 +22,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import LoratoolsError, MissingKeys, ShapeMismatch, list_problems
+from loratools.formats.detect import is_kohya_stem
 from loratools.ops import Progress, no_progress
 
 __all__ = [
@@ -219,7 +220,7 @@ def adapter_similarity(
     if not shared:
         raise MissingKeys(
             f"the two adapters adapt no module in common (first: {list_problems(first.modules, 3)}; "
-            f"second: {list_problems(second.modules, 3)}); were they made for the same model?"
+            f"second: {list_problems(second.modules, 3)}); {_no_common_hint(first, second)}"
         )
     _check_shapes(first, second, shared, options.side)
     modules = []
@@ -231,6 +232,14 @@ def adapter_similarity(
     only_first = [n for n in first.weights if n not in second.weights]
     only_second = [n for n in second.weights if n not in first.weights]
     return SimilarityReport(modules, options, only_first, only_second)
+
+
+def _no_common_hint(first: Adapter, second: Adapter) -> str:
+    """Kohya names on one side only (a kohya file read without a base) are the usual reason."""
+    stems = [all(is_kohya_stem(m) for m in a.weights) for a in (first, second)]
+    if stems[0] != stems[1]:
+        return "one has kohya names, the other module paths: pass --base BASE to resolve the kohya names"
+    return "were they made for the same model?"
 
 
 def _check_shapes(first: Adapter, second: Adapter, names: Sequence[str], side: Side) -> None:

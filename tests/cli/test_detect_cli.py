@@ -308,3 +308,15 @@ def test_spectrum_names_its_inputs(run_cli, fixtures_dir: Path, foreign_kohya: P
     assert f"{fixtures_dir / 'base'}: a safetensors checkpoint\n" in result.stderr
     document = json.loads(run_cli("spectrum", foreign_kohya, "--json").stdout)
     assert document["kinds"] == ["a kohya LoRA adapter"]
+
+
+def test_similarity_of_kohya_names_and_module_paths_asks_for_the_base(
+    run_cli, fixtures_dir: Path, foreign_kohya: Path
+) -> None:
+    refused(run_cli("similarity", foreign_kohya, fixtures_dir / "adapter"), "kohya names", "--base")
+    result = run_cli(
+        "similarity", foreign_kohya, fixtures_dir / "adapter", "--base", fixtures_dir / "base", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    modules = json.loads(result.stdout)["modules"]
+    assert len(modules) == 4 and all(m["diagonal"][-1] == pytest.approx(1.0, abs=1e-5) for m in modules)
