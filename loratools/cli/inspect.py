@@ -42,6 +42,11 @@ def inspect(path: str, base: str | None, as_json: bool, quiet: bool) -> None:
     render.table("summary", ["field", "value"], rows)
     for label, line in summary.get("training", {}).items():
         render.note(f"  training {label}: {line}")
+    if "dora" in summary:
+        columns = ["module", "m min", "m mean", "m max", "m / ‖W0‖ − 1"]
+        render.table(
+            f"DoRA magnitude ({summary['dora']['modules']} modules)", columns, _dora_rows(summary["dora"])
+        )
     metadata = summary.get("metadata") or {}
     if len(metadata) > SHORT_METADATA or any(len(str(v)) > 80 for v in metadata.values()):
         render.note(f"{len(metadata)} metadata entries, summarised above; all of them with --json")
@@ -90,9 +95,11 @@ def _adapter(local: Path, family: str, base: str | None) -> dict[str, Any]:
     from loratools.io.safetensors_file import SafetensorsFile
     from loratools.ops.inspect import summarize_adapter, summarize_training
 
-    base_names = open_checkpoint(resolve_path(base)).names() if base else None
-    adapter = load_adapter(local, base_names=base_names)
+    ckpt = open_checkpoint(resolve_path(base)) if base else None
+    adapter = load_adapter(local, base_names=ckpt.names() if ckpt is not None else None)
     summary = summarize_adapter(adapter, family)
+    if ckpt is not None and "dora" in summary:
+        summary.update(_dora_with_base(adapter, ckpt))
     if family == "kohya":
         metadata = SafetensorsFile(local).metadata
         summary["training"] = summarize_training(dict(metadata))
@@ -100,6 +107,24 @@ def _adapter(local: Path, family: str, base: str | None) -> dict[str, Any]:
         if base is None and adapter.weights and all(is_kohya_stem(m) for m in adapter.weights):
             summary["module_names"] = "kohya names as in the file (pass --base to resolve them)"
     return summary
+
+
+def _dora_with_base(adapter: Any, ckpt: Any) -> dict[str, Any]:
+    """DoRA magnitude statistics with the change m / ‖W0‖_row − 1 against the base's weights."""
+    from loratools.formats.names import resolve_modules
+    from loratools.ops.dora import dora_summary
+
+    targets = resolve_modules(adapter.modules, ckpt.names())
+    return dora_summary(adapter, lambda module: ckpt.get(targets[module]))
+
+
+def _dora_rows(dora: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for m in dora["magnitude"]:
+        change = m.get("relative_change")
+        shift = f"{change['mean']:+.4f} (max |·| {change['max_abs']:.4f})" if change else "(pass --base)"
+        rows.append((m["name"], f"{m['min']:.4g}", f"{m['mean']:.4g}", f"{m['max']:.4g}", shift))
+    return rows
 
 
 def _unsupported(local: Path, kind: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +145,7 @@ def _shown(key: str, value: object) -> bool:
     kohya file carries hundreds of entries: --json has them all)."""
     if key == "metadata" and isinstance(value, dict):
         return 0 < len(value) <= SHORT_METADATA and all(len(str(v)) <= 80 for v in value.values())
-    return key not in ("training", "label") and value not in (None, {}, [])
+    return key not in ("training", "label", "dora") and value not in (None, {}, [])
 
 
 def _show(key: str, value: object) -> str:

@@ -105,11 +105,15 @@ def spectrum(
 def _adapter(path: str, base_path: str | None, options: Any, quiet: bool) -> Any:
     from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
+    from loratools.ops.dora import dora_modules
     from loratools.ops.spectrum import adapter_spectrum
+    from loratools.ops.spectrum.dora import dora_spectrum
 
     base = open_checkpoint(resolve_path(base_path)) if base_path else None
     adapter = _load_adapter(path, base.names() if base is not None else None)  # kohya needs the names
     with render.progress(len(adapter.weights), "spectrum", quiet=quiet) as advance:
+        if dora_modules(adapter):  # W' − W0 depends on the base: the effective update's spectrum
+            return dora_spectrum(adapter, base, options, progress=advance)
         return adapter_spectrum(adapter, options, base=base, progress=advance)
 
 

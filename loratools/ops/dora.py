@@ -19,7 +19,7 @@ All math runs in float32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +29,11 @@ from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import LoratoolsError, list_problems
 
 __all__ = [
+    "DORA_HOW",
     "MagnitudeStats",
     "add_direction",
     "dora_modules",
+    "dora_summary",
     "dora_weight",
     "effective_delta",
     "magnitude_stats",
@@ -40,6 +42,9 @@ __all__ = [
     "scale_rows",
     "unscale_rows",
 ]
+
+
+DORA_HOW = "bake it into a plain LoRA first: loratools convert ADAPTER --to peft -o DIR -r R --base BASE"
 
 
 def dora_modules(adapter: Adapter) -> list[str]:
@@ -179,3 +184,24 @@ def magnitude_stats(
         }
     std = float(m.std()) if m.numel() > 1 else 0.0
     return MagnitudeStats(name, m.numel(), float(m.min()), float(m.max()), float(m.mean()), std, change)
+
+
+def dora_summary(
+    adapter: Adapter, base: Callable[[str], torch.Tensor | None] | None = None
+) -> dict[str, Any]:
+    """``{"dora": {"modules": n, "magnitude": [per-module stats]}}`` for a DoRA adapter, else ``{}``.
+
+    Args:
+        adapter: the adapter.
+        base: module name → its base weight (or None), for the relative change m / ‖W0‖_row − 1.
+    """
+    names = dora_modules(adapter)
+    if not names:
+        return {}
+    stats = []
+    for name in names:
+        weight = adapter.weights[name]
+        assert isinstance(weight, LoraWeight)
+        w0 = base(name) if base is not None else None
+        stats.append(magnitude_stats(name, weight, w0, adapter.fan_in_fan_out).to_dict())
+    return {"dora": {"modules": len(names), "magnitude": stats}}

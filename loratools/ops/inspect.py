@@ -7,6 +7,7 @@ from typing import Any
 
 from loratools.adapter import Adapter
 from loratools.io.checkpoint import Checkpoint
+from loratools.ops.dora import dora_modules, dora_summary
 
 __all__ = [
     "summarize_adapter",
@@ -92,7 +93,7 @@ def summarize_adapter(adapter: Adapter, fmt: str) -> dict[str, Any]:
         "format": fmt,
         "kinds": dict(Counter(getattr(w, "kind", "lora") for w in weights)),
         "modules": len(adapter.weights),
-        "tensors": 2 * len(adapter.weights) + len(adapter.saved_modules),
+        "tensors": 2 * len(adapter.weights) + len(adapter.saved_modules) + len(dora_modules(adapter)),
         "parameters": adapter.num_parameters,
         "ranks": {str(r): n for r, n in sorted(ranks.items())},
         "rank": max(ranks) if ranks else 0,
@@ -104,6 +105,7 @@ def summarize_adapter(adapter: Adapter, fmt: str) -> dict[str, Any]:
         "saved_modules": sorted(adapter.saved_modules),
         "base_model": adapter.base_model,
         "provenance": dict(adapter.provenance),
+        **dora_summary(adapter),  # DoRA: per-module magnitude statistics
     }
 
 

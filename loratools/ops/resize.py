@@ -28,6 +28,7 @@ from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import InvalidOptions, LoratoolsError
 from loratools.linalg import Split, Svd, allocate_budget, factored_svd, rank_for_energy
 from loratools.ops import Progress, no_progress
+from loratools.ops.dora import DORA_HOW, refuse_dora
 
 __all__ = [
     "ModuleResize",
@@ -180,6 +181,7 @@ def resize_adapter(
         >>> result = resize_adapter(adapter, ResizeOptions(energy=0.99))
         >>> [m.rank for m in result.modules]
     """
+    refuse_dora(adapter, "resize", DORA_HOW)  # a DoRA update depends on W0, not only s·B·A
     device = torch.device(options.device)
     svds: dict[str, Svd] = {}
     for name, weight in adapter.weights.items():

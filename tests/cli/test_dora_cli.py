@@ -90,3 +90,57 @@ def test_full_rank_bake_reproduces_the_dora_model_in_peft(
     lora = logits_through_peft(fixtures_dir / "base", tmp_path / "lora", ids)
     # rank 32 = min(d, k) for both modules: the bake is exact up to float32 SVD rounding
     torch.testing.assert_close(lora, dora, rtol=1e-4, atol=1e-4)
+
+
+def test_inspect_shows_dora_and_its_magnitudes(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    adapter = write_dora(tmp_path / "dora", fixtures_dir)
+    result = run_cli("inspect", tmp_path / "dora", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["algorithm"] == "DoRA" and summary["kinds"] == {"dora": 2}
+    assert summary["tensors"] == 3 * 2
+    stats = {m["name"]: m for m in summary["dora"]["magnitude"]}
+    for module, weight in adapter.weights.items():
+        assert stats[module]["max"] == pytest.approx(float(weight.magnitude.max()))
+        assert "relative_change" not in stats[module]
+    with_base = run_cli("inspect", tmp_path / "dora", "--base", fixtures_dir / "base", "--json")
+    ckpt = open_checkpoint(fixtures_dir / "base")
+    for m in json.loads(with_base.stdout)["dora"]["magnitude"]:
+        w0 = ckpt.get(f"{m['name']}.weight").float()
+        ratio = adapter.weights[m["name"]].magnitude / w0.norm(dim=1) - 1  # write_dora drew 0.8–1.3
+        assert m["relative_change"]["mean"] == pytest.approx(float(ratio.mean()), rel=1e-5)
+    table = run_cli("inspect", tmp_path / "dora", "--base", fixtures_dir / "base")
+    assert table.exit_code == 0 and "DoRA magnitude" in table.stderr
+
+
+def test_spectrum_of_dora_is_the_effective_update_and_needs_the_base(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    adapter = write_dora(tmp_path / "dora", fixtures_dir)
+    refused = run_cli("spectrum", tmp_path / "dora")
+    assert refused.exit_code == 1 and "--base" in refused.stderr
+    result = run_cli("spectrum", tmp_path / "dora", "--base", fixtures_dir / "base", "--exact", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    ckpt = open_checkpoint(fixtures_dir / "base")
+    for module in document["modules"]:
+        w0 = ckpt.get(f"{module['name']}.weight").float()
+        s = torch.linalg.svdvals(effective_delta(w0, adapter.weights[module["name"]]).double())
+        assert module["complete"] and len(module["singular_values"]) == len(s)
+        torch.testing.assert_close(
+            torch.tensor(module["singular_values"], dtype=torch.float64), s, rtol=1e-4, atol=1e-6
+        )
+        assert module["effective_rank"]["0.99"] > 4  # full-rank: more than the LoRA rank of s·B·A
+    magnitudes = {m["name"]: m for m in document["settings"]["dora_magnitude"]}
+    assert set(magnitudes) == set(adapter.weights) and all(
+        "relative_change" in m for m in magnitudes.values()
+    )
+
+
+def test_resize_and_combine_refuse_dora_by_name(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    write_dora(tmp_path / "dora", fixtures_dir)
+    for args in (("resize", tmp_path / "dora", "-r", "2", "-o", tmp_path / "r"),
+                 ("combine", tmp_path / "dora", fixtures_dir / "adapter", "-o", tmp_path / "c")):  # fmt: skip
+        result = run_cli(*args)
+        assert result.exit_code == 1 and "DoRA module" in result.stderr and "convert" in result.stderr
+        assert not Path(args[-1]).exists()

@@ -15,6 +15,7 @@ from loratools.ops import Progress, no_progress
 from loratools.ops.combine.module import combine_module, folded
 from loratools.ops.combine.options import CombineOptions, CombineResult, ModuleCombine
 from loratools.ops.combine.saved import combine_saved
+from loratools.ops.dora import DORA_HOW, refuse_dora
 
 
 def _gather(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, ModuleWeight]]]:
@@ -92,6 +93,8 @@ def combine_adapters(
     """
     if not adapters:
         raise ValueError("combine needs at least one adapter")
+    for i, adapter in enumerate(adapters):  # a DoRA update depends on W0: no sum of s·B·A
+        refuse_dora(adapter, "combine", DORA_HOW, sources[i] if sources else f"adapter {i + 1}")
     weights = list(options.weights) if options.weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise ValueError(
