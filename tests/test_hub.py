@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -445,3 +446,26 @@ def test_push_skips_pickles_whatever_their_case(hub, run_cli, fixture_copy):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["skipped"] == ["optimizer.Pt", "training_args.BIN"]
     assert set(hub.files("tester/demo")) == {".gitattributes", "README.md", *ADAPTER_FILES}
+
+
+def test_a_sentence_transformers_base_from_the_hub_merges_whole(hub, run_cli, fixtures_dir, tmp_path):
+    from huggingface_hub import HfApi
+
+    from tests.io.test_writer import sentence_transformers_folder
+
+    model = sentence_transformers_folder(tmp_path)
+    shutil.copyfile(fixtures_dir / "base" / "model.safetensors", model / "model.safetensors")
+    for name in ("pytorch_model.bin", "model.safetensors.index.json", ".gitattributes"):
+        (model / name).unlink()
+    shutil.rmtree(model / ".git")
+    shutil.rmtree(model / ".cache")
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    (model / "modeling_custom.py").write_text("# remote code: copied, never run\n")
+    api = HfApi(token=hub.token)
+    api.create_repo("tester/st-base")
+    api.upload_folder(repo_id="tester/st-base", folder_path=model)
+    result = run_cli("merge", "tester/st-base", fixtures_dir / "adapter", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    for name in ("1_Pooling/config.json", "2_Dense/model.safetensors", "modules.json", "chat_template.jinja"):
+        assert (tmp_path / "out" / name).read_bytes() == (model / name).read_bytes()
+    assert (tmp_path / "out" / "modeling_custom.py").is_file()

@@ -1,8 +1,8 @@
 """Turning a command-line argument into a local path: a file, a folder, or a Hub id ``org/name[@rev]``.
 
-Hub ids are downloaded (safetensors, JSON and tokenizer files only — never pickles) with
-``huggingface_hub.snapshot_download``, which honours the local cache, ``HF_HOME``,
-``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``.
+Hub ids are downloaded (safetensors, JSON, tokenizer, template and code files only — never
+pickles) with ``huggingface_hub.snapshot_download``, which honours the local cache,
+``HF_HOME``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,20 @@ from loratools.errors import CheckpointError
 __all__ = ["HUB_ID", "resolve_path"]
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.md", "*.gguf"]
+# What a model's folder needs besides its weights, in sub-folders too (a sentence-transformers
+# 1_Pooling/config.json): configs, tokenizers (sentencepiece, tiktoken), chat templates, and the
+# modelling code of trust_remote_code models (downloaded to be copied along, never run). No pickles.
+HUB_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "*.model",
+    "*.txt",
+    "*.md",
+    "*.gguf",
+    "*.jinja",
+    "*.tiktoken",
+    "*.py",
+]
 
 
 def resolve_path(argument: str | Path, *, what: str = "checkpoint") -> Path:
