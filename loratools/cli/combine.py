@@ -102,6 +102,7 @@ def combine(
     loaded = [load_adapter(p, base_names=base_names) for p in paths]
     for adapter in loaded:
         check_output_form(adapter, output)
+    _check_same_naming(adapters, loaded)
     modules = {name for adapter in loaded for name in adapter.weights}
     with render.progress(len(modules), "combine", quiet=quiet or as_json) as advance:
         result = combine_adapters(loaded, options, sources=list(adapters), progress=advance)
@@ -110,6 +111,22 @@ def combine(
         for source, adapter in zip(adapters, loaded, strict=True):
             render.note(describe_adapter(source, adapter))
     _report(result.summary(), output, as_json, quiet)
+
+
+def _check_same_naming(paths: tuple[str, ...], loaded: list) -> None:
+    """Kohya names (a kohya file read without --base) and module paths never match: adding such
+    adapters would silently give their union instead of their sum."""
+    from loratools.errors import LoratoolsError
+    from loratools.formats.detect import is_kohya_stem
+
+    kohya = [
+        p for p, a in zip(paths, loaded, strict=True) if a.weights and all(map(is_kohya_stem, a.weights))
+    ]
+    if kohya and len(kohya) < len(paths):
+        raise LoratoolsError(
+            f"{kohya[0]} has kohya names and other adapters have module paths, so no module would "
+            "match; pass --base BASE to resolve the kohya names"
+        )
 
 
 def _report(summary: dict, output: Path, as_json: bool, quiet: bool) -> None:

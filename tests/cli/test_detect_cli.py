@@ -320,3 +320,20 @@ def test_similarity_of_kohya_names_and_module_paths_asks_for_the_base(
     assert result.exit_code == 0, result.stderr
     modules = json.loads(result.stdout)["modules"]
     assert len(modules) == 4 and all(m["diagonal"][-1] == pytest.approx(1.0, abs=1e-5) for m in modules)
+
+
+def test_combine_of_kohya_names_with_module_paths_asks_for_the_base(
+    run_cli, fixtures_dir: Path, foreign_kohya: Path, tmp_path: Path
+) -> None:
+    refused(
+        run_cli("combine", foreign_kohya, fixtures_dir / "adapter", "-o", tmp_path / "o.safetensors"),
+        "--base",
+    )
+    assert not (tmp_path / "o.safetensors").exists()
+    base = fixtures_dir / "base"
+    ok = run_cli(
+        "combine", foreign_kohya, fixtures_dir / "adapter", "-o", tmp_path / "o", "--base", base, "-q"
+    )
+    assert ok.exit_code == 0, ok.stderr
+    summed = load_adapter(tmp_path / "o")
+    assert len(summed.weights) == 4 and all(w.rank == 8 for w in summed.weights.values())  # exact sum: r + r
