@@ -5,7 +5,10 @@ survival report on an update known to vanish."""
 from __future__ import annotations
 
 import json
+import random
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +234,45 @@ def test_unmerge_from_a_quantized_merge_reports_its_error(
         # the rounding actually left behind, within a factor 2 (Q8_0 rounding is near-uniform noise)
         assert 0.5 * actual < module["quantization_error"] < 2 * actual, name
         assert 0 < actual < 0.1  # Q8_0: the removal is far from exact zero error, and far from useless
+
+
+# -- llama.cpp as the judge -------------------------------------------------------------------------
+LLAMA_BIN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "llama.cpp" / "bin"
+
+
+def perplexity(model: Path, text: Path, lora: Path | None = None) -> float:
+    """llama-perplexity's final estimate on ``text`` (8 chunks of 32 tokens, 2 threads)."""
+    args = [str(LLAMA_BIN / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", "32"]
+    args += ["--chunks", "8", "-t", "2"] + (["--lora", str(lora)] if lora else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+    assert done.returncode == 0 and found, done.stderr[-2000:]
+    return float(found.group(1))
+
+
+@pytest.mark.skipif(
+    not (LLAMA_BIN / "llama-perplexity").is_file(), reason="no llama.cpp build in ../shared/tools"
+)
+def test_llama_cpp_perplexity_of_merged_and_adapter_on_q8_base(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    """The float reference is llama.cpp's own F32 base + the GGUF adapter. A Q8_0 merge written by
+    loratools, and the adapter on the Q8_0 base, must land within the quantization's noise of it:
+    3 × |PPL(Q8_0 base) − PPL(F32 base)|, while the adapter itself moves PPL by more than that."""
+    text = tmp_path / "text.txt"
+    rng = random.Random(0)  # words made of the tiny vocabulary's tokens ("a", "b", "ab", "Ġ")
+    text.write_text(" ".join(rng.choice(["ab", "a", "b", "ab ab"]) for _ in range(700)))
+    f32, q8 = tmp_path / "f32.gguf", tmp_path / "q8.gguf"
+    write_gguf_model(fixtures_dir / "base", f32, qtype="F32", bpe_vocab=True)
+    write_gguf_model(fixtures_dir / "base", q8, qtype="Q8_0", bpe_vocab=True)
+    adapter, merged = tmp_path / "adapter.gguf", tmp_path / "merged.gguf"
+    ok_json(
+        run_cli("convert", fixtures_dir / "adapter", "--to", "gguf", "--base", f32, "-o", adapter, "--json")
+    )
+    ok_json(run_cli("merge", q8, fixtures_dir / "adapter", "-o", merged, "--keep-quantization", "--json"))
+    base_f32, base_q8 = perplexity(f32, text), perplexity(q8, text)
+    reference = perplexity(f32, text, lora=adapter)
+    noise = abs(base_q8 - base_f32)
+    assert abs(reference - base_f32) > 3 * noise  # the adapter's effect stands out of the noise
+    assert abs(perplexity(merged, text) - reference) <= 3 * noise
+    assert abs(perplexity(q8, text, lora=adapter) - reference) <= 3 * noise
