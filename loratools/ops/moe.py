@@ -14,13 +14,20 @@ and a router per layer (``…block_sparse_moe.gate.weight``, ``…mlp.gate.weigh
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from loratools.errors import LoratoolsError, list_problems
 
-__all__ = ["ExpertCount", "check_no_expert_dropped", "count_experts", "is_expert", "is_router"]
+__all__ = [
+    "ExpertCount",
+    "check_no_expert_dropped",
+    "count_experts",
+    "is_expert",
+    "is_router",
+    "merged_experts",
+]
 
 EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<index>\d+)\.(?P<proj>.+)\.weight$")
 ROUTER = re.compile(r"(^|\.)(gate|router|shared_expert_gate)\.weight$")
@@ -106,3 +113,19 @@ def check_no_expert_dropped(count: ExpertCount | None, fix: str) -> None:
             f"{len(count.dropped)} of {count.base} expert weights changed but would be dropped: "
             f"{list_problems(count.dropped)}; {fix}"
         )
+
+
+def merged_experts(base_names: Iterable[str], updates: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``experts`` entry of a merge report: expert weights an adapter changed vs in the base.
+
+    A merge cannot drop an expert's factors (a module that fits no base tensor is an error before
+    anything is written), so ``dropped`` stays empty; routers replaced whole are listed.
+
+    Args:
+        base_names: the base's tensor names.
+        updates: base tensor name → its update (``loras``: factor terms; ``replacement``: whole).
+    """
+    touched = [n for n, u in updates.items() if getattr(u, "loras", None)]
+    routers = [n for n, u in updates.items() if is_router(n) and getattr(u, "replacement", None) is not None]
+    count = count_experts(base_names, touched, routers=routers)
+    return count.to_dict() if count is not None else None

@@ -143,3 +143,21 @@ def test_mixtral_extract_then_merge_gives_the_finetune_logits(tmp_path: Path) ->
     expected = run(tmp_path / "ft")
     assert (expected - run(tmp_path / "base")).abs().max() > 1e-3  # the experts' changes matter
     torch.testing.assert_close(run(tmp_path / "m"), expected, rtol=1e-4, atol=1e-5)  # float32, a few layers
+
+
+def test_merge_reports_expert_weights_touched_against_the_base(
+    moe_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from loratools.io.adapter_dir import save_adapter
+    from loratools.ops.merge import merge_paths
+
+    base, ft = moe_pair
+    result = extract(open_checkpoint(base), open_checkpoint(ft), ExtractOptions(rank=2))
+    save_adapter(result.adapter, tmp_path / "a")
+    report = merge_paths(str(base), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
+    experts = report.to_dict()["experts"]
+    assert experts["base"] == experts["touched"] == 2 * EXPERTS * 3 and experts["dropped"] == []
+    assert experts["routers"] == [f"{BLOCK.format(layer=layer)}.gate.weight" for layer in range(2)]
+    merged, wanted = read_all(tmp_path / "m"), read_all(ft)
+    for name in merged:  # rank-2 changes at rank 2, carried routers: the fine-tune, to float32 rounding
+        torch.testing.assert_close(merged[name], wanted[name], rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ from loratools.ops.merge.plan import plan_merge
 from loratools.ops.merge.precision import MergeReport, build_report
 from loratools.ops.merge.stream import write_merged
 from loratools.ops.merge.terms import MergeOptions, MergeTerm
+from loratools.ops.moe import merged_experts
 
 
 def merge_checkpoint(
@@ -77,6 +78,7 @@ def merge_checkpoint(
     plan.dora = _plan_dora(ckpt, terms)
     stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
     report = build_report(output, operation, terms, options, plan, stats, files, len(infos))
+    report = replace(report, experts=merged_experts(list(infos), plan.updates))
     left = model_files(ckpt.model_dir) if as_file and ckpt.model_dir is not None else []
     if left:  # a model folder merged into one file: say what did not come along
         note = (

@@ -91,6 +91,7 @@ class MergeReport:
     files: list[str]
     warnings: list[str]
     lost_warning: float = 0.5
+    experts: dict[str, Any] | None = None  # a mixture of experts: expert weights merged vs in the base
 
     @property
     def relative_delta(self) -> float:
@@ -135,6 +136,7 @@ class MergeReport:
             },
             "modules": [m.to_dict() for m in self.modules],
             "warnings": self.warnings,
+            "experts": self.experts,
         }
 
 
