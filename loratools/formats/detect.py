@@ -159,8 +159,11 @@ def is_kohya_stem(name: str) -> bool:
     return bool(KOHYA_STEM.match(name))
 
 
-def looks_like_adapter(keys: Sequence[str]) -> bool:
-    """Whether tensor names are an adapter's (any known key part, or cloneofsimo's ``x:0:up``)."""
+def looks_like_adapter(keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> bool:
+    """Whether a file is an adapter: any known key part, cloneofsimo's ``x:0:up``, or kohya's
+    ``ss_network_module`` training record (a LyCORIS kind whose key parts are not in the table)."""
+    if metadata and "ss_network_module" in metadata:
+        return True
     return _algorithm_of_keys(keys) is not None or any(CLONEOFSIMO_KEY.match(k) for k in keys)
 
 
@@ -174,17 +177,17 @@ def _network_args(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 def _kohya_algorithm(
     keys: Sequence[str], shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str]
-) -> str:
-    """kohya/LyCORIS: the key parts decide; conv LoRA pairs and ``ss_network_args`` refine LoRA."""
-    algorithm = _algorithm_of_keys(keys) or "other"
-    if algorithm != "LoRA":
-        return algorithm
-    convs = [k for k in keys if k.endswith(".lora_down.weight") and len(shapes.get(k, ())) == 4]
-    if convs:
+) -> str | None:
+    """kohya/LyCORIS: the key parts decide; conv pairs or ``ss_network_args`` algo ``locon`` make
+    LoRA LoCon; key parts loratools does not know are named by that algo (None if nothing does)."""
+    algo = LYCORIS_ALGOS.get(str(_network_args(metadata).get("algo", "")).lower())
+    algorithm = _algorithm_of_keys(keys)
+    if algorithm is None:
+        return algo
+    convs = any(k.endswith(".lora_down.weight") and len(shapes.get(k, ())) == 4 for k in keys)
+    if algorithm == "LoRA" and (convs or algo == "LoCon"):
         return "LoCon"
-    algo = str(_network_args(metadata).get("algo", "")).lower()
-    named = LYCORIS_ALGOS.get(algo)
-    return named if named in ("LoCon",) else algorithm
+    return algorithm
 
 
 def adapter_kind(
@@ -214,7 +217,8 @@ def adapter_kind(
     kohya_style = any(k.split(".")[0].startswith("lora_") for k in keys)
     if peft_style and kohya_style:
         raise UnknownFormat("holds both PEFT (lora_A/lora_B) and kohya (lora_down/lora_up) tensors")
-    algorithm = _algorithm_of_keys(keys)
+    kohya = kohya_style and not peft_style
+    algorithm = _kohya_algorithm(keys, shapes, metadata) if kohya else _algorithm_of_keys(keys)
     if algorithm is None:
         raise UnknownFormat(
             "no LoRA tensors found (expected PEFT '*.lora_A.weight', kohya '*.lora_down.weight' "
@@ -222,7 +226,7 @@ def adapter_kind(
         )
     if peft_style:
         return _adapter("peft", algorithm, config=False)
-    return _adapter("kohya", _kohya_algorithm(keys, shapes, metadata), network=_network_summary(metadata))
+    return _adapter("kohya", algorithm, network=_network_summary(metadata))
 
 
 def _peft_kind(keys: Sequence[str], config: Mapping[str, Any]) -> FileKind:

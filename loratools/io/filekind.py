@@ -157,7 +157,7 @@ def _detect_safetensors(path: Path) -> FileKind:
 
     st = SafetensorsFile(path)
     keys = list(st.infos)
-    if not looks_like_adapter(keys):
+    if not looks_like_adapter(keys, st.metadata):
         return checkpoint_kind("safetensors")
     config_file = path.parent / peft.CONFIG_NAME
     peft_keys = any(".lora_A." in k or k.startswith("base_model.model.") for k in keys)

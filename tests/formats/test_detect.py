@@ -79,6 +79,15 @@ def test_kohya_and_lycoris_kinds_come_from_the_keys(keys, shapes, metadata, algo
     assert kind.supported == (algorithm in ("LoRA", "DoRA")) or algorithm in IN_PROGRESS
 
 
+def test_unknown_lycoris_parts_are_named_by_the_training_record() -> None:
+    metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "boft"})}
+    keys = [f"{K}.boft_new_part", f"{K}.alpha"]
+    assert detect.looks_like_adapter(keys, metadata) and not detect.looks_like_adapter(keys)
+    assert adapter_kind(keys, metadata=metadata).label == "a kohya BOFT adapter"
+    with pytest.raises(UnknownFormat, match="no LoRA tensors"):
+        adapter_kind(keys)
+
+
 def test_labels_read_as_a_sentence() -> None:
     lokr = adapter_kind(kohya_keys("lokr_w1", "lokr_w2"))
     assert lokr.label == "a kohya LoKr adapter"
