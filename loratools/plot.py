@@ -230,11 +230,6 @@ def _pick_modules(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_type[t][len(by_type[t]) // 2] for t in order[:4]]
 
 
-def _short(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[-3:]) if len(parts) > 3 else name
-
-
 def _phi_panel(ax: Any, phi: list[list[float]], labels: tuple[str, str], name: str) -> None:
     """One φ heatmap, its colours scaled to this grid's own range (stated on the colour bar): a
     fixed 0–1 scale shows real adapters, whose φ often stays below 0.2, as one flat colour."""
