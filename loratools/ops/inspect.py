@@ -8,6 +8,7 @@ from typing import Any
 from loratools.adapter import Adapter
 from loratools.io.checkpoint import Checkpoint
 from loratools.ops.dora import dora_modules, dora_summary
+from loratools.ops.structure import model_structure
 
 __all__ = [
     "summarize_adapter",
@@ -57,6 +58,7 @@ def summarize_checkpoint(ckpt: Checkpoint, config: dict[str, Any] | None = None)
         "metadata": ckpt.metadata,
         "training": summarize_training(ckpt.metadata),
         "largest_tensor": max(infos, key=lambda i: i.nbytes).name if infos else None,
+        "structure": model_structure({i.name: tuple(i.shape) for i in infos}, config),
     }
     if config:
         keys = (
