@@ -1,0 +1,6 @@
+"""Where paths meet operations: one module per command, an options object in, a report out.
+
+A command module resolves its inputs (paths, Hub ids), checks them, opens them through
+:mod:`loratools.io`, runs the pure operation from :mod:`loratools.ops`, and returns the report the
+CLI renders. (Commands written before this layer existed still do this in their cli/ module.)
+"""

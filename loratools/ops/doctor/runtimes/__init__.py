@@ -1,0 +1,74 @@
+"""The runtimes ``doctor`` knows, one file each: its version, and the rules read from its code.
+
+Adding a runtime is one file here that defines ``RUNTIME`` plus one line in :data:`RUNTIMES`.
+A rule is a function ``AdapterFacts -> list[Finding]``; docs/doctor.md lists every rule with its
+source, and says how to re-check them when a runtime releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from loratools.ops.doctor.facts import AdapterFacts
+from loratools.ops.doctor.findings import Finding, RuntimeVerdict
+
+__all__ = ["RUNTIMES", "Rule", "Runtime", "lora_fix", "runtime_names"]
+
+Rule = Callable[[AdapterFacts], list[Finding]]
+LYCORIS = ("LoHa", "LoKr")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime: its name, the version its rules were read from, the rules, and what it runs:
+    ``llm`` (language models), ``diffusion`` (image/video pipelines) or ``any``."""
+
+    name: str
+    version: str
+    rules: Sequence[Rule]
+    domain: str = "any"
+
+    def applies_to(self, facts: AdapterFacts) -> bool:
+        """Whether this runtime runs models of the adapter's kind (a diffusion runtime for an LLM's
+        adapter does not): checked by default only when it does."""
+        return self.domain == "any" or (self.domain == "diffusion") == facts.diffusion
+
+    def check(self, facts: AdapterFacts) -> RuntimeVerdict:
+        """Every finding this runtime's rules make, in rule order."""
+        findings = tuple(f for rule in self.rules for f in rule(facts))
+        return RuntimeVerdict(self.name, self.version, findings)
+
+
+def lora_fix(facts: AdapterFacts, to: str, output: str) -> str:
+    """The loratools command that turns this adapter into a plain LoRA in format ``to``.
+
+    DoRA needs the base (its update depends on W0); LoHa/LoKr are converted at their own top rank
+    (the optimal rank-r LoRA of the exact ΔW); a kohya LoRA without dotted names needs the base to
+    name its modules for PEFT; a GGUF adapter always needs it (for the architecture).
+    """
+    rank = ["-r", str(max(facts.max_rank, 1))]
+    if to == "gguf":  # the GGUF adapter names the base's architecture, so the base is always needed
+        rank_rule = rank if facts.algorithm in ("DoRA", *LYCORIS) else []
+        return facts.command("convert", "ADAPTER", "--to", to, *rank_rule, "--base", "BASE", "-o", output)
+    if facts.algorithm == "DoRA":
+        return facts.command("convert", "ADAPTER", "--to", to, *rank, "--base", "BASE", "-o", output)
+    if facts.algorithm in LYCORIS:
+        return facts.command("convert", "ADAPTER", "--to", to, *rank, "-o", output)
+    if facts.family in ("kohya", "cloneofsimo") and to == "peft":
+        return facts.command("convert", "ADAPTER", "--to", to, "--base", "BASE", "-o", output)
+    return facts.command("convert", "ADAPTER", "--to", to, "-o", output)
+
+
+def _registry() -> dict[str, Runtime]:
+    from loratools.ops.doctor.runtimes import comfyui, diffusers, llama_cpp, peft, sglang, tgi, vllm
+
+    modules = (peft, vllm, llama_cpp, diffusers, comfyui, tgi, sglang)
+    return {m.RUNTIME.name: m.RUNTIME for m in modules}
+
+
+RUNTIMES: dict[str, Runtime] = _registry()
+
+
+def runtime_names() -> list[str]:
+    return list(RUNTIMES)
