@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -37,12 +38,15 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
     help="Changed embeddings and lm_head: report them, carry them whole, or factor them as LoRA.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option(
+    "--dora", is_flag=True, help="A DoRA adapter (magnitude + rank-r direction) instead of plain LoRA."
+)
 @dtype_option
 @device_option
 @force_flag
 @reporting
 def extract(base: str, finetuned: str, output: str, dtype: str | None, device: str, force: bool,
-            as_json: bool, quiet: bool, targets: tuple[str, ...], **choices: object) -> None:  # fmt: skip
+            as_json: bool, quiet: bool, targets: tuple[str, ...], dora: bool, **choices: object) -> None:  # fmt: skip
     """Extract a LoRA adapter from FINETUNED, a full fine-tune of BASE: ΔW ≈ (alpha/r)·B·A by truncated SVD.
 
     Runs under `torchrun --nproc-per-node N` too: the modules are shared, rank 0 writes.
@@ -74,8 +78,37 @@ def extract(base: str, finetuned: str, output: str, dtype: str | None, device: s
                                  base_model=base, finetuned_model=finetuned, task_type=_task_type(ft_path))  # fmt: skip
     if result is None:  # another torchrun process: rank 0 writes
         return
+    dora_reports = _with_dora(base_ckpt, ft_ckpt, result, quiet) if dora else None
+    if dora_reports is not None:
+        result = dora_reports[0]
     save_adapter(result.adapter, output, force=force, readme=model_card(result))
-    _report(result.summary(output), as_json, quiet)
+    summary = result.summary(output)
+    if dora_reports is not None:
+        summary["dora"] = [r.to_dict() for r in dora_reports[1]]
+    _report(summary, as_json, quiet)
+
+
+def _with_dora(base_ckpt: Any, ft_ckpt: Any, result: Any, quiet: bool) -> tuple[Any, list[Any]]:
+    """The extracted LoRA turned into DoRA (ops/extract/dora.py), streaming both checkpoints again;
+    each module's relative error becomes ‖W' − W_ft‖/‖ΔW‖ (the LoRA's is kept in the report)."""
+    from dataclasses import replace
+
+    from loratools.ops.extract.dora import add_dora
+
+    weights = dict(result.adapter.weights)
+    names = [f"{m}.weight" for m in weights]
+    pairs = (
+        (b_name.removesuffix(".weight"), w0, w_ft)
+        for (b_name, w0), (_, w_ft) in zip(
+            base_ckpt.iter_tensors(names), ft_ckpt.iter_tensors(names), strict=True
+        )
+    )
+    with render.progress(len(weights), "DoRA", quiet=quiet) as advance:
+        dora, reports = add_dora(pairs, weights, progress=advance)
+    errors = {r.name: r.relative_error for r in reports}
+    modules = [replace(m, relative_error=errors.get(m.name, m.relative_error)) for m in result.modules]
+    adapter = result.adapter.with_weights({**weights, **dora}, dora=True)
+    return replace(result, adapter=adapter, modules=modules), reports
 
 
 def _target_names(values: tuple[str, ...]) -> tuple[str, ...] | None:

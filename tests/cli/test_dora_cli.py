@@ -11,7 +11,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.io.checkpoint import open_checkpoint
-from loratools.ops.dora import effective_delta
+from loratools.ops.dora import dora_weight, effective_delta
 
 MODULES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.1.mlp.down_proj": (32, 64)}
 
@@ -144,3 +144,76 @@ def test_resize_and_combine_refuse_dora_by_name(run_cli, fixtures_dir: Path, tmp
         result = run_cli(*args)
         assert result.exit_code == 1 and "DoRA module" in result.stderr and "convert" in result.stderr
         assert not Path(args[-1]).exists()
+
+
+def _dora_finetune(fixtures_dir: Path, folder: Path) -> Path:
+    """A fine-tune that DoRA can represent at rank 2: W_ft = diag(g)·(W0 + rank-2), per row g ≈ 1 ± 0.2."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    shutil.copytree(fixtures_dir / "base", folder)
+    ckpt = open_checkpoint(fixtures_dir / "base")
+    tensors = {name: ckpt.get(name) for name in ckpt.names()}
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        w0 = tensors[name]
+        low = torch.randn(w0.shape[0], 2, generator=g) @ torch.randn(2, w0.shape[1], generator=g) * 0.05
+        rows = 1.0 + 0.2 * torch.randn(w0.shape[0], 1, generator=g)
+        tensors[name] = (rows * (w0 + low)).to(w0.dtype)
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("finetuned", ["fixture", "dora-like"])
+def test_extract_dora_is_no_worse_than_lora(
+    run_cli, fixtures_dir: Path, tmp_path: Path, finetuned: str
+) -> None:
+    tuned = (
+        fixtures_dir / "finetuned"
+        if finetuned == "fixture"
+        else _dora_finetune(fixtures_dir, tmp_path / "ft")
+    )
+    result = run_cli(
+        "extract", fixtures_dir / "base", tuned, "-r", "2", "-o", tmp_path / "dora", "--dora", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    adapter = load_adapter(tmp_path / "dora")
+    assert {w.kind for w in adapter.weights.values()} == {"dora"}
+    base, ft = open_checkpoint(fixtures_dir / "base"), open_checkpoint(tuned)
+    reports = {r["name"]: r for r in summary["dora"]}
+    for name, weight in adapter.weights.items():
+        w0, y = base.get(f"{name}.weight").float(), ft.get(f"{name}.weight").float()
+        merged, _ = dora_weight(w0, weight)
+        error = float((merged - y).norm() / (y - w0).norm())
+        assert error == pytest.approx(reports[name]["relative_error"], rel=1e-3, abs=1e-6)
+        # never worse than the plain LoRA at the same rank (its direction is a candidate); the
+        # slack covers rounding the factors to the fixture's float32 (a few ulps of ‖W‖)
+        assert reports[name]["relative_error"] <= reports[name]["lora_relative_error"] * (1 + 1e-4) + 1e-6
+    if finetuned == "dora-like":  # rows rescaled + rank 2: DoRA represents it, LoRA at rank 2 cannot
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            assert reports[name]["relative_error"] < 0.01 < reports[name]["lora_relative_error"]
+
+
+@pytest.mark.slow
+def test_extract_dora_loads_in_peft_and_its_logits_match_w_prime(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    from tests.peft_helpers import load_llama, logits, logits_through_peft, tokens
+
+    result = run_cli("extract", fixtures_dir / "base", fixtures_dir / "finetuned", "-r", "3", "-o", tmp_path / "d",
+                     "--dora")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    adapter = load_adapter(tmp_path / "d")
+    model = load_llama(fixtures_dir / "base")
+    state = model.state_dict()
+    for name, weight in adapter.weights.items():
+        state[f"{name}.weight"] = dora_weight(state[f"{name}.weight"], weight)[0]  # W' by hand
+    model.load_state_dict(state)
+    ids = tokens()
+    # PEFT computes W0·x + (m/‖W0 + sBA‖ − 1)·W0·x + m/‖…‖·sBA·x, the same W' in another order
+    torch.testing.assert_close(logits_through_peft(fixtures_dir / "base", tmp_path / "d", ids),
+                               logits(model, ids), rtol=1e-4, atol=1e-5)  # fmt: skip
