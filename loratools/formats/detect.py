@@ -92,6 +92,7 @@ LYCORIS_ALGOS: dict[str, str] = {
 ALGORITHM_LABELS = {"IA3": "IA³", "full/diff": "full-weight difference (diff)"}
 # (family, algorithm) pairs that load_adapter turns into an Adapter; loaders register theirs here
 SUPPORTED: set[tuple[str, str]] = {("peft", "LoRA"), ("kohya", "LoRA"), ("peft", "DoRA"), ("kohya", "DoRA")}
+SUPPORTED |= {("peft", "LoHa"), ("peft", "LoKr"), ("kohya", "LoHa"), ("kohya", "LoKr"), ("kohya", "LoCon")}
 CLONEOFSIMO_KEY = re.compile(r"^[^.:]+:\d+:(up|down)$")
 KOHYA_STEM = re.compile(r"^lora_[A-Za-z0-9]+_[^.]+$")
 

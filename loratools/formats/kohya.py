@@ -32,7 +32,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight, lora_scale
 from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems
-from loratools.formats import validate
+from loratools.formats import lycoris, validate
 
 __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohya_stem", "to_adapter"]
 
@@ -208,6 +208,10 @@ def to_adapter(
     """
     metadata = metadata or {}
     base_names = list(base_names) if base_names is not None else None
+    if lycoris.is_lycoris_kohya(tensors):  # LoHa, LoKr, conv LoRA (LoCon): formats/lycoris.py
+        stems = lycoris.kohya_to_weights(tensors, source)
+        names = _module_names(stems, None, base_names, keep_stems)
+        return lycoris.kohya_adapter({names[s]: w for s, w in stems.items()}, metadata, source)
     groups = _group(tensors)
     record = _stored(metadata, groups)
     names = _module_names(groups, record, base_names, keep_stems)
@@ -320,8 +324,9 @@ def from_adapter(
     for module, weight in adapter.lora_weights.items():
         plain = weight.with_plain_scaling()
         stem = kohya_stem(module, prefix)
-        tensors[f"{stem}.lora_down.weight"] = plain.a.contiguous()  # (r, in)
-        tensors[f"{stem}.lora_up.weight"] = plain.b.contiguous()  # (out, r)
+        down, up = lycoris.stored_factors(plain)  # conv LoRA: (r, in, kh, kw), (out, r, 1, 1)
+        tensors[f"{stem}.lora_down.weight"] = down  # (r, in)
+        tensors[f"{stem}.lora_up.weight"] = up  # (out, r)
         tensors[f"{stem}.alpha"] = torch.tensor(plain.alpha, dtype=torch.float32)
         magnitude = getattr(weight, "magnitude", None)
         if magnitude is not None:  # LyCORIS' wd_on_out layout: (out, 1)

@@ -26,7 +26,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
-from loratools.formats import validate
+from loratools.formats import lycoris, validate
 from loratools.kinds import embedding
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "to_adapter"]
@@ -85,6 +85,8 @@ def to_adapter(
             :mod:`loratools.formats.validate`).
     """
     keys = list(tensors)
+    if str(config.get("peft_type", "LORA")).upper() in lycoris.PEFT_LYCORIS_TYPES:  # LoHa, LoKr
+        return lycoris.peft_adapter(tensors, config, _provenance(metadata), source)
     _refuse_unsupported(keys, config)
     magnitudes = dora_magnitudes(tensors, config)
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -108,6 +110,8 @@ def to_adapter(
         alpha = float(pattern_value(alpha_pattern, module, default_alpha))
         if module in embeddings:
             weights[module] = embedding.from_peft(f["A"], f["B"], alpha, rslora)
+        elif f["A"].ndim > 2:  # conv LoRA: A (r, in, kh, kw), B (out, r, 1, 1)
+            weights[module] = lycoris.conv_lora(f["A"], f["B"], alpha, rslora)
         else:
             weights[module] = LoraWeight(f["A"], f["B"], alpha, rslora, magnitude=magnitudes.get(module))
     check_dora_pairs(magnitudes, factors, embeddings)
@@ -180,10 +184,8 @@ def _module_tensors(module: str, weight: LoraWeight) -> dict[str, torch.Tensor]:
     if getattr(weight, "embedding", False):
         a, b = embedding.to_peft(weight)
         return {f"{PREFIX}{module}.lora_embedding_A": a, f"{PREFIX}{module}.lora_embedding_B": b}
-    return {
-        f"{PREFIX}{module}.lora_A.weight": weight.a.contiguous(),
-        f"{PREFIX}{module}.lora_B.weight": weight.b.contiguous(),
-    }
+    a, b = lycoris.stored_factors(weight)  # conv LoRA: (r, in, kh, kw), (out, r, 1, 1)
+    return {f"{PREFIX}{module}.lora_A.weight": a, f"{PREFIX}{module}.lora_B.weight": b}
 
 
 def _saved_key(name: str, adapted: Mapping[str, Any]) -> str:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.adapter import Adapter, LoraWeight
-from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat
+from loratools.errors import InvalidAdapter, LoratoolsError, MissingKeys, UnknownFormat
 from loratools.formats import kohya, peft
 from tests._tolerances import TOL
 
@@ -224,17 +224,18 @@ def test_other_variants_are_refused_by_name(key: str, variant: str) -> None:
         "lora_unet_a_b.lora_up.weight": torch.ones(4, 1),
         key: torch.ones(4, 4),
     }
-    with pytest.raises(UnknownFormat, match=variant):
+    # LoHa, LoKr and LoCon load (formats/lycoris.py), but not mixed into one LoRA module
+    with pytest.raises((UnknownFormat, InvalidAdapter), match=variant):
         kohya.to_adapter(tensors, {}, base_names=["a.b.weight"])
 
 
-def test_conv_lora_is_refused() -> None:
+def test_conv_lora_loads_on_the_flattened_kernel() -> None:
     tensors = {
         "lora_unet_conv_in.lora_down.weight": torch.ones(4, 8, 3, 3),
         "lora_unet_conv_in.lora_up.weight": torch.ones(8, 4, 1, 1),
     }
-    with pytest.raises(UnknownFormat, match="convolution"):
-        kohya.to_adapter(tensors, {}, base_names=["conv_in.weight"])
+    weight = kohya.to_adapter(tensors, {}, base_names=["conv_in.weight"]).weights["conv_in"]
+    assert weight.shape == (8, 72) and weight.weight_shape == (8, 8, 3, 3)
 
 
 def test_incomplete_pairs_are_refused() -> None:
