@@ -181,9 +181,10 @@ def test_convert_to_name_safetensors_writes_one_file_or_refuses(
 # -- signals -----------------------------------------------------------------------------------------
 
 # Runs the real console entry point, pausing (in the main thread, where signals are handled) once
-# the output's temporary exists and the first adapted tensor is being computed.
+# the output's temporary exists and the first adapted tensor is being computed, until a line
+# arrives on stdin.
 PAUSING_MERGE = """
-import sys, time
+import sys
 import loratools.ops.merge.stream as stream
 from loratools.cli.main import main
 
@@ -193,7 +194,7 @@ def pause_once(*args, **kwargs):
     if not getattr(pause_once, "done", False):
         pause_once.done = True
         print("writing", flush=True)
-        time.sleep(600)
+        sys.stdin.readline()
     return apply_update(*args, **kwargs)
 
 stream.apply_update = pause_once
@@ -202,19 +203,44 @@ main()
 """
 
 
-def _paused_merge(fixtures_dir: Path, out: Path) -> subprocess.Popen:
+def _paused_merges(fixtures_dir: Path, out: Path, count: int = 1) -> list[subprocess.Popen]:
+    """Start ``count`` merges to ``out``; return once each is paused with its temporary written."""
     argv = [sys.executable, "-c", PAUSING_MERGE, "merge", fixtures_dir / "base", fixtures_dir / "adapter"]
-    child = subprocess.Popen(
-        [*map(str, argv), "-o", str(out), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert child.stdout is not None and child.stdout.readline() == "writing\n"
-    return child
+    children = [
+        subprocess.Popen(
+            [*map(str, argv), "-o", str(out), "-q"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline() == "writing\n"
+    return children
+
+
+@pytest.mark.slow  # two subprocesses importing torch (~3 s each, in parallel)
+def test_two_merges_racing_on_one_new_output_exactly_one_succeeds(fixtures_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first, second = _paused_merges(fixtures_dir, out, 2)
+    assert len(leftovers(tmp_path)) == 2  # both passed the up-front check and are writing
+    _, first_err = first.communicate("go\n", timeout=120)
+    assert first.returncode == 0, first_err
+    published = {p.name: p.read_bytes() for p in out.iterdir()}
+    _, second_err = second.communicate("go\n", timeout=120)
+    assert second.returncode == 1
+    lines = second_err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "created by another run" in lines[-1]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == published  # intact
+    assert os.listdir(tmp_path) == ["out"]
 
 
 @pytest.mark.slow  # a subprocess importing torch (~3 s)
 def test_sigterm_cleans_up_like_ctrl_c(fixtures_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    child = _paused_merge(fixtures_dir, out)
+    (child,) = _paused_merges(fixtures_dir, out)
     assert len(leftovers(tmp_path)) == 1  # the temporary exists, so its removal below is real
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
@@ -229,7 +255,7 @@ def test_after_sigkill_the_next_run_removes_the_dead_runs_temporary(
     run_cli, fixtures_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    child = _paused_merge(fixtures_dir, out)
+    (child,) = _paused_merges(fixtures_dir, out)
     child.send_signal(signal.SIGKILL)
     child.communicate(timeout=120)
     assert len(leftovers(tmp_path)) == 1 and not out.exists()
