@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.markup import escape
 
 from loratools.cli import render
 from loratools.cli.options import reporting
+from loratools.cli.render import escape
 from loratools.commands.doctor import DoctorOptions
 from loratools.ops.doctor.findings import VERDICTS, DoctorReport, Finding
 

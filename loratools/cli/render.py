@@ -165,3 +165,10 @@ def progress(total: int, description: str, *, quiet: bool = False) -> Iterator[A
             bar.update(task, advance=1, item=name)
 
         yield advance
+
+
+def escape(text: str) -> str:
+    """``text`` with rich markup characters escaped, for user data inside a marked-up line."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
