@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from loratools.io.writer import (
     CheckpointWriter,
     atomic_output,
     check_not_an_input,
+    checkpoint_output_is_file,
     copy_model_files,
     model_files,
     plan_shards,
@@ -315,3 +317,45 @@ def test_copy_model_files_copies_every_file_and_folder_but_the_weights(tmp_path:
         "sentence_bert_config.json",
         "tokenizer.json",
     ]
+
+
+def test_without_hard_links_a_file_is_still_claimed_after_a_recheck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(*_: object, **__: object) -> None:
+        raise PermissionError(errno.EPERM, "hard links not supported")  # as on some FUSE mounts
+
+    monkeypatch.setattr(os, "link", no_links)
+    output = tmp_path / "out.safetensors"
+    with atomic_output(output) as tmp:
+        tmp.write_text("mine")
+    assert output.read_text() == "mine"
+    with pytest.raises(OutputExists, match="another run"), atomic_output(tmp_path / "b.safetensors") as tmp:
+        tmp.write_text("mine")
+        (tmp_path / "b.safetensors").write_text("theirs")
+    assert (tmp_path / "b.safetensors").read_text() == "theirs"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "shards", "expected"),
+    [
+        ("m.safetensors", None, True),
+        ("m", None, False),
+        ("m.v2", None, False),
+        ("m", 3, False),
+        ("m.safetensors", 3, "sharded (3 file(s) and an index)"),
+        ("m.safetensors", 1, "sharded (1 file(s) and an index)"),
+        ("m.bin", None, "name the output m.safetensors (one file) or m (a model folder)"),
+        ("m.PT", None, "writes checkpoints as safetensors"),
+        ("m.SafeTensors", None, "writes checkpoints as safetensors"),
+        ("m.gguf", None, "writes checkpoints as safetensors"),
+    ],
+)
+def test_an_output_is_what_its_name_says(name: str, shards: int | None, expected: bool | str) -> None:
+    if isinstance(expected, bool):
+        assert checkpoint_output_is_file(Path("/x") / name, source="base", shards=shards) is expected
+        return
+    with pytest.raises(LoratoolsError) as caught:
+        checkpoint_output_is_file(Path("/x") / name, source="base", shards=shards)
+    assert expected in str(caught.value) and f"-o /x/{name}" in str(caught.value)
