@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -307,6 +308,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         entries = list(os.scandir(path.parent))
     except OSError:
         return removed
+    _warn_about_unowned_temporaries(path, entries)
     for entry in entries:
         match = pattern.fullmatch(entry.name)
         if not match or _pid_alive(int(match["pid"])):
@@ -318,6 +320,20 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         _remove(Path(entry.path))
         removed.append(Path(entry.path))
     return removed
+
+
+def _warn_about_unowned_temporaries(path: Path, entries: list[os.DirEntry[str]]) -> None:
+    """Temporaries named ``.NAME.loratools-XXXXXXXX.tmp`` (earlier loratools releases named them
+    so) carry no process id, so nothing can tell whether their run still goes on: point them out,
+    never remove them."""
+    legacy = re.compile(rf"\.{re.escape(path.name)}\.loratools-[0-9a-f]{{8}}\.(?:tmp|old)")
+    found = [entry.name for entry in entries if legacy.fullmatch(entry.name)]
+    if found:
+        warnings.warn(
+            f"{path.parent}: leftover temporaries of an earlier loratools run on {path.name}: "
+            f"{', '.join(found)}; delete them if no loratools run is writing {path.name}",
+            stacklevel=4,
+        )
 
 
 def _pid_alive(pid: int) -> bool:

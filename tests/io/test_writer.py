@@ -359,3 +359,12 @@ def test_an_output_is_what_its_name_says(name: str, shards: int | None, expected
     with pytest.raises(LoratoolsError) as caught:
         checkpoint_output_is_file(Path("/x") / name, source="base", shards=shards)
     assert expected in str(caught.value) and f"-o /x/{name}" in str(caught.value)
+
+
+def test_temporaries_in_the_earlier_naming_are_pointed_out_not_removed(tmp_path: Path) -> None:
+    earlier = tmp_path / ".out.loratools-0123abcd.tmp"  # no pid: its run may still be going on
+    earlier.mkdir()
+    warning = r"\.out\.loratools-0123abcd\.tmp; delete them if no"
+    with pytest.warns(UserWarning, match=warning), atomic_output(tmp_path / "out") as tmp:
+        tmp.mkdir()
+    assert earlier.is_dir() and (tmp_path / "out").is_dir()
