@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loratools.cli.train", "Train a LoRA adapter with the built-in loop."),
     "push": ("loratools.cli.push", "Publish an adapter folder to the Hugging Face Hub."),
     "pull": ("loratools.cli.push", "Download an adapter or model from the Hub."),
-    "doctor": ("loratools.cli.doctor", "Will this adapter load in PEFT, vLLM, llama.cpp, diffusers…? And the fix."),
+    "doctor": ("loratools.cli.doctor", "Will an adapter load in PEFT, vLLM, llama.cpp…? The fix if not."),
 }
 
 
