@@ -67,6 +67,21 @@ class MissingExtra(LoratoolsError):
         )
 
 
+def name_summary(names: list[str], limit: int = 3, noun: str = "tensor") -> str:
+    """``12 tensors (model.layers.…: 0.mlp.up_proj.weight, 0.self_attn.q_proj.weight, …)``: a count,
+    the dotted prefix every name shares said once, and the first ``limit`` names without it."""
+    if not names:
+        return f"no {noun}s"
+    parts = [name.split(".")[:-1] for name in names] if len(names) > 1 else [[]]
+    common = next(
+        (i for i, ps in enumerate(zip(*parts, strict=False)) if len(set(ps)) > 1), min(map(len, parts))
+    )
+    prefix = "".join(f"{part}." for part in parts[0][:common])
+    shown = ", ".join(name[len(prefix) :] for name in names[:limit]) + (", …" if len(names) > limit else "")
+    plural = noun if len(names) == 1 else f"{noun}s"
+    return f"{len(names)} {plural} ({prefix}…: {shown})" if prefix else f"{len(names)} {plural} ({shown})"
+
+
 def list_problems(problems: list[str], limit: int = 8) -> str:
     """Join a list of problems into one line, eliding the tail past ``limit`` items."""
     shown = "; ".join(problems[:limit])

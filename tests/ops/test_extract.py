@@ -269,7 +269,7 @@ def test_targets_select_modules_like_peft(fixtures_dir, targets, expected):
 
 def test_targets_matching_nothing_is_an_error(fixtures_dir):
     base, ft = open_checkpoint(fixtures_dir / "base"), open_checkpoint(fixtures_dir / "finetuned")
-    with pytest.raises(LoratoolsError, match="no 2-D weight"):
+    with pytest.raises(LoratoolsError, match="--targets nope selects no 2-D weight: none of the 16 shared"):
         plan_extraction(base, ft, ExtractOptions(rank=2, targets=("nope",)))
 
 

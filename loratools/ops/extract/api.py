@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
@@ -10,7 +11,7 @@ from loratools.linalg import allocate_budget
 from loratools.ops import Progress, no_progress
 from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.options import ExtractOptions
-from loratools.ops.extract.plan import ExtractPlan, TensorSource, plan_extraction
+from loratools.ops.extract.plan import ExtractPlan, TensorSource, plan_extraction, size_warnings
 from loratools.ops.extract.result import ExtractResult, build_result
 from loratools.ops.extract.stream import factor_pass, run_everywhere, spectra_pass
 
@@ -77,4 +78,9 @@ def extract(
     )
     if not workers.is_main:
         return None
-    return build_result(plan, outcome, options, base_model, finetuned_model, task_type)
+    result = build_result(plan, outcome, options, base_model, finetuned_model, task_type)
+    for message in size_warnings(result.modules, options):
+        with warnings.catch_warnings():  # each run says it, even in a process that said it before
+            warnings.simplefilter("always")
+            warnings.warn(message, UserWarning, stacklevel=2)
+    return result

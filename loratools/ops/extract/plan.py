@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from loratools.errors import LoratoolsError, ShapeMismatch, list_problems
+from loratools.errors import LoratoolsError, ShapeMismatch, list_problems, name_summary
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.moe import is_router
 
@@ -98,15 +98,70 @@ def plan_extraction(base: TensorSource, finetuned: TensorSource, options: Extrac
         )
     lora = [item for item in items if item.kind == "lora"]
     if not lora:
-        raise LoratoolsError(
-            f"no 2-D weight shared by base and fine-tune matches --targets {options.targets}; "
-            "pass leaf names (q_proj) or a regex over module paths"
-        )
+        raise _nothing_to_factor(base, finetuned, items, options)
     dtype = options.dtype or _float_dtype(finetuned.info(lora[0].name).dtype)
     ft_names = set(finetuned.names())
     only_base = [n for n in base.names() if n not in ft_names]
     only_ft = [n for n in finetuned.names() if n not in base_names]
     return ExtractPlan(items, only_base, only_ft, dtype)
+
+
+def _nothing_to_factor(
+    base: TensorSource, finetuned: TensorSource, items: list[Item], options: ExtractOptions
+) -> LoratoolsError:
+    """The error when no tensor is selected for LoRA, saying which of three reasons it is."""
+    shared = [item.name for item in items if len(item.shape) == 2 and item.name.endswith(".weight")]
+    if not shared:
+        return LoratoolsError(
+            "base and fine-tune share no 2-D weight, so there is nothing to extract: the base has "
+            f"{name_summary(_matrices(base))}, the fine-tune {name_summary(_matrices(finetuned))}; "
+            "is the second checkpoint a fine-tune of the first?"
+        )
+    if options.targets is None:
+        return LoratoolsError(
+            f"the only 2-D weights base and fine-tune share are embeddings/lm_head ({name_summary(shared)}); "
+            "factor them with --embeddings lora"
+        )
+    return LoratoolsError(
+        f"--targets {','.join(options.targets)} selects no 2-D weight: none of the "
+        f"{name_summary(shared, noun='shared 2-D weight')} matches; pass leaf names (q_proj) or a regex "
+        "over module paths"
+    )
+
+
+def _matrices(source: TensorSource) -> list[str]:
+    """The 2-D ``.weight`` tensors of a checkpoint (every tensor if it has none)."""
+    names = source.names()
+    return [n for n in names if n.endswith(".weight") and len(source.info(n).shape) == 2] or names
+
+
+def size_warnings(reports: list[Any], options: ExtractOptions) -> list[str]:
+    """Warnings about ranks that defeat the point of a LoRA.
+
+    ``-r`` above min(d, k) is capped there (the SVD has no more singular values), and a rank with
+    r·(d + k) ≥ d·k stores at least as many numbers as the dense weight.
+
+    Args:
+        reports: the factored modules (``name``, ``shape`` (d, k), ``rank``).
+        options: the rank rule.
+    """
+    warnings = []
+    if options.rank is not None:
+        capped = [r for r in reports if options.rank > min(r.shape)]
+        if capped:
+            examples = ", ".join(f"{r.name} {r.shape[0]}×{r.shape[1]} → {min(r.shape)}" for r in capped[:3])
+            warnings.append(
+                f"-r {options.rank} is more than {len(capped)} module(s) can hold; their rank is capped at "
+                f"min(d, k) ({examples}{', …' if len(capped) > 3 else ''})"
+            )
+    big = [r for r in reports if r.rank * sum(r.shape) >= r.shape[0] * r.shape[1]]
+    if big:
+        examples = ", ".join(f"{r.name} {r.shape[0]}×{r.shape[1]} at rank {r.rank}" for r in big[:3])
+        warnings.append(
+            f"{len(big)} module(s) get factors no smaller than their dense weight, r·(d+k) ≥ d·k "
+            f"({examples}{', …' if len(big) > 3 else ''}); lower the rank (-r, --energy, --max-rank)"
+        )
+    return warnings
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
