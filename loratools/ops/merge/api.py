@@ -67,7 +67,8 @@ def merge_checkpoint(
     output = Path(output)
     check_not_an_input(output, [ckpt.path, ckpt.model_dir, *inputs])
     shards = len(ckpt.files) if ckpt.index_name else None
-    as_file = checkpoint_output_is_file(output, source=ckpt.path, shards=shards)
+    gguf_out = options.keep_quantization and ckpt.kind == "gguf"  # a .gguf file, the base's types
+    as_file = True if gguf_out else checkpoint_output_is_file(output, source=ckpt.path, shards=shards)
     infos = {info.name: info for info in ckpt.infos()}
     if operation is None:
         signs = {term.weight > 0 for term in terms}

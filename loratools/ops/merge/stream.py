@@ -53,7 +53,7 @@ def write_merged(
     if options.keep_quantization:  # the base's own quantization out
         from loratools.ops.merge.requant import write_requantized
 
-        return write_requantized(ckpt, plan, output, options, force=force, progress=progress)
+        return write_requantized(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
     layout = _output_layout(ckpt, options)
     stats: list[ModuleStats] = []
     files: list[str] = []
