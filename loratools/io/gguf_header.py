@@ -29,6 +29,7 @@ MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8  # arrays of arrays; real files use one level
+MAX_ENTRIES = 100_000  # tensors or keys per file; real models hold at most a few thousand tensors
 DEFAULT_ALIGNMENT = 32
 # value type → byte size for the fixed-size scalar types (8 = string, 9 = array)
 SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -128,7 +129,12 @@ def _header(walker: _Walker) -> tuple[int, int]:
     if version not in VERSIONS:
         raise _Corrupt(f"GGUF version {version} is not one of {VERSIONS}")
     tensors = walker.count("the tensor count", MIN_TENSOR_INFO)
-    return tensors, walker.count("the key/value count", 8 + 4 + 1)
+    kvs = walker.count("the key/value count", 8 + 4 + 1)
+    if max(tensors, kvs) > MAX_ENTRIES:  # gguf reads each entry in Python: bound the work up front
+        raise _Corrupt(
+            f"it declares {tensors} tensors and {kvs} keys, more than any real file ({MAX_ENTRIES})"
+        )
+    return tensors, kvs
 
 
 def _key_values(walker: _Walker, count: int) -> int:

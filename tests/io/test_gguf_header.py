@@ -39,10 +39,10 @@ def build(
     )
     tensors = tensors if tensors is not None else [(b"w", [4, 2], F32, 0)]
     count = len(tensors) if tensor_count is None else tensor_count
-    out = b"GGUF" + struct.pack("<IQQ", version, count, len(kvs)) + b"".join(kvs)
+    parts = [b"GGUF" + struct.pack("<IQQ", version, count, len(kvs)), *kvs]
     for name, dims, kind, offset in tensors:
-        out += string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-        out += struct.pack("<IQ", kind, offset)
+        parts.append(string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, kind, offset))
+    out = b"".join(parts)
     return out + bytes(-len(out) % alignment) + data
 
 
@@ -83,6 +83,10 @@ BAD = {
         "claims 10000 bytes",
     ),
     "tensor count 2^40": ({"tensor_count": 2**40, **GOOD}, "the tensor count is 1099511627776"),
+    "more tensors than any real file": (
+        {"tensors": [(b"t%d" % i, [1], F32, 32 * i) for i in range(100_001)], "data": bytes(32 * 100_001)},
+        "declares 100001 tensors",
+    ),
     "array of 2^60 items": (
         {"kvs": [string(b"a") + struct.pack("<IIQ", 9, 4, 2**60)]},
         "the length of array 'a' is",
