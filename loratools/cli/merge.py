@@ -91,6 +91,8 @@ def _summary(report: Any, quiet: bool) -> None:
             f"{report.copied} copied unchanged; ‖Δ‖/‖W0‖ = {report.relative_delta:.3g}, "
             f"lost to rounding {report.lost_fraction:.3g} → {report.output}"
         )
+        if report.dora_record:
+            render.note(f"DoRA norms record (keep it: unmerge/swap need it) → {report.dora_record}")
 
 
 def _common(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -217,3 +217,25 @@ def test_extract_dora_loads_in_peft_and_its_logits_match_w_prime(
     # PEFT computes W0·x + (m/‖W0 + sBA‖ − 1)·W0·x + m/‖…‖·sBA·x, the same W' in another order
     torch.testing.assert_close(logits_through_peft(fixtures_dir / "base", tmp_path / "d", ids),
                                logits(model, ids), rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_merge_unmerge_swap_from_the_command_line(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    write_dora(tmp_path / "dora", fixtures_dir)
+    merged = run_cli("merge", fixtures_dir / "base", tmp_path / "dora", "-o", tmp_path / "m", "--json")
+    assert merged.exit_code == 0, merged.output
+    record = json.loads(merged.stdout)["dora_record"]
+    assert record == str(tmp_path / "m" / "dora_norms.loratools") and Path(record).is_file()
+    half = run_cli("merge", fixtures_dir / "base", tmp_path / "dora", "-w", "0.5", "-o", tmp_path / "h")
+    assert half.exit_code == 1 and "weight 1 only" in half.stderr and not (tmp_path / "h").exists()
+    back = run_cli("unmerge", tmp_path / "m", tmp_path / "dora", "-o", tmp_path / "b")
+    assert back.exit_code == 0, back.output
+    base, restored = open_checkpoint(fixtures_dir / "base"), open_checkpoint(tmp_path / "b")
+    for name in base.names():  # float32: a few roundings of |W'| (see tests/ops/test_dora.py for the bound)
+        torch.testing.assert_close(restored.get(name), base.get(name), rtol=1e-5, atol=1e-5)
+    Path(record).unlink()
+    refused = run_cli("unmerge", tmp_path / "m", tmp_path / "dora", "-o", tmp_path / "c")
+    assert refused.exit_code == 1 and "no record at" in refused.stderr and not (tmp_path / "c").exists()
+    assert refused.stderr.count("\n") == 1  # one line, no traceback
+    swapped = run_cli("swap", tmp_path / "m", "--remove", tmp_path / "dora", "--add", fixtures_dir / "adapter",
+                      "-o", tmp_path / "s")  # fmt: skip
+    assert swapped.exit_code == 1 and "no record at" in swapped.stderr

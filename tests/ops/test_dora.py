@@ -333,3 +333,15 @@ def test_dora_extract_never_loses_to_lora_on_a_generic_finetune() -> None:
     for rank in (1, 2, 4):
         _, report = dora_module("m", w0, y, _plain(w0, y, rank))
         assert report.relative_error <= report.lora_relative_error * (1 + 1e-5)  # float32 rounding
+
+
+def test_keep_quantization_refuses_dora_before_writing(small, tmp_path: Path) -> None:
+    from loratools.ops.merge import MergeOptions
+
+    folder, _ = small
+    dora = _save_dora(tmp_path, "dora", {"l.0.q": (8, 6)}, seed=1)
+    with pytest.raises(LoratoolsError, match="keep-quantization does not handle DoRA"):
+        merge_paths(
+            str(folder), tmp_path / "q", add=[(str(dora), 1.0)], options=MergeOptions(keep_quantization=True)
+        )
+    assert not (tmp_path / "q").exists()

@@ -76,10 +76,12 @@ def merge_checkpoint(
     if base_ids is None:
         base_ids = [str(ckpt.path)] if operation == "merge" else []
     plan = plan_merge(infos, terms, base_ids)
-    plan.dora = _plan_dora(ckpt, terms)
+    plan.dora = _plan_dora(ckpt, terms, options.keep_quantization)
     stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
     report = build_report(output, operation, terms, options, plan, stats, files, len(infos))
     report = replace(report, experts=merged_experts(list(infos), plan.updates))
+    if plan.dora is not None and plan.dora.output_record().norms:  # the DoRA norms record written
+        report = replace(report, dora_record=str(record_path(output, not as_file)))
     left = model_files(ckpt.model_dir) if as_file and ckpt.model_dir is not None else []
     if left:  # a model folder merged into one file: say what did not come along
         note = (
@@ -90,12 +92,18 @@ def merge_checkpoint(
     return report
 
 
-def _plan_dora(ckpt: Checkpoint, terms: Sequence[MergeTerm]) -> DoraPlan | None:
+def _plan_dora(ckpt: Checkpoint, terms: Sequence[MergeTerm], keep_quantization: bool) -> DoraPlan | None:
     """The DoRA path and the norms record found with the base (see :mod:`.dora`)."""
     where = record_path(ckpt.model_dir, True) if ckpt.model_dir else record_path(ckpt.path, False)
     stored = read_record_file(where)
     record = DoraRecord.from_tensors(*stored, str(where)) if stored is not None else None
-    return plan_dora(terms, record, str(where))
+    plan = plan_dora(terms, record, str(where))
+    if plan is not None and keep_quantization:
+        raise LoratoolsError(
+            "--keep-quantization does not handle DoRA adapters (or a DoRA norms record) yet; merge "
+            "into float weights (drop --keep-quantization)"
+        )
+    return plan
 
 
 def _base_ids(argument: str, ckpt: Checkpoint) -> list[str]:

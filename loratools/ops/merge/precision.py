@@ -92,6 +92,7 @@ class MergeReport:
     warnings: list[str]
     lost_warning: float = 0.5
     experts: dict[str, Any] | None = None  # a mixture of experts: expert weights merged vs in the base
+    dora_record: str | None = None  # where the DoRA norms record went (ops/merge/dora.py)
 
     @property
     def relative_delta(self) -> float:
@@ -137,6 +138,7 @@ class MergeReport:
             "modules": [m.to_dict() for m in self.modules],
             "warnings": self.warnings,
             "experts": self.experts,
+            **({"dora_record": self.dora_record} if self.dora_record else {}),
         }
 
 
