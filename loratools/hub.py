@@ -26,7 +26,7 @@ from loratools.card import CardFacts, render_card
 from loratools.hub_check import check_adapter_folder
 from loratools.hub_errors import HubError, hub_errors
 from loratools.io.resolve import HUB_ID
-from loratools.ops import Progress, no_progress
+from loratools.progress import Progress, no_progress
 
 __all__ = [
     "HubError",

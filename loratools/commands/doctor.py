@@ -21,9 +21,9 @@ from loratools.io.model_config import read_model_config, tied_embeddings
 from loratools.io.resolve import resolve_path
 from loratools.io.safetensors_file import SafetensorsFile
 from loratools.kinds import KINDS
-from loratools.ops import Progress, no_progress
 from loratools.ops.doctor import BaseFacts, DoctorReport, adapter_facts, diagnose, parse_runtimes
 from loratools.ops.merge.update import apply_update
+from loratools.progress import Progress, no_progress
 
 __all__ = ["DoctorOptions", "doctor"]
 

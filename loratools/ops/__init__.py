@@ -1,10 +1,7 @@
 """Whole-model operations on tensor iterators and Adapters: no file paths, no printing."""
 
-from collections.abc import Callable
+# Progress lives in loratools.progress (core). Re-exported for now only for ops/extract/stream.py,
+# ops/merge/stream.py and ops/merge/api.py, whose import lines move once their current edits land.
+from loratools.progress import Progress, no_progress
 
-Progress = Callable[[str], None]
-"""Called once per unit of work (module or tensor) with its name; the CLI draws a bar from it."""
-
-
-def no_progress(_: str) -> None:
-    """The default progress callback: do nothing."""
+__all__ = ["Progress", "no_progress"]

@@ -23,7 +23,7 @@ from loratools.formats import gguf as gguf_names
 from loratools.formats import kohya
 from loratools.io.safetensors_file import TensorSpec
 from loratools.kinds import embedding
-from loratools.ops import Progress, no_progress
+from loratools.progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from loratools.io.checkpoint import ShardLayout

@@ -27,8 +27,8 @@ import torch
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import InvalidOptions, LoratoolsError
 from loratools.linalg import Split, Svd, allocate_budget, factored_svd, rank_for_energy
-from loratools.ops import Progress, no_progress
 from loratools.ops.dora import DORA_HOW, refuse_dora
+from loratools.progress import Progress, no_progress
 
 __all__ = [
     "ModuleResize",

@@ -23,7 +23,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import LoratoolsError, MissingKeys, ShapeMismatch, list_problems
 from loratools.formats.detect import is_kohya_stem
-from loratools.ops import Progress, no_progress
+from loratools.progress import Progress, no_progress
 
 __all__ = [
     "ModuleSimilarity",

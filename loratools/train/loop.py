@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loratools.errors import InvalidOptions
-from loratools.ops import Progress, no_progress
+from loratools.progress import Progress, no_progress
 from loratools.train.data import IGNORE, Packed
 from loratools.train.distributed import Workers, all_reduce_sum, wrap_model
 from loratools.train.inject import lora_parameters

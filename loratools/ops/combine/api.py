@@ -11,11 +11,11 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import ShapeMismatch, list_problems
-from loratools.ops import Progress, no_progress
 from loratools.ops.combine.module import combine_module, folded
 from loratools.ops.combine.options import CombineOptions, CombineResult, ModuleCombine
 from loratools.ops.combine.saved import combine_saved
 from loratools.ops.dora import DORA_HOW, refuse_dora
+from loratools.progress import Progress, no_progress
 
 
 def _gather(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, ModuleWeight]]]:

@@ -8,12 +8,12 @@ import warnings
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
 from loratools.linalg import allocate_budget
-from loratools.ops import Progress, no_progress
 from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import ExtractPlan, TensorSource, plan_extraction, size_warnings
 from loratools.ops.extract.result import ExtractResult, build_result
 from loratools.ops.extract.stream import factor_pass, run_everywhere, spectra_pass
+from loratools.progress import Progress, no_progress
 
 
 def extract(

@@ -39,8 +39,8 @@ import torch
 from loratools import linalg
 from loratools.adapter import LoraWeight
 from loratools.errors import LoratoolsError
-from loratools.ops import Progress, no_progress
 from loratools.ops.dora import dora_weight
+from loratools.progress import Progress, no_progress
 
 __all__ = ["DoraExtractReport", "add_dora", "dora_module"]
 

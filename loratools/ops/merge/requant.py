@@ -30,11 +30,11 @@ from loratools.io.quant.gguf_checkpoint import GgufCheckpoint
 from loratools.io.quant.gguf_types import WRITE
 from loratools.io.safetensors_file import TensorSpec
 from loratools.io.writer import atomic_output
-from loratools.ops import Progress
 from loratools.ops.merge.plan import MergePlan
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import MergeOptions, TensorUpdate
 from loratools.ops.merge.update import delta_norm, stacked_factors
+from loratools.progress import Progress
 
 Requantize = Callable[[torch.Tensor], tuple[Any, torch.Tensor]]  # W → (stored form, dequant(stored))
 

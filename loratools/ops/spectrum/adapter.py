@@ -18,10 +18,10 @@ from loratools import linalg
 from loratools.adapter import Adapter, ModuleWeight
 from loratools.errors import LoratoolsError, ShapeMismatch, list_problems
 from loratools.formats.names import resolve_modules
-from loratools.ops import Progress, no_progress
 from loratools.ops.spectrum.amplification_factor import amplification
 from loratools.ops.spectrum.geometry import module_geometry
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
+from loratools.progress import Progress, no_progress
 
 __all__ = ["adapter_spectrum", "factored_singular_values"]
 

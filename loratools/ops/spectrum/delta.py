@@ -14,11 +14,11 @@ import torch
 
 from loratools import linalg
 from loratools.errors import ShapeMismatch, list_problems
-from loratools.ops import Progress, no_progress
 from loratools.ops.delta import DeltaBuffer
 from loratools.ops.spectrum.geometry import module_geometry
 from loratools.ops.spectrum.noise import noise_floor
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
+from loratools.progress import Progress, no_progress
 
 __all__ = ["delta_spectrum", "plan_delta"]
 

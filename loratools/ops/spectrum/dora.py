@@ -13,10 +13,10 @@ from __future__ import annotations
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import LoratoolsError
 from loratools.formats.names import resolve_modules
-from loratools.ops import Progress, no_progress
 from loratools.ops.dora import effective_delta, magnitude_stats
 from loratools.ops.spectrum.delta import _delta_module
 from loratools.ops.spectrum.report import SpectrumOptions, SpectrumReport, TensorSource
+from loratools.progress import Progress, no_progress
 
 __all__ = ["dora_spectrum"]
 
