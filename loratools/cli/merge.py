@@ -46,6 +46,7 @@ def _run(
         dtype=dtype,
         device=str(resolve_device(settings["device"])),
         keep_quantization=settings["keep_quantization"],
+        tokenizer=settings.get("tokenizer"),
     )
     quiet, as_json = settings["quiet"], settings["as_json"]
     total = len(open_checkpoint(resolve_path(base)))
@@ -117,6 +118,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per adapter (default 1).")
+@click.option("--tokenizer", help="Copy this folder's tokenizer files into the output (a grown vocabulary).")
 @_common
 def merge(
     base: str, adapters: tuple[str, ...], weights: tuple[float, ...], output: str, **settings: Any

@@ -338,3 +338,117 @@ def test_tied_embeddings_are_reported_and_tied_in_peft(fixtures_dir: Path, tmp_p
     )
     merge_paths(str(tmp_path / "base"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
     torch.testing.assert_close(logits(load_llama(tmp_path / "m"), ids), expected, **LOGITS_FP32)
+
+
+# -- added tokens: a grown vocabulary -----------------------------------------------------------
+NEW_TOKENS = 2
+
+
+@pytest.fixture
+def grown_finetune(fixtures_dir: Path, tmp_path: Path) -> Path:
+    """The fixture Llama fine-tuned with 2 added tokens: embedding and lm_head (66, 32), every old
+    row changed by a rank-3 ΔW, q_proj changed too; config vocab_size 66, its own tokenizer file."""
+    from loratools.io.checkpoint import open_checkpoint
+    from tests.ops.test_merge import write_checkpoint
+
+    ckpt = open_checkpoint(fixtures_dir / "base")
+    tensors = {name: ckpt.get(name) for name in ckpt.names()}
+    gen = torch.Generator().manual_seed(21)
+    for name in (f"{EMBED}.weight", "lm_head.weight", f"{Q0}.weight"):
+        d, k = tensors[name].shape
+        tensors[name] = (
+            tensors[name] + torch.randn(d, 3, generator=gen) @ torch.randn(3, k, generator=gen) * 0.1
+        )
+    for name in (f"{EMBED}.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], torch.randn(NEW_TOKENS, DIM, generator=gen) * 0.3])
+    out = write_checkpoint(tmp_path / "grown", tensors)
+    config = json.loads((fixtures_dir / "base" / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "vocab_size": VOCAB + NEW_TOKENS}))
+    (out / "tokenizer.json").write_text('{"added_tokens": [{"id": 64}, {"id": 65}]}')
+    return out
+
+
+def test_grown_vocabulary_extracts_and_merges_back_grown(
+    run_cli, fixtures_dir: Path, grown_finetune: Path, tmp_path: Path
+) -> None:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract
+
+    base, ft = open_checkpoint(fixtures_dir / "base"), open_checkpoint(grown_finetune)
+    result = extract(base, ft, ExtractOptions(rank=4, embeddings="lora"))
+    # no LoRA fits a (64, 32) base and a (66, 32) fine-tune: the two matrices are carried whole
+    assert set(result.saved) == {f"{EMBED}.weight", "lm_head.weight"} and set(result.adapter.weights) == {Q0}
+    save_adapter(result.adapter, tmp_path / "a")
+
+    args = (
+        "merge",
+        fixtures_dir / "base",
+        tmp_path / "a",
+        "-o",
+        tmp_path / "m",
+        "--tokenizer",
+        grown_finetune,
+    )
+    merged = run_cli(*args, "--json")
+    assert merged.exit_code == 0, merged.output
+    assert any("grown from 64 to 66" in w for w in json.loads(merged.stdout)["warnings"])
+    ours, wanted = read_all(tmp_path / "m"), read_all(grown_finetune)
+    assert ours[f"{EMBED}.weight"].shape == (VOCAB + NEW_TOKENS, DIM)
+    for name, tensor in wanted.items():  # rank-3 changes at rank 4 and whole copies: float32 rounding
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == VOCAB + NEW_TOKENS
+    assert (tmp_path / "m" / "tokenizer.json").read_bytes() == (
+        grown_finetune / "tokenizer.json"
+    ).read_bytes()
+
+    # other shape changes stay errors, and a grown tensor cannot be removed again
+    back = run_cli("unmerge", tmp_path / "m", tmp_path / "a", "-o", tmp_path / "u")
+    assert back.exit_code == 1 and "lm_head.weight" in back.stderr and not (tmp_path / "u").exists()
+
+
+@pytest.mark.slow
+def test_grown_vocabulary_round_trip_gives_the_finetune_logits_merged_and_in_peft(
+    fixtures_dir: Path, grown_finetune: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract
+    from tests.peft_helpers import load_llama, logits
+
+    result = extract(
+        open_checkpoint(fixtures_dir / "base"),
+        open_checkpoint(grown_finetune),
+        ExtractOptions(rank=4, embeddings="lora"),
+    )
+    save_adapter(result.adapter, tmp_path / "a")
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
+    ids = torch.randint(0, VOCAB + NEW_TOKENS, (2, 12), generator=torch.Generator().manual_seed(3))
+    ids[:, 0] = VOCAB  # the added tokens appear
+    ids[:, 1] = VOCAB + 1
+    expected = logits(load_llama(grown_finetune), ids)
+    torch.testing.assert_close(logits(load_llama(tmp_path / "m"), ids), expected, **LOGITS_FP32)
+
+    model = load_llama(fixtures_dir / "base")
+    model.resize_token_embeddings(VOCAB + NEW_TOKENS)  # what PEFT needs before loading modules_to_save
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "a").eval()
+    torch.testing.assert_close(logits(peft_model, ids), expected, **LOGITS_FP32)
+
+
+def test_grown_merge_into_a_sharded_base_rewrites_the_index_size(
+    fixtures_dir: Path, grown_finetune: Path, tmp_path: Path
+) -> None:
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract
+
+    result = extract(
+        open_checkpoint(fixtures_dir / "base"),
+        open_checkpoint(grown_finetune),
+        ExtractOptions(rank=4, embeddings="lora"),
+    )
+    save_adapter(result.adapter, tmp_path / "a")
+    merge_paths(str(fixtures_dir / "base-sharded"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    merged = read_all(tmp_path / "m")
+    assert merged["lm_head.weight"].shape == (VOCAB + NEW_TOKENS, DIM)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())

@@ -87,14 +87,16 @@ def plan_extraction(base: TensorSource, finetuned: TensorSource, options: Extrac
         shape, base_shape = tuple(finetuned.info(name).shape), tuple(base.info(name).shape)
         kind = _kind(name, shape, options)
         resized = shape != base_shape
-        if resized and not (kind == "embedding" and options.embedding_mode == "full"):
+        if resized and EMBEDDING.search(name) and options.embedding_mode == "lora":
+            kind = "embedding"  # a grown vocabulary: no LoRA fits both shapes, so carried whole
+        if resized and not (kind == "embedding" and options.embedding_mode != "skip"):
             bad.append(f"{name} {list(base_shape)} → {list(shape)}")
         items.append(Item(name, kind, shape, resized))
     if bad:
         raise ShapeMismatch(
             f"base and fine-tune shapes differ: {list_problems(bad)}; a grown vocabulary is carried "
-            "whole with --embeddings full (--include-embeddings; resize the base's embeddings before loading), "
-            "other tensors cannot be"
+            "whole with --embeddings full or lora (--include-embeddings; resize the base's embeddings "
+            "before loading, or merge), other tensors cannot be"
         )
     lora = [item for item in items if item.kind == "lora"]
     if not lora:

@@ -72,7 +72,7 @@ def _carry(
     if is_router(item.name):
         return None  # routers are carried whole (E × hidden: small), see ops/moe.py
     if item.kind == "embedding":
-        if options.embedding_mode == "full":
+        if options.embedding_mode == "full" or item.resized:  # resized: only with full/lora (plan)
             return None
         return "embedding/lm_head differs: pass --embeddings lora, or full (--include-embeddings)"
     return None if options.modules_to_save else "differs (not LoRA-able): pass --modules-to-save to carry it"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from loratools.errors import LoratoolsError, MissingKeys, ShapeMismatch, list_problems
 from loratools.formats.names import resolve_modules, resolve_tensor_names
 from loratools.io.safetensors_file import TensorSpec
+from loratools.ops.merge.growth import grows, lora_on_grown
 from loratools.ops.merge.terms import FLOAT_DTYPES, MergeTerm, TensorUpdate
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ def _plan_saved(
             )
         for name, target in names.items():
             tensor, info = saved[name], infos[target]
-            if tuple(tensor.shape) != tuple(info.shape):
+            grown = term.weight > 0 and grows(target, tuple(tensor.shape), tuple(info.shape))
+            if tuple(tensor.shape) != tuple(info.shape) and not grown:  # only a vocabulary may grow
                 _misfit(
                     problems,
                     f"{term.label}: saved module {name} is {list(tensor.shape)} but {target} is {list(info.shape)}",
@@ -164,6 +166,8 @@ def plan_merge(
     for term in terms:
         _plan_loras(term, infos, updates, problems)
     warnings = _plan_saved(terms, infos, updates, problems)
+    for message in lora_on_grown(updates, infos):
+        _misfit(problems, message)
     if problems:
         kind = MissingKeys if any(k is MissingKeys for k, _ in problems) else ShapeMismatch
         messages = [message for _, message in problems]

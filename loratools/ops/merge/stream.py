@@ -27,6 +27,7 @@ from loratools.io.dora_record import record_path, write_record_file
 from loratools.io.quant import drop_quantization_config
 from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
 from loratools.ops import Progress
+from loratools.ops.merge.growth import copy_tokenizer, grown_layout, grown_shapes, update_grown_files
 from loratools.ops.merge.plan import MergePlan
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.requant import unmerge_error
@@ -55,6 +56,8 @@ def write_merged(
 
         return write_requantized(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
     layout = _output_layout(ckpt, options)
+    grown = grown_shapes(layout, plan.updates)  # a grown vocabulary (ops/merge/growth.py)
+    layout = grown_layout(layout, grown)
     stats: list[ModuleStats] = []
     files: list[str] = []
     threads = options.intra_op_threads(os.cpu_count() or 1)
@@ -66,6 +69,8 @@ def write_merged(
         else:
             _write(ckpt, temporary, layout, tensors)
             files = _finish_model_dir(ckpt, temporary, options)
+            plan.warnings.extend(update_grown_files(temporary, layout, grown))
+            files += copy_tokenizer(Path(options.tokenizer), temporary) if options.tokenizer else []
         if plan.dora is not None:  # the DoRA norms record goes with the output (ops/merge/dora.py)
             where = record_path(output if one_file else temporary, not one_file)
             write_record_file(where, *plan.dora.output_record().to_tensors())

@@ -41,6 +41,8 @@ class MergeOptions:
             slow every op several-fold (a 16×16 Gram matrix took 80 ms instead of 0.05 ms).
         keep_quantization: requantize adapted weights of a quantized base (GGUF, bitsandbytes,
             FP8) into its own types instead of writing float weights, and report what survives.
+        tokenizer: a folder whose tokenizer files replace the base's in the output (the
+            fine-tune's, when its vocabulary grew; see :mod:`loratools.ops.merge.growth`).
     """
 
     dtype: torch.dtype | None = None
@@ -48,6 +50,7 @@ class MergeOptions:
     lost_warning: float = 0.5
     threads: int = 0
     keep_quantization: bool = False  # write the base's own quantization back (requant.py)
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
