@@ -452,3 +452,52 @@ def test_grown_merge_into_a_sharded_base_rewrites_the_index_size(
     merged = read_all(tmp_path / "m")
     assert merged["lm_head.weight"].shape == (VOCAB + NEW_TOKENS, DIM)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+
+
+# -- llama.cpp as the judge of the token_embd layout --------------------------------------------
+LLAMA_BIN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "llama.cpp" / "bin"
+
+
+@pytest.mark.skipif(
+    not (LLAMA_BIN / "llama-export-lora").is_file(), reason="no llama.cpp build in ../shared/tools"
+)
+def test_llama_cpp_merges_our_token_embd_lora_to_the_same_embedding(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    import gguf
+    import numpy as np
+
+    from tests.io.test_gguf_io import write_gguf_model
+
+    originals = write_gguf_model(fixtures_dir / "base", tmp_path / "f32.gguf", qtype="F32", bpe_vocab=True)
+    adapter = embedding_adapter(7, alpha=3.0, rslora=True)  # a scale folded into lora_b
+    save_adapter(adapter, tmp_path / "a")
+    args = (
+        "convert",
+        tmp_path / "a",
+        "--to",
+        "gguf",
+        "--base",
+        tmp_path / "f32.gguf",
+        "-o",
+        tmp_path / "a.gguf",
+    )
+    assert run_cli(*args).exit_code == 0
+    command = [
+        str(LLAMA_BIN / "llama-export-lora"),
+        "-m",
+        str(tmp_path / "f32.gguf"),
+        "--lora",
+        str(tmp_path / "a.gguf"),
+    ]
+    done = subprocess.run(
+        [*command, "-o", str(tmp_path / "m.gguf"), "-t", "2"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    merged = torch.from_numpy(np.array(tensors["token_embd.weight"].data)).float().reshape(VOCAB, DIM)
+    expected = originals[f"{EMBED}.weight"] + adapter.weights[EMBED].delta()
+    # llama.cpp sums in float32 in its own order; entries are O(1)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
