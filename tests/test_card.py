@@ -1,4 +1,4 @@
-"""Model cards (loratools/card.py): front matter that parses, the adapter's real facts, exact spectra."""
+"""Model cards (loratools/hub/card.py, and extract's card): front matter that parses, real facts, exact spectra."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.adapter import Adapter, LoraWeight
-from loratools.card import CardFacts, front_matter, module_spectra, render_card
+from loratools.hub.card import CardFacts, front_matter, module_spectra, render_card
 from tests._tolerances import TOL
 
 
@@ -164,3 +164,16 @@ def test_usage_snippets_name_the_repo_base_and_auto_class():
     assert "BASE_MODEL" in render_card(
         adapter, CardFacts(repo_id="me/cls-lora")
     )  # unknown base: a placeholder
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [("org/base", "org/base"), ("org/base@v1", "org/base"), ("/models/base", None), ("./base", None)],
+)
+def test_extract_card_names_only_a_hub_id_as_base_model(fixtures_dir, base, expected):
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract, model_card
+
+    ckpts = [open_checkpoint(fixtures_dir / name) for name in ("base", "finetuned")]
+    result = extract(*ckpts, ExtractOptions(rank=2), base_model=base, finetuned_model="org/ft")
+    assert _front(model_card(result)).get("base_model") == expected

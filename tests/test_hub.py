@@ -133,6 +133,32 @@ def test_existing_readme_is_uploaded_as_is(hub, run_cli, fixture_copy):
     assert hub.files("tester/demo")["README.md"] == b"# my own card\n"
 
 
+def test_kept_readme_loses_a_local_path_base_model_and_nothing_else(hub, run_cli, fixture_copy, tmp_path):
+    # the card an older extract wrote: base_model an unquoted local path; the Hub would refuse it
+    folder = fixture_copy("adapter")
+    local = tmp_path / "models" / "base"
+    local.mkdir(parents=True)
+    card = f"---\nlibrary_name: peft\nbase_model: {local}\ntags: [lora]\n---\n\n# notes\n"
+    (folder / "README.md").write_text(card)
+    result = run_cli("push", folder, "tester/demo", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["card"] == "kept" and any("not a Hub id" in w for w in report["warnings"])
+    uploaded = hub.files("tester/demo")["README.md"].decode()
+    assert uploaded == card.replace(f"base_model: {local}\n", "")
+    assert (folder / "README.md").read_text() == card  # the folder is never changed
+
+
+def test_kept_readme_keeps_a_hub_id_base_model(hub, run_cli, fixture_copy):
+    folder = fixture_copy("adapter")
+    card = "---\nbase_model: org/base\n---\n# notes\n"
+    (folder / "README.md").write_text(card)
+    result = run_cli("push", folder, "tester/demo", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["warnings"] == []
+    assert hub.files("tester/demo")["README.md"] == card.encode()
+
+
 def test_private_is_sent_and_hides_the_repo(hub, run_cli, fixtures_dir, tmp_path, monkeypatch):
     assert run_cli("push", fixtures_dir / "adapter", "tester/secret", "--private").exit_code == 0
     (create,) = hub.requests("POST", r"^/api/repos/create$")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from loratools.ops.extract.result import ExtractResult
+
+# ``org/name[@revision]``: only a Hub id may be the card's base_model (the Hub links it to a model
+# page). A local path such as ``/models/base`` or ``./base`` is left out; ``push`` also drops an
+# ``org/name`` that turns out to be a local folder. The id's characters need no YAML quoting.
+HUB_MODEL = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@[\w./-]+)?")
 
 
 def model_card(result: ExtractResult) -> str:
@@ -11,10 +18,11 @@ def model_card(result: ExtractResult) -> str:
     ranks = sorted({m.rank for m in result.modules})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]} (per module, rank_pattern)"
     errors = [m.relative_error for m in result.modules]
+    hub_base = HUB_MODEL.fullmatch(str(p.get("base") or ""))
     lines = [
         "---",
         "library_name: peft",
-        *([f"base_model: {p['base']}"] if p.get("base") else []),
+        *([f"base_model: {hub_base['repo']}"] if hub_base else []),
         "tags: [lora, loratools, extracted]",
         "---",
         "",

@@ -2,7 +2,7 @@
 
 ``push`` validates an adapter folder completely before any network call (it loads, its shapes
 match its adapter_config.json, its values are finite), creates the repository if needed, and
-uploads the folder in one commit — adding a generated model card (:mod:`loratools.card`) when the
+uploads the folder in one commit — adding a generated model card (:mod:`loratools.hub.card`) when the
 folder has no README.md, without writing into the folder. ``pull`` downloads a repository (or one
 revision of it) into a new folder, atomically.
 
@@ -10,8 +10,8 @@ revision of it) into a new folder, atomically.
 ``HF_HUB_OFFLINE`` itself. Tokens are passed through to it and never printed, logged or stored in
 results. Every Hub failure becomes one :class:`HubError` line: what failed, where, how to fix it.
 
-The folder checks live in :mod:`loratools.hub_check` and the error mapping in
-:mod:`loratools.hub_errors`; both are re-exported here.
+The folder checks live in :mod:`loratools.hub.check` and the error mapping in
+:mod:`loratools.hub.errors`; :mod:`loratools.hub` re-exports the public names of all three.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratools.adapter import Adapter
-from loratools.card import CardFacts, render_card
-from loratools.hub_check import check_adapter_folder
-from loratools.hub_errors import HubError, hub_errors
+from loratools.hub.card import CardFacts, render_card
+from loratools.hub.check import check_adapter_folder
+from loratools.hub.errors import HubError, hub_errors
 from loratools.io.resolve import HUB_ID
 from loratools.progress import Progress, no_progress
 
@@ -150,7 +150,7 @@ class PullResult:
     skipped: list[str]
 
 
-# -- what push uploads (no network; the folder itself is checked in loratools.hub_check) ---------
+# -- what push uploads (no network; the folder itself is checked in loratools.hub.check) ---------
 
 
 def _upload_files(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -166,13 +166,18 @@ def _upload_files(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     return files, skipped
 
 
+def _is_hub_model(name: str) -> bool:
+    """``org/name`` that is not also a local path (``models/base`` may be either)."""
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
 def _card_facts(adapter: Adapter, options: PushOptions, repo_id: str) -> tuple[CardFacts, list[str]]:
     """Facts for the card; the adapter's base model is used only if it is a Hub id, not a local path."""
     warnings = []
     base = options.base_model
     recorded = adapter.base_model
     if base is None and recorded:
-        if HUB_ID.match(recorded) and not Path(recorded).expanduser().exists():
+        if _is_hub_model(recorded):
             base = recorded
         else:
             warnings.append(
@@ -184,6 +189,30 @@ def _card_facts(adapter: Adapter, options: PushOptions, repo_id: str) -> tuple[C
             "the adapter records no base model; the card leaves base_model out (pass --base-model)"
         )
     return CardFacts(repo_id=repo_id, base_model=base, license=options.license), warnings
+
+
+def _kept_card(readme: bytes) -> tuple[bytes, list[str]]:
+    """The folder's own README.md, less a front-matter ``base_model`` that is not a Hub id.
+
+    The Hub links ``base_model`` to a model page and refuses a value that names none, such as the
+    local path a card written by an older ``loratools extract`` recorded. Everything else is kept
+    byte for byte.
+    """
+    lines = readme.splitlines(keepends=True)
+    if not lines or lines[0].strip() != b"---":
+        return readme, []
+    end = next((i for i in range(1, len(lines)) if lines[i].strip() == b"---"), None)
+    for i in range(1, end or 0):
+        key, _, value = lines[i].decode("utf-8", "replace").partition(":")
+        if key.strip() == "base_model" and value.strip():
+            name = value.strip().strip("'\"")
+            if not _is_hub_model(name):
+                warning = (
+                    f"README.md's base_model {name!r} is not a Hub id; the uploaded card leaves it out "
+                    "(the folder is not changed)"
+                )
+                return b"".join(lines[:i] + lines[i + 1 :]), [warning]
+    return readme, []
 
 
 # -- push ---------------------------------------------------------------------------------------
@@ -220,7 +249,13 @@ def push(folder: str | Path, options: PushOptions, progress: Progress = no_progr
         operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
         card = "kept"
         warnings: list[str] = []
-        if options.card and not (folder / "README.md").is_file():
+        if (folder / "README.md").is_file():
+            readme = (folder / "README.md").read_bytes()
+            kept, warnings = _kept_card(readme)
+            if kept != readme:
+                operations = [op for op in operations if op.path_in_repo != "README.md"]
+                operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=kept))
+        elif options.card:
             facts, warnings = _card_facts(adapter, options, repo_id)
             readme = render_card(adapter, facts).encode()
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
