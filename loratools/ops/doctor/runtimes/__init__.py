@@ -11,9 +11,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from loratools.ops.doctor.facts import AdapterFacts
-from loratools.ops.doctor.findings import Finding, RuntimeVerdict
+from loratools.ops.doctor.findings import BLOCKER, INFO, Finding, RuntimeVerdict
 
-__all__ = ["RUNTIMES", "Rule", "Runtime", "lora_fix", "runtime_names"]
+__all__ = [
+    "RUNTIMES",
+    "Rule",
+    "Runtime",
+    "dora_undocumented",
+    "lora_fix",
+    "not_a_diffusion_adapter",
+    "peft_lora_only",
+    "runtime_names",
+]
 
 Rule = Callable[[AdapterFacts], list[Finding]]
 LYCORIS = ("LoHa", "LoKr")
@@ -58,6 +67,45 @@ def lora_fix(facts: AdapterFacts, to: str, output: str) -> str:
     if facts.family in ("kohya", "cloneofsimo") and to == "peft":
         return facts.command("convert", "ADAPTER", "--to", to, "--base", "BASE", "-o", output)
     return facts.command("convert", "ADAPTER", "--to", to, "-o", output)
+
+
+def peft_lora_only(runtime: str, what: str, source: str) -> Rule:
+    """The rule of a server that loads PEFT LoRA folders and nothing else (vLLM, TGI, SGLang)."""
+
+    def rule(facts: AdapterFacts) -> list[Finding]:
+        if facts.family == "peft" and facts.algorithm in ("LoRA", "DoRA"):
+            return []
+        return [Finding(
+            f"{runtime}.format", BLOCKER, "rejects", f"{what}; this is {facts.label}",
+            source=source, fix=lora_fix(facts, "peft", "lora-adapter/"),
+        )]  # fmt: skip
+
+    return rule
+
+
+def dora_undocumented(runtime: str, what: str, source: str) -> Rule:
+    """The rule of a server whose docs say nothing of DoRA: flagged as unverified, with the bake."""
+
+    def rule(facts: AdapterFacts) -> list[Finding]:
+        if facts.algorithm != "DoRA":
+            return []
+        return [Finding(
+            f"{runtime}.dora", INFO, "unverified", f"{what}. Serve a plain LoRA to be sure",
+            facts.of_kind("dora"), source, lora_fix(facts, "peft", "lora-adapter/"),
+        )]  # fmt: skip
+
+    return rule
+
+
+def not_a_diffusion_adapter(rule_id: str, severity: str, effect: str, what: str, source: str) -> Rule:
+    """The rule of a diffusion runtime given a language model's adapter: nothing maps."""
+
+    def rule(facts: AdapterFacts) -> list[Finding]:
+        if facts.diffusion:
+            return []
+        return [Finding(rule_id, severity, effect, what, source=source)]
+
+    return rule
 
 
 def _registry() -> dict[str, Runtime]:

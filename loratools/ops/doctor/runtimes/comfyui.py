@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from loratools.ops.doctor.facts import AdapterFacts
 from loratools.ops.doctor.findings import BLOCKER, Finding
-from loratools.ops.doctor.runtimes import Runtime
+from loratools.ops.doctor.runtimes import Runtime, not_a_diffusion_adapter
 
 VERSION = "ComfyUI 0.3"
 LOADED = ("LoRA", "LoCon", "LoHa", "LoKr", "DoRA", "GLoRA", "OFT", "BOFT", "full/diff")
 
 
-def _not_diffusion(facts: AdapterFacts) -> list[Finding]:
-    if facts.diffusion:
-        return []
-    return [Finding(
-        "comfyui.unmatched_keys", BLOCKER, "ignores silently",
-        "ComfyUI maps keys onto diffusion-model weights; every key of this adapter is unmatched, logged as "
-        "'lora key not loaded' and skipped, so nothing is applied",
-        source=f"{VERSION}: comfy/lora.py (load_lora, model_lora_keys_unet)",
-    )]  # fmt: skip
+_not_diffusion = not_a_diffusion_adapter(
+    "comfyui.unmatched_keys",
+    BLOCKER,
+    "ignores silently",
+    "ComfyUI maps keys onto diffusion-model weights; every key of this adapter is unmatched, logged as "
+    "'lora key not loaded' and skipped, so nothing is applied",
+    f"{VERSION}: comfy/lora.py (load_lora, model_lora_keys_unet)",
+)
 
 
 def _algorithm(facts: AdapterFacts) -> list[Finding]:

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 from loratools.ops.doctor.facts import AdapterFacts
 from loratools.ops.doctor.findings import BLOCKER, Finding
-from loratools.ops.doctor.runtimes import LYCORIS, Runtime, lora_fix
+from loratools.ops.doctor.runtimes import LYCORIS, Runtime, lora_fix, not_a_diffusion_adapter
 
 VERSION = "diffusers 0.42"
 CONVERSION = f"{VERSION}: loaders/lora_conversion_utils.py (_convert_non_diffusers_lora_to_diffusers)"
 
 
-def _not_diffusion(facts: AdapterFacts) -> list[Finding]:
-    if facts.diffusion:
-        return []
-    return [Finding(
-        "diffusers.not_a_pipeline_adapter", BLOCKER, "rejects",
-        "load_lora_weights adapts diffusion pipelines (UNet / transformer, text encoders); these module names "
-        "are not of one",
-        source=f"{VERSION}: loaders/lora_pipeline.py (load_lora_into_unet / text_encoder)",
-    )]  # fmt: skip
+_not_diffusion = not_a_diffusion_adapter(
+    "diffusers.not_a_pipeline_adapter",
+    BLOCKER,
+    "rejects",
+    "load_lora_weights adapts diffusion pipelines (UNet / transformer, text encoders); these module names are not of one",
+    f"{VERSION}: loaders/lora_pipeline.py (load_lora_into_unet / text_encoder)",
+)
 
 
 def _lycoris(facts: AdapterFacts) -> list[Finding]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loratools.ops.doctor.facts import AdapterFacts
 from loratools.ops.doctor.findings import BLOCKER, Finding
-from loratools.ops.doctor.runtimes import Runtime, lora_fix
+from loratools.ops.doctor.runtimes import Runtime, lora_fix, peft_lora_only
 
 VERSION = "vLLM 0.11"
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py: MaxLoRARanks
@@ -12,15 +12,11 @@ DEFAULT_MAX_LORA_RANK = 16
 HELPER = f"{VERSION}: vllm/lora/peft_helper.py (PEFTHelper._validate_features)"
 
 
-def _format(facts: AdapterFacts) -> list[Finding]:
-    if facts.family == "peft" and facts.algorithm in ("LoRA", "DoRA"):
-        return []
-    return [Finding(
-        "vllm.format", BLOCKER, "rejects",
-        f"vLLM loads PEFT LoRA folders (lora_A/lora_B) only; this is {facts.label}",
-        source=f"{VERSION}: vllm/lora/utils.py (parse_fine_tuned_lora_name: 'unsupported LoRA weight')",
-        fix=lora_fix(facts, "peft", "lora-adapter/"),
-    )]  # fmt: skip
+_format = peft_lora_only(
+    "vllm",
+    "vLLM loads PEFT LoRA folders (lora_A/lora_B) only",
+    f"{VERSION}: vllm/lora/utils.py (parse_fine_tuned_lora_name: 'unsupported LoRA weight')",
+)
 
 
 def _dora(facts: AdapterFacts) -> list[Finding]:
