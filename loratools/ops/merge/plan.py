@@ -6,6 +6,7 @@ and raised once; a base model name that differs from the adapter's record is onl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,14 @@ def _resolve(names: list[str], base_names: list[str], label: str, problems: Prob
     return resolved
 
 
+def _fits(weight_shape: tuple[int, ...] | None, shape: tuple[int, ...], expected: tuple[int, int]) -> bool:
+    """An (out, in) update fits its tensor; a conv's (out, in·kh·kw) update fits an (out, in, kh, kw)
+    kernel (LoCon, conv LoHa/LoKr), unless the adapter states another kernel shape."""
+    if len(shape) <= 2:
+        return shape == expected
+    return (shape[0], math.prod(shape[1:])) == expected and weight_shape in (None, shape)
+
+
 def _plan_loras(
     term: MergeTerm, infos: Mapping[str, TensorSpec], updates: dict[str, TensorUpdate], problems: Problems
 ) -> None:
@@ -71,7 +80,7 @@ def _plan_loras(
         expected = (lora.shape[1], lora.shape[0]) if transposed else lora.shape
         if target in seen:
             _misfit(problems, f"{label}: {module} and {seen[target]} both adapt {target}")
-        elif tuple(info.shape) != expected:
+        elif not _fits(lora.weight_shape, tuple(info.shape), expected):
             _misfit(
                 problems,
                 f"{label}: {module} makes a {list(expected)} update but {target} is {list(info.shape)}",

@@ -7,6 +7,7 @@ into one ``addmm`` on a float32 copy of W0, and ‖Δ‖_F comes from two R×R G
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -91,6 +92,9 @@ def apply_update(
     Returns:
         the merged tensor (d, k) in ``out_dtype`` on the factors' device, and its stats.
     """
+    if w0.ndim > 2:  # a conv kernel (out, in, kh, kw): the update is its (out, in·kh·kw) matrix
+        flat, stats = apply_update(name, w0.reshape(w0.shape[0], -1), left, right, out_dtype, scratch)
+        return flat.reshape(w0.shape), replace(stats, shape=tuple(w0.shape))
     if out_dtype == torch.float32 or scratch is None:
         total = torch.empty(w0.shape, dtype=torch.float32, device=left.device)  # it is the output
     else:
