@@ -7,8 +7,6 @@ within ~1e-5 of the float64 ones (error ≈ ε₃₂·‖W‖ / gap).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -26,6 +24,7 @@ from loratools.ops.spectrum.geometry import (
     module_geometry,
     rotation,
 )
+from tests.ops.test_spectrum import DictSource
 
 OUT, IN = 48, 32
 # rotation and intruders take W′'s top k from a randomized SVD (8 power iterations, 8 oversamples):
@@ -156,23 +155,6 @@ def test_correlation_sign() -> None:
 def test_bad_options_are_errors(options: dict[str, float]) -> None:
     with pytest.raises(LoratoolsError):
         GeometryOptions(**options)  # type: ignore[arg-type]
-
-
-class DictSource:
-    """A checkpoint in memory: what the spectrum ops need of one."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def info(self, name: str) -> SimpleNamespace:
-        return SimpleNamespace(shape=self.tensors[name].shape)
-
-    def iter_tensors(self, names=None, prefetch=True):
-        for name in names if names is not None else self.tensors:
-            yield name, self.tensors[name]
 
 
 def test_checkpoint_pair_reports_geometry_per_module_and_the_correlation() -> None:
