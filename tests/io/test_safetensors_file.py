@@ -275,3 +275,19 @@ def test_the_writer_refuses_what_the_reference_reader_would_not_read(tmp_path: P
         SafetensorsWriter(tmp_path / "b.safetensors", spec * 2)
     with pytest.raises(ValueError, match="control characters"):
         SafetensorsWriter(tmp_path / "c.safetensors", [TensorSpec("a\x1b", (1,), torch.float32)])
+
+
+def test_commands_refuse_a_malformed_base_and_write_nothing(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    # trailing bytes no tensor covers: once silently copied into merge outputs
+    base = tmp_path / "base.safetensors"
+    base.write_bytes((fixtures_dir / "base" / "model.safetensors").read_bytes() + b"\x00" * 8)
+    for args in (
+        ["inspect", base],
+        ["merge", base, fixtures_dir / "adapter", "-o", tmp_path / "out.safetensors"],
+    ):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and result.stderr.startswith("error:"), result.stderr
+        assert result.stderr.count("\n") == 1 and "8 bytes after the last tensor" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
