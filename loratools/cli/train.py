@@ -70,6 +70,8 @@ def _targets(value: str | None, regex: str | None) -> tuple[str, ...] | str:
 @reporting
 def train(model: str, data: str, output: str, **kw: object) -> None:
     """Train a LoRA adapter on MODEL (a Llama-family folder or Hub id) with the text in --data."""
+    import os
+
     from loratools.train.run import TrainOptions, train_adapter
 
     as_json, quiet, force = kw.pop("as_json"), kw.pop("quiet"), bool(kw.pop("force"))
@@ -89,6 +91,7 @@ def train(model: str, data: str, output: str, **kw: object) -> None:
             resume=str(resume) if resume else None,
             force=force,
             progress=advance,
+            env=os.environ,  # torchrun's RANK / WORLD_SIZE: the CLI is the only environment reader
         )
     if report.rank != 0:
         return

@@ -1,9 +1,11 @@
 """Data-parallel training under ``torchrun``: one process per device, gradients averaged by DDP.
 
 ``torchrun`` starts N copies of ``loratools train`` and tells each its place through the
-environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``…), which
-:func:`init_distributed` hands to :func:`loratools.distributed.join` (shared with ``extract``). Each process takes its own slice of every global batch, DDP all-reduces the
-LoRA gradients (NCCL on GPUs, gloo on CPUs), and only rank 0 writes files.
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``…). The CLI passes that
+environment in; :func:`init_distributed` hands it to :func:`loratools.distributed.join` (shared
+with ``extract``), so nothing here reads ``os.environ``. Each process takes its own slice of every
+global batch, DDP all-reduces the LoRA gradients (NCCL on GPUs, gloo on CPUs), and only rank 0
+writes files.
 
     torchrun --nproc-per-node 2 -m loratools.cli.main train MODEL --data FILE -o OUT
 """
@@ -11,7 +13,7 @@ LoRA gradients (NCCL on GPUs, gloo on CPUs), and only rank 0 writes files.
 from __future__ import annotations
 
 import inspect
-import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,12 +26,17 @@ from loratools.distributed import Workers, join, leave
 __all__ = ["Workers", "all_reduce_sum", "barrier", "init_distributed", "shutdown", "wrap_model"]
 
 
-def init_distributed(device: str = "auto") -> Workers:
-    """Join the torchrun process group if launched by torchrun; otherwise a single process.
+def init_distributed(device: str = "auto", env: Mapping[str, str] | None = None) -> Workers:
+    """Join the torchrun process group ``env`` describes; a single process when ``env`` is None
+    or names no ``WORLD_SIZE`` above 1.
 
     Under torchrun with CUDA each process uses ``cuda:LOCAL_RANK`` and NCCL; on CPU, gloo.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        env: the launcher's environment (the CLI passes ``os.environ``); None for one process.
     """
-    return join(os.environ, resolve_device(device))
+    return join(env or {}, resolve_device(device))
 
 
 def wrap_model(model: nn.Module, info: Workers) -> nn.Module:

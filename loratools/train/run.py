@@ -10,6 +10,7 @@ Checkpoints go to ``<OUT>-checkpoints/step-NNNNNN/``: a PEFT adapter folder plus
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,7 @@ def train_adapter(
     resume: str | Path | None = None,
     force: bool = False,
     progress: Progress = no_progress,
+    env: Mapping[str, str] | None = None,
 ) -> TrainReport:
     """Train a LoRA adapter on ``model`` with ``data`` and save it as a PEFT folder at ``output``.
 
@@ -201,6 +203,8 @@ def train_adapter(
         resume: a checkpoint folder to continue exactly from.
         force: replace ``output``.
         progress: called once per step with a status line.
+        env: the environment torchrun set (``RANK``, ``WORLD_SIZE``…): the CLI passes ``os.environ``;
+            None trains in this one process.
 
     Raises:
         OutputExists: ``output`` exists and ``force`` is False (checked before training).
@@ -210,7 +214,7 @@ def train_adapter(
         raise OutputExists(f"{output} already exists; pass --force to replace it")
     model_dir = resolve_path(model, what="model")
     check_not_an_input(output, [model_dir, Path(data), Path(resume) if resume else None])
-    info = init_distributed(opts.device)
+    info = init_distributed(opts.device, env)
     try:
         net, state, resumed = _build(model_dir, opts, info, init_adapter, resume)
         net.set_gradient_checkpointing(opts.gradient_checkpointing)
