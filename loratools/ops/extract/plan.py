@@ -9,7 +9,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from loratools.errors import LoratoolsError, ShapeMismatch, list_problems, name_summary
+from loratools.errors import LoratoolsError, ShapeMismatch, UnknownFormat, list_problems, name_summary
+from loratools.formats.detect import looks_like_adapter
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.moe import is_router
 
@@ -79,6 +80,7 @@ def plan_extraction(base: TensorSource, finetuned: TensorSource, options: Extrac
         ShapeMismatch: tensors whose shapes differ (all listed), except embeddings with
             ``embeddings="full"``; or no tensor selected for LoRA.
     """
+    _refuse_adapters(base, finetuned)
     base_names = set(base.names())
     items, bad = [], []
     for name in finetuned.names():
@@ -106,6 +108,33 @@ def plan_extraction(base: TensorSource, finetuned: TensorSource, options: Extrac
     only_base = [n for n in base.names() if n not in ft_names]
     only_ft = [n for n in finetuned.names() if n not in base_names]
     return ExtractPlan(items, only_base, only_ft, dtype)
+
+
+def _refuse_adapters(base: TensorSource, finetuned: TensorSource) -> None:
+    """extract takes two full checkpoints; an adapter in either place is named, with the call meant."""
+    first, second = (_mostly_adapter(source.names()) for source in (base, finetuned))
+    if not (first or second):
+        return
+    base_path, ft_path = (
+        str(getattr(source, "path", name)) for source, name in ((base, "BASE"), (finetuned, "FINETUNED"))
+    )
+    if first and not second:
+        raise UnknownFormat(
+            f"the first argument is an adapter ({base_path}) and {ft_path} a checkpoint; extract takes two "
+            f"full checkpoints, BASE FINETUNED; to merge the adapter, did you mean `loratools merge {ft_path} {base_path}`?"
+        )
+    adapter = ft_path if second else base_path
+    raise UnknownFormat(
+        f"{adapter} is an adapter, not a checkpoint; extract makes an adapter from a full fine-tune "
+        "(BASE FINETUNED); to bake an adapter into a base use `loratools merge BASE ADAPTER`, to re-rank one "
+        "`loratools resize`"
+    )
+
+
+def _mostly_adapter(names: list[str]) -> bool:
+    """At least half the tensors carry adapter key parts (``lora_A``, ``lora_down``, ``hada_w1_a``, …):
+    one odd name in a full checkpoint does not make it an adapter."""
+    return 2 * sum(looks_like_adapter([name]) for name in names) >= len(names) > 0
 
 
 def _nothing_to_factor(

@@ -15,7 +15,7 @@ from loratools.io.dora_record import read_record_file, record_path
 from loratools.io.writer import check_not_an_input, checkpoint_output_is_file, model_files
 from loratools.ops import Progress, no_progress
 from loratools.ops.merge.dora import DoraPlan, DoraRecord, plan_dora
-from loratools.ops.merge.plan import plan_merge
+from loratools.ops.merge.plan import check_argument_order, plan_merge
 from loratools.ops.merge.precision import MergeReport, build_report
 from loratools.ops.merge.stream import write_merged
 from loratools.ops.merge.terms import MergeOptions, MergeTerm
@@ -118,6 +118,20 @@ def _base_ids(argument: str, ckpt: Checkpoint) -> list[str]:
     return ids
 
 
+def _check_order(base: str, adapters: list[str], command: str) -> None:
+    """``merge ADAPTER BASE`` and the like: say which argument is which (see check_argument_order).
+    Paths that cannot be read are left to the usual errors, raised when they are opened."""
+    from loratools.io.filekind import detect_path
+    from loratools.io.resolve import resolve_path
+
+    try:
+        first = detect_path(resolve_path(base))
+        others = [(a, detect_path(resolve_path(a, what="adapter"))) for a in adapters]
+    except LoratoolsError:
+        return
+    check_argument_order(command, base, first, others)
+
+
 def merge_paths(
     base: str,
     output: str | Path,
@@ -148,6 +162,11 @@ def merge_paths(
 
     if not add and not remove:
         raise LoratoolsError("no adapter given; name at least one adapter to merge or remove")
+    _check_order(
+        base,
+        [argument for argument, _ in (*add, *remove)],
+        "swap" if add and remove else "merge" if add else "unmerge",
+    )
     ckpt = open_checkpoint(resolve_path(base))
     names = ckpt.names()
     terms, paths = [], []

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratools.errors import LoratoolsError, MissingKeys, ShapeMismatch, list_problems
+from loratools.errors import (
+    LoratoolsError,
+    MissingKeys,
+    ShapeMismatch,
+    UnknownFormat,
+    list_problems,
+    name_summary,
+)
+from loratools.formats.detect import FileKind
 from loratools.formats.names import resolve_modules, resolve_tensor_names
 from loratools.io.safetensors_file import TensorSpec
 from loratools.ops.merge.growth import grows, lora_on_grown
@@ -150,6 +158,66 @@ def _base_model_warnings(terms: Sequence[MergeTerm], base_ids: Sequence[str]) ->
     return warnings
 
 
+UNRESOLVED = " matches no base tensor"
+
+
+def _compact(problems: Problems, terms: Sequence[MergeTerm]) -> str:
+    """The problems in one short line: per adapter, its path once, the names that match no base
+    tensor as a count with their common prefix and the first few, other problems (first few),
+    and the base model the adapter records."""
+    labels = sorted({t.label for t in terms}, key=len, reverse=True)  # longest first: a/b before a
+    grouped: dict[str, list[str]] = {}
+    for _, message in problems:
+        label = next((lb for lb in labels if message.startswith(f"{lb}: ")), "")
+        grouped.setdefault(label, []).append(message.removeprefix(f"{label}: ") if label else message)
+    recorded = {t.label: t.adapter.base_model for t in terms}
+    parts = []
+    for label, messages in grouped.items():
+        missing = [m.removesuffix(UNRESOLVED) for m in messages if m.endswith(UNRESOLVED)]
+        others = [m for m in messages if not m.endswith(UNRESOLVED)]
+        said = [f"{name}{UNRESOLVED}" for name in missing] if len(missing) <= 2 else []
+        said += [f"{name_summary(missing)} match no base tensor"] if len(missing) > 2 else []
+        said += [list_problems(others, 3)] if others else []
+        if recorded.get(label):
+            said.append(f"it was made for base model {recorded[label]!r}")
+        parts.append(f"{label}: " * bool(label) + "; ".join(said))
+    return " | ".join(parts)
+
+
+def check_argument_order(
+    command: str, first: str, first_kind: FileKind, others: Sequence[tuple[str, FileKind]]
+) -> None:
+    """Refuse a base (or merged model) argument that is an adapter, saying which order was meant.
+
+    Args:
+        command: ``merge``, ``unmerge`` or ``swap``.
+        first: the argument given as the base (the merged model for unmerge/swap).
+        first_kind: what that file is.
+        others: the adapter arguments and what they are.
+
+    Raises:
+        UnknownFormat: the first argument is an adapter; when an adapter argument is a checkpoint
+            the message gives the command with the two swapped.
+    """
+    if first_kind.kind != "adapter":
+        return
+    checkpoints = [arg for arg, kind in others if kind.kind == "checkpoint"]
+    what = "BASE" if command == "merge" else "MERGED"
+    if not checkpoints:
+        raise UnknownFormat(
+            f"{first}: {first_kind.label}, but the first argument of {command} is the {what} model (a checkpoint)"
+        )
+    adapters = [arg for arg, kind in others if kind.kind != "checkpoint"] + [first]
+    if command == "swap":
+        hint = f"loratools swap {checkpoints[0]} --remove ADAPTER --add ADAPTER"
+    else:
+        hint = f"loratools {command} {checkpoints[0]} {' '.join(adapters)}"
+    raise UnknownFormat(
+        f"the first argument is an adapter ({first}: {first_kind.label}) and {checkpoints[0]} a checkpoint; "
+        f"did you mean `{hint}`?"
+    )
+
+
 def plan_merge(
     infos: Mapping[str, TensorSpec], terms: Sequence[MergeTerm], base_ids: Sequence[str] = ()
 ) -> MergePlan:
@@ -179,9 +247,8 @@ def plan_merge(
         _misfit(problems, message)
     if problems:
         kind = MissingKeys if any(k is MissingKeys for k, _ in problems) else ShapeMismatch
-        messages = [message for _, message in problems]
         raise kind(
-            f"{len(messages)} problem(s) fitting the adapter(s) to the base: {list_problems(messages, 20)}; "
+            f"{len(problems)} problem(s) fitting the adapter(s) to the base: {_compact(problems, terms)}; "
             "is this the base model the adapter was made for?"
         )
     ordered = {name: updates[name] for name in infos if name in updates}
