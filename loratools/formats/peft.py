@@ -62,6 +62,11 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 def _refuse_unsupported(keys: list[str], config: Mapping[str, Any]) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise UnknownFormat(f"this is a PEFT {config.get('peft_type')} adapter; loratools handles LoRA only")
+    if config.get("target_parameters"):  # fused (E, ·, ·) expert tensors: keys do not say which one
+        raise UnknownFormat(
+            f"PEFT target_parameters LoRA (fused expert tensors: {', '.join(map(str, config['target_parameters']))}) "
+            "is not supported yet; train the adapter on per-expert modules (target_modules) instead"
+        )
     for key in keys:
         for marker, variant in UNSUPPORTED_KEYS.items():
             if f".{marker}" in key:

@@ -161,3 +161,24 @@ def test_merge_reports_expert_weights_touched_against_the_base(
     merged, wanted = read_all(tmp_path / "m"), read_all(ft)
     for name in merged:  # rank-2 changes at rank 2, carried routers: the fine-tune, to float32 rounding
         torch.testing.assert_close(merged[name], wanted[name], rtol=1e-5, atol=1e-5)
+
+
+def test_peft_target_parameters_adapters_are_refused_by_name() -> None:
+    from loratools.errors import UnknownFormat
+    from loratools.formats import peft
+
+    # what PEFT writes for target_parameters on a fused Mixtral layer: nested ParamWrapper keys
+    # that do not say which parameter (gate_up_proj or down_proj) they belong to
+    tensors = {
+        "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight": torch.zeros(8, 16),
+        "base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight": torch.zeros(48, 8),
+    }
+    config = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": [],
+        "target_parameters": ["mlp.experts.gate_up_proj"],
+    }
+    with pytest.raises(UnknownFormat, match=r"target_parameters.*mlp\.experts\.gate_up_proj"):
+        peft.to_adapter(tensors, config)
