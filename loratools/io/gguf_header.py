@@ -58,6 +58,12 @@ class _Walker:
         self.pos += n
         return bytes(data)
 
+    def skip(self, n: int, what: str) -> None:
+        """Step over ``n`` bytes without copying them (a large numeric array)."""
+        if n > self.remaining():
+            raise _Corrupt(f"{what} claims {n} bytes at byte {self.pos}, but only {self.remaining()} remain")
+        self.pos += n
+
     def u32(self, what: str) -> int:
         return int(struct.unpack("<I", self.take(4, what))[0])
 
@@ -100,7 +106,7 @@ class _Walker:
                 raise _Corrupt(f"the array {key!a} has unknown element type {item}")
             n = self.count(f"the length of array {key!a}", MIN_VALUE_SIZE[item])
             if item in SCALAR_SIZE:
-                self.take(n * SCALAR_SIZE[item], f"array {key!a}")
+                self.skip(n * SCALAR_SIZE[item], f"array {key!a}")
             else:
                 for _ in range(n):
                     self.value(item, key, depth + 1)
