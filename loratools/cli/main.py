@@ -135,7 +135,12 @@ def main() -> None:
     except Exception as exc:  # a bug: still one line unless --debug was asked for
         if "--debug" in sys.argv:
             raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        # bad input is a LoratoolsError with its own message (formats/validate.py, options'
+        # __post_init__); anything reaching here is loratools' fault, and says so
+        _fail(
+            f"internal error ({type(exc).__name__}: {exc}); this is a bug in loratools, please report it "
+            "with the traceback that --debug shows"
+        )
 
 
 if __name__ == "__main__":

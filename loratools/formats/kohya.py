@@ -128,6 +128,9 @@ def _stored(metadata: Mapping[str, str], stems: Iterable[str]) -> dict[str, Any]
         return None
     if {kohya_stem(m, prefix) for m in modules} != set(stems):
         return None  # the file was edited since loratools wrote it: trust the tensors
+    texts_ok = all(isinstance(record.get(f), (str, type(None))) for f in ("base_model", "task_type"))
+    if not texts_ok or not isinstance(record.get("extra_config") or {}, dict):
+        return None  # a damaged record: trust the tensors
     return {**record, "modules": modules}
 
 

@@ -81,3 +81,20 @@ def test_click_parse_errors_stay_usage_errors(run_cli, fixtures_dir: Path, tmp_p
 def test_training_loop_options_are_loratools_errors(kwargs, fragment) -> None:
     with pytest.raises(InvalidOptions, match=fragment):
         LoopOptions(**kwargs)
+
+
+def test_an_internal_error_is_one_line_that_calls_itself_a_bug(monkeypatch, capsys) -> None:
+    """Bad input never gets here (it raises a LoratoolsError); what does is reported as a bug."""
+    import loratools.cli.main as entry
+
+    def broken(**_: object) -> None:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(entry, "cli", broken)
+    monkeypatch.setattr("sys.argv", ["loratools", "inspect", "x"])
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: internal error (ValueError: boom); this is a bug in loratools")
+    assert err.count("\n") == 1 and "unexpected" not in err

@@ -229,3 +229,20 @@ def test_loratools_output_passes_its_own_checks(fixtures_dir, tmp_path) -> None:
     again = load_adapter(tmp_path / "a")
     assert again.ranks[Q0] == 2 and again.weights[Q0].alpha == 3.0
     assert open_checkpoint(fixtures_dir / "base")  # the base itself is untouched by any of this
+
+
+@pytest.mark.parametrize(("field", "value"), [("base_model", [1]), ("task_type", 3), ("extra_config", "x")])
+def test_a_damaged_loratools_record_in_a_kohya_file_is_ignored(fixtures_dir, tmp_path, field, value) -> None:
+    """The record is only a convenience: a damaged one is not trusted, the tensors are (with a base
+    to name the modules, the merge is the same as from the intact file)."""
+    tensors, metadata = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
+    record = json.loads(metadata[kohya.ADAPTER_METADATA])
+    record[field] = value
+    save_file(
+        tensors, tmp_path / "k.safetensors", metadata={**metadata, kohya.ADAPTER_METADATA: json.dumps(record)}
+    )
+    names = open_checkpoint(fixtures_dir / "base").names()
+    adapter = load_adapter(tmp_path / "k.safetensors", base_names=names)
+    assert adapter.base_model is None and set(adapter.weights) == set(
+        load_adapter(fixtures_dir / "adapter").weights
+    )
