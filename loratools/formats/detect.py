@@ -67,6 +67,7 @@ KEY_PARTS: dict[str, str] = {
     "diff_b": "full/diff",
     "lora_mid.weight": "LoCon",  # LoCon's Tucker core
     "lora_A.weight": "LoRA",
+    "lora_embedding_A": "LoRA",  # PEFT's embedding LoRA (loratools/kinds/embedding.py)
     "lora_down.weight": "LoRA",
 }
 PEFT_TYPES: dict[str, str] = {

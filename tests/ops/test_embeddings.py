@@ -501,3 +501,14 @@ def test_llama_cpp_merges_our_token_embd_lora_to_the_same_embedding(
     expected = originals[f"{EMBED}.weight"] + adapter.weights[EMBED].delta()
     # llama.cpp sums in float32 in its own order; entries are O(1)
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bare_peft_file_with_only_embedding_lora_is_detected(fixtures_dir: Path, tmp_path: Path) -> None:
+    adapter = embedding_adapter(9)
+    save_adapter(replace(adapter, weights={EMBED: adapter.weights[EMBED]}), tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"  # the file alone, no adapter_config.json
+    loaded = load_adapter(weights)
+    assert loaded.weights[EMBED].embedding
+    torch.testing.assert_close(
+        loaded.weights[EMBED].delta(), adapter.weights[EMBED].delta(), **TOL[torch.float32]
+    )
