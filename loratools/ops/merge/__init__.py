@@ -19,10 +19,13 @@ the adapters.
 Precision report, per adapted tensor (Δ = Σ wᵢsᵢBᵢAᵢ, computed from the factors)::
 
     relative_delta = ‖Δ‖_F / ‖W0‖_F
-    lost_fraction  = ‖round(W0 + Δ) − round(W0) − Δ‖_F / ‖Δ‖_F
+    lost_fraction  = ‖round(W0 + Δ) − W0 − Δ‖_F / ‖Δ‖_F               (output dtype = W0's)
+                   = 1 − ⟨round(W0 + Δ) − round(W0), Δ⟩ / ‖Δ‖²          (narrower output dtype)
 
-the share of the update destroyed by rounding to the output dtype. An update far below the
-dtype's resolution (bf16 keeps 8 bits: ‖Δ‖/‖W0‖ ≈ 4e-5 ≪ 2⁻⁹) vanishes almost entirely.
+the share of the update destroyed by rounding to the output dtype (0 to 1); a narrower output
+also reports ``base_rounding = ‖round(W0) − W0‖ / ‖Δ‖``, the cast of the base itself (see
+:mod:`.precision`). An update far below the dtype's resolution (bf16 keeps 8 bits:
+‖Δ‖/‖W0‖ ≈ 4e-5 ≪ 2⁻⁹) vanishes almost entirely.
 
 The package, in the order data flows through it:
 
