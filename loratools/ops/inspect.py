@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 from loratools.adapter import Adapter
-from loratools.io.checkpoint import Checkpoint
 from loratools.ops.dora import dora_modules, dora_summary
 from loratools.ops.structure import model_structure
 
@@ -17,6 +18,25 @@ __all__ = [
     "summarize_gguf",
     "summarize_training",
 ]
+
+
+class CheckpointView(Protocol):
+    """What inspect reads of an opened checkpoint (:class:`loratools.io.checkpoint.Checkpoint`):
+    ops take the object io opened, never a path."""
+
+    path: Path
+    kind: str
+    files: list[Path]
+    metadata: dict[str, str]
+
+    def infos(self) -> Sequence[Any]: ...  # each with .name, .shape, .dtype, .nbytes
+
+    @property
+    def num_parameters(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
 
 # kohya sd-scripts' training settings, in the order a user reads them: (label, ss_* keys)
 TRAINING_FIELDS: list[tuple[str, tuple[str, ...]]] = [
@@ -37,7 +57,7 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def summarize_checkpoint(ckpt: Checkpoint, config: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize_checkpoint(ckpt: CheckpointView, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tensors, parameters, dtypes, files and size of a checkpoint, plus its model config facts."""
     infos = ckpt.infos()
     dtypes = Counter(_dtype_name(i.dtype) for i in infos)
