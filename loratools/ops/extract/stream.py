@@ -17,12 +17,12 @@ import torch
 from loratools.adapter import LoraWeight
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
-from loratools.ops import Progress
 from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.factor import ModuleReport, factor_module, truncated_spectrum
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item, TensorSource
 from loratools.ops.moe import is_router
+from loratools.progress import Progress
 
 
 @dataclass

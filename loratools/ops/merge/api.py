@@ -13,13 +13,13 @@ from loratools.errors import LoratoolsError
 from loratools.io.checkpoint import Checkpoint
 from loratools.io.dora_record import read_record_file, record_path
 from loratools.io.writer import check_not_an_input, checkpoint_output_is_file, model_files
-from loratools.ops import Progress, no_progress
 from loratools.ops.merge.dora import DoraPlan, DoraRecord, plan_dora
 from loratools.ops.merge.plan import check_argument_order, plan_merge
 from loratools.ops.merge.precision import MergeReport, build_report
 from loratools.ops.merge.stream import write_merged
 from loratools.ops.merge.terms import MergeOptions, MergeTerm
 from loratools.ops.moe import merged_experts
+from loratools.progress import Progress, no_progress
 
 
 def merge_checkpoint(

@@ -26,13 +26,13 @@ from loratools.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, ShardLayout
 from loratools.io.dora_record import record_path, write_record_file
 from loratools.io.quant import drop_quantization_config
 from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
-from loratools.ops import Progress
 from loratools.ops.merge.growth import copy_tokenizer, grown_layout, grown_shapes, update_grown_files
 from loratools.ops.merge.plan import MergePlan
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.requant import unmerge_error
 from loratools.ops.merge.terms import FLOAT_DTYPES, MergeOptions
 from loratools.ops.merge.update import Scratch, apply_update, stacked_factors
+from loratools.progress import Progress
 
 
 def write_merged(
