@@ -1,6 +1,6 @@
 """Merge benchmark: loratools merge vs PEFT's merge_and_unload vs the I/O floor, in one run.
 
-    python benchmarks/bench_merge.py [--layers 12] [--rank 16] [--repeat 2] [--root /tmp/loratools-bench]
+    python benchmarks/bench_merge.py [--layers 12] [--rank 16] [--repeat 2] [--root /tmp/loratools-bench] [--dora]
 
 On make_llama_pair's bf16 sharded base (12 layers ≈ 0.66 B parameters, 1.3 GB) with a rank-16
 PEFT adapter on every attention and MLP linear, each measured in its own process:
@@ -10,6 +10,9 @@ PEFT adapter on every attention and MLP linear, each measured in its own process
 - loratools:  ``loratools merge BASE ADAPTER -o OUT --quiet``;
 - peft:       transformers from_pretrained (bf16) → PeftModel.from_pretrained → merge_and_unload →
               save_pretrained.
+
+With ``--dora`` the adapter is DoRA (PEFT ``use_dora``: a magnitude per output row, within ±5% of
+‖W0 + s·B·A‖_row) and both tools merge it exactly (loratools also writes its norms record).
 
 Page cache is warm for all runs (the base is read once first). Prints a markdown table; the
 numbers in benchmarks/results/merge.md were copied from its output.
@@ -68,8 +71,9 @@ model.save_pretrained(sys.argv[3])
 """
 
 
-def make_adapter(base: Path, out: Path, rank: int) -> Path:
-    """A rank-``rank`` float32 PEFT adapter on every block linear: A ~ N(0, 1/in), B ~ N(0, 0.02²)."""
+def make_adapter(base: Path, out: Path, rank: int, dora: bool = False) -> Path:
+    """A rank-``rank`` float32 PEFT adapter on every block linear: A ~ N(0, 1/in), B ~ N(0, 0.02²);
+    with ``dora``, magnitudes m = ‖W0 + s·B·A‖_row · (1 + 0.05·N(0, 1)) (PEFT's use_dora)."""
     if (out / "adapter_model.safetensors").is_file():
         return out
     ckpt = open_checkpoint(base)
@@ -81,6 +85,10 @@ def make_adapter(base: Path, out: Path, rank: int) -> Path:
             a = torch.randn(rank, k, generator=gen) * k**-0.5  # (r, in)
             b = torch.randn(d, rank, generator=gen) * 0.02  # (out, r)
             weights[name.removesuffix(".weight")] = LoraWeight(a, b, alpha=2.0 * rank)
+            if dora:
+                norms = (ckpt.get(name).float() + 2.0 * b @ a).norm(dim=1)  # s = alpha / r = 2
+                m = norms * (1.0 + 0.05 * torch.randn(d, generator=gen))
+                weights[name.removesuffix(".weight")] = LoraWeight(a, b, alpha=2.0 * rank, magnitude=m)
     save_adapter(Adapter(weights, base_model=str(base), task_type="CAUSAL_LM"), out, force=True)
     return out
 
@@ -125,7 +133,13 @@ def max_difference(ours: Path, peft: Path) -> tuple[float, int]:
 
 def run(args: argparse.Namespace) -> str:
     base, _ = make_llama_pair(args.root, layers=args.layers)
-    adapter = make_adapter(base, args.root / f"adapter-r{args.rank}-l{args.layers}", args.rank)
+    kind = "dora" if args.dora else "lora"
+    adapter = make_adapter(
+        base,
+        args.root / f"adapter-r{args.rank}-l{args.layers}{'-dora' if args.dora else ''}",
+        args.rank,
+        args.dora,
+    )
     size_gb = sum(f.stat().st_size for f in base.iterdir()) / 1e9
     for item in base.iterdir():  # warm the page cache so every run sees the same state
         item.read_bytes()
@@ -155,7 +169,7 @@ def run(args: argparse.Namespace) -> str:
     columns = ["run", "wall s (best)", "wall s (median)", "loratools ÷ run (best)", "peak RSS MB (max)"]
     table = markdown_table(columns, rows)
     note = (
-        f"base: make_llama_pair(layers={args.layers}) bf16, {size_gb:.2f} GB; adapter r={args.rank} on all "
+        f"base: make_llama_pair(layers={args.layers}) bf16, {size_gb:.2f} GB; {kind} adapter r={args.rank} on all "
         f"{len(LINEARS)} block linears; {args.repeat} repeat(s), warm page cache; "
         f"loratools vs PEFT max |Δ| = {worst:.3g} ({differ} tensors not bit-identical)"
     )
@@ -174,6 +188,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("/tmp/loratools-bench"))
+    parser.add_argument("--dora", action="store_true", help="a DoRA adapter (use_dora) instead of plain LoRA")
     args = parser.parse_args()
     start = time.perf_counter()
     result = run(args)

@@ -150,11 +150,15 @@ def _save_dora(tmp_path: Path, name: str, modules: dict[str, tuple[int, int]], s
 def test_merge_writes_the_record_and_unmerge_recovers_the_base(small, tmp_path: Path) -> None:
     folder, base = small
     dora = _save_dora(tmp_path, "dora", {"l.0.q": (8, 6), "l.0.v": (4, 6)}, seed=1)
-    merge_paths(str(folder), tmp_path / "merged", add=[(str(dora), 1.0)])
+    report = merge_paths(str(folder), tmp_path / "merged", add=[(str(dora), 1.0)])
     merged = read_all(tmp_path / "merged")
     lora = load_adapter(dora).weights["l.0.q"]
     expected, norms = dora_weight(base["l.0.q.weight"], lora)
     torch.testing.assert_close(merged["l.0.q.weight"], expected, **TOL[torch.float32])
+    stats = {m.name: m for m in report.modules}["l.0.q.weight"]  # 8 rows: every row is sampled
+    w0 = base["l.0.q.weight"]
+    assert stats.relative_delta == pytest.approx(float((expected - w0).norm() / w0.norm()), rel=1e-5)
+    assert stats.lost_fraction == 0.0  # float32 out of float32 math: nothing rounds away
     record = read_record(tmp_path / "merged" / "dora_norms.loratools")
     assert record is not None and [t.label for t in record.terms] == [str(dora)]
     torch.testing.assert_close(record.norms[(0, "l.0.q.weight")], norms, **TOL[torch.float32])
@@ -345,3 +349,24 @@ def test_keep_quantization_refuses_dora_before_writing(small, tmp_path: Path) ->
             str(folder), tmp_path / "q", add=[(str(dora), 1.0)], options=MergeOptions(keep_quantization=True)
         )
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_dora_merge_and_unmerge_match_cpu(small, tmp_path: Path) -> None:
+    from loratools.ops.merge import MergeOptions
+
+    folder, _ = small
+    dora = _save_dora(tmp_path, "dora", {"l.0.q": (8, 6), "l.0.v": (4, 6)}, seed=1)
+    for device in ("cpu", "cuda"):
+        options = MergeOptions(device=device)
+        merge_paths(str(folder), tmp_path / f"m-{device}", add=[(str(dora), 1.0)], options=options)
+        merge_paths(
+            str(tmp_path / f"m-{device}"),
+            tmp_path / f"b-{device}",
+            remove=[(str(dora), 1.0)],
+            options=options,
+        )
+    for stage in ("m", "b"):
+        cpu, gpu = read_all(tmp_path / f"{stage}-cpu"), read_all(tmp_path / f"{stage}-cuda")
+        for name in cpu:  # the same float32 math on another device: rounding-level differences
+            torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-5)

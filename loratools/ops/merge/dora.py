@@ -36,6 +36,7 @@ from loratools.errors import LoratoolsError
 from loratools.ops.dora import add_direction, dora_modules, row_norms, scale_rows, unscale_rows
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import MergeTerm, TensorUpdate
+from loratools.ops.merge.update import check_finite, sampled_rows
 
 RECORD_FORMAT = "loratools-dora-norms"
 
@@ -197,24 +198,35 @@ class DoraPlan:
                 add_direction(current, lora, 1.0, transposed)
             scale_rows(current, magnitude, norms, transposed)
             self.new_norms[(position, name)] = norms.cpu()
-        return current.to(out_dtype), _stats(name, base, current, out_dtype, len(update.loras))
+        out = current.to(out_dtype)
+        return out, _stats(name, base, current, out, len(update.loras))
 
 
 def _stats(
-    name: str, w0: torch.Tensor, merged: torch.Tensor, out_dtype: torch.dtype, adapters: int
+    name: str, w0: torch.Tensor, merged: torch.Tensor, out: torch.Tensor, adapters: int
 ) -> ModuleStats:
-    """The precision record with Δ = W' − W0 (dense here: a DoRA update is full-rank)."""
-    delta = merged - w0.float()
-    lost = merged.to(out_dtype).to(torch.float32, copy=True).sub_(w0.to(out_dtype).float()).sub_(delta)
+    """The precision record, as :func:`~loratools.ops.merge.update.apply_update` keeps it, with
+    Δ = W' − W0 (a DoRA update is dense) measured on the same sampled rows (about 2²⁰ elements)."""
+    check_finite(name, out, w0)
+    rows, factor = sampled_rows(w0.shape)
+    root = math.sqrt(factor)
+    base = w0[rows].float()
+    delta = merged[rows] - base  # (m, k) float32
+    norm = float(torch.linalg.vector_norm(delta)) * root
+    seen = (
+        out[rows].to(torch.float32, copy=True).sub_(w0[rows].to(out.dtype).float())
+    )  # round(W') − round(W0)
+    if torch.finfo(out.dtype).eps > torch.finfo(w0.dtype).eps:  # narrower: the share of Δ kept on average
+        kept = float((seen * delta).sum()) * factor / norm**2 if norm > 0 else 1.0
+        lost = (1.0 - min(max(kept, 0.0), 1.0)) * norm
+        base_round = float(torch.linalg.vector_norm(w0[rows].to(out.dtype).float().sub_(base))) * root
+    else:
+        lost, base_round = float(torch.linalg.vector_norm(seen.sub_(delta))) * root, 0.0
     return ModuleStats(
-        name,
-        tuple(w0.shape),
-        str(out_dtype).removeprefix("torch."),
-        adapters=adapters,
-        base_norm=float(torch.linalg.vector_norm(w0.float())),
-        delta_norm=float(torch.linalg.vector_norm(delta)),
-        lost_norm=float(torch.linalg.vector_norm(lost)),
-    )
+        name, tuple(w0.shape), str(out.dtype).removeprefix("torch."), adapters=adapters,
+        base_norm=float(torch.linalg.vector_norm(base)) * root, delta_norm=norm, lost_norm=lost,
+        base_round_norm=base_round,
+    )  # fmt: skip
 
 
 def _check_weights(terms: Sequence[MergeTerm]) -> None:
