@@ -267,7 +267,8 @@ class Adapter:
 
             raise UnknownFormat(
                 f"module {other} is a {kind_label(self.weights[other].kind)} module, which this needs as "
-                "plain LoRA factors; convert the adapter to LoRA first (loratools convert ADAPTER --to peft -r RANK)"
+                "plain LoRA factors; convert it to its optimal plain LoRA first "
+                "(loratools convert ADAPTER --to peft|kohya -o OUT -r RANK | --energy F | --budget N)"
             )
         return loras
 

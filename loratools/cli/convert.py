@@ -59,13 +59,16 @@ def check_source(source: str, to: str) -> Any:
 )
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Output dtype (default: keep).")
 @click.option("--max-shard-size", default=None, help="Model shard size limit, e.g. 5GB (default 5GB).")
-@click.option("-r", "--rank", type=int, default=None, help="DoRA → plain LoRA of this rank (needs --base).")
+@click.option(
+    "-r", "--rank", type=int, default=None, help="DoRA (needs --base), LoHa, LoKr → plain LoRA of this rank."
+)
 @click.option(
     "--energy",
     type=float,
     default=None,
-    help="DoRA → plain LoRA keeping this energy fraction (needs --base).",
+    help="DoRA (needs --base), LoHa, LoKr → plain LoRA keeping this energy fraction.",
 )
+@click.option("--budget", type=int, default=None, help="LoHa, LoKr → plain LoRA of this total rank.")
 @force_flag
 @reporting
 def convert(
@@ -78,6 +81,7 @@ def convert(
     max_shard_size: str | None,
     rank: int | None,
     energy: float | None,
+    budget: int | None,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -90,10 +94,13 @@ def convert(
       loratools convert ADAPTER --to gguf -o lora.gguf --base BASE_DIR
       loratools convert model.bin|model.gguf --to safetensors -o DIR [--dtype bf16]
       loratools convert DORA --to gguf -o lora.gguf --base BASE -r 16   # DoRA → plain LoRA
+      loratools convert LOKR --to kohya -o lora.safetensors --energy 0.99  # LoHa/LoKr → LoRA
     """
     from loratools.ops.convert import ConvertOptions, prepare
 
-    options = ConvertOptions(source, to, output, base, prefix, dtype, max_shard_size, force, rank, energy)
+    options = ConvertOptions(
+        source, to, output, base, prefix, dtype, max_shard_size, force, rank, energy, budget=budget
+    )
     kind = check_source(source, to)
     conversion = prepare(options)
     with render.progress(conversion.total, f"convert → {to}", quiet=quiet or as_json) as advance:
@@ -106,7 +113,7 @@ def convert(
     rows = [
         (key, str(value))
         for key, value in report.items()
-        if key not in ("modules", "config", "files", "notes", "dora_baked")
+        if key not in ("modules", "config", "files", "notes", "dora_baked", "lycoris_converted")
     ]
     render.table(f"convert {source}", ["field", "value"], rows, quiet=quiet)
     if report.get("dora_baked"):
@@ -115,5 +122,12 @@ def convert(
             for m in report["dora_baked"]
         ]
         render.table("DoRA → LoRA", ["module", "rank", "relative error", "energy kept"], baked, quiet=quiet)
+    if report.get("lycoris_converted"):
+        converted = [
+            (m["name"], m["kind"], str(m["rank"]), f"{m['relative_error']:.4f}", f"{m['energy_kept']:.4f}")
+            for m in report["lycoris_converted"]
+        ]
+        columns = ["module", "kind", "rank", "relative error", "energy kept"]
+        render.table("LoHa/LoKr → LoRA", columns, converted, quiet=quiet)
     for note in report.get("notes", []):
         render.note(note)

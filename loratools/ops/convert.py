@@ -69,7 +69,10 @@ class ConvertOptions:
         max_shard_size: safetensors shard limit for models, e.g. ``5GB``.
         force: replace an existing output.
         rank, energy: bake a DoRA adapter into a plain LoRA of this rank (or keeping this
-            fraction of each module's ‖ΔW‖²_F); needs ``base`` (see ops/dora_bake.py).
+            fraction of each module's ‖ΔW‖²_F); needs ``base`` (see ops/dora_bake.py). For LoHa
+            and LoKr adapters the same rules (and ``budget``) give their optimal plain LoRA, no
+            base needed (:func:`loratools.ops.resize.lycoris_to_lora`).
+        budget: LoHa/LoKr → plain LoRA with this total rank over all modules.
     """
 
     source: str
@@ -82,6 +85,7 @@ class ConvertOptions:
     force: bool = False
     rank: int | None = None
     energy: float | None = None
+    budget: int | None = None
 
     def __post_init__(self) -> None:
         _check_bake_rule(self)
@@ -147,16 +151,14 @@ def convert(options: ConvertOptions, progress: Progress = no_progress) -> dict[s
 
 # -- DoRA → plain LoRA (-r R | --energy F, with --base) ------------------------------------------------
 def _check_bake_rule(options: ConvertOptions) -> None:
-    if options.rank is not None and options.energy is not None:
-        raise LoratoolsError("-r and --energy both given; choose one rank rule")
+    if sum(rule is not None for rule in (options.rank, options.energy, options.budget)) > 1:
+        raise LoratoolsError("-r, --energy and --budget: give one rank rule")
+    if options.budget is not None and options.budget < 1:
+        raise LoratoolsError(f"--budget {options.budget}: must be at least 1")
     if options.rank is not None and options.rank < 1:
         raise LoratoolsError(f"-r {options.rank}: the rank must be at least 1")
     if options.energy is not None and not 0.0 < options.energy <= 1.0:
         raise LoratoolsError(f"--energy {options.energy}: must be in (0, 1]")
-    if (options.rank is not None or options.energy is not None) and options.base is None:
-        raise LoratoolsError(
-            "-r/--energy bake a DoRA adapter into a plain LoRA from its base; pass --base BASE"
-        )
 
 
 def _dora_to_lora(adapter: Adapter, options: ConvertOptions) -> tuple[Adapter, list[Any]]:
@@ -183,13 +185,38 @@ def _dora_to_lora(adapter: Adapter, options: ConvertOptions) -> tuple[Adapter, l
     from loratools.io.resolve import resolve_path
     from loratools.ops.dora_bake import bake_adapter
 
-    assert options.base is not None
+    if options.base is None:
+        raise LoratoolsError(
+            "-r/--energy bake a DoRA adapter into a plain LoRA from its base; pass --base BASE"
+        )
     ckpt = open_checkpoint(resolve_path(options.base))
     from loratools.formats.names import resolve_modules
 
     targets = resolve_modules(adapter.modules, ckpt.names())
     base = ((module, ckpt.get(target)) for module, target in targets.items())
     return bake_adapter(adapter, base, rank=options.rank, energy=options.energy)
+
+
+# -- LoHa / LoKr → plain LoRA (-r R | --energy F | --budget N, no base needed) -----------------------
+def _lycoris_to_lora(
+    adapter: Adapter, options: ConvertOptions
+) -> tuple[Adapter, list[dict[str, Any]] | None]:
+    """An adapter with LoHa/LoKr modules as its optimal plain LoRA under the rank rule (exact SVDs
+    of each ΔW, see ops/resize.py); (adapter, None) when it has none or no rule was given."""
+    from loratools.ops.resize import ResizeOptions, lycoris_to_lora
+
+    lycoris = any(w.kind in ("loha", "lokr") for w in adapter.weights.values())
+    if not lycoris and options.budget is not None:
+        raise LoratoolsError(
+            f"{options.source}: --budget turns LoHa/LoKr into LoRA; re-rank a LoRA with loratools resize --budget"
+        )
+    if not lycoris or (options.rank is None and options.energy is None and options.budget is None):
+        return adapter, None
+    rule = ResizeOptions(
+        rank=options.rank, energy=options.energy, budget=options.budget, dtype=options.torch_dtype
+    )
+    converted, modules = lycoris_to_lora(adapter, rule)
+    return converted, [m.to_dict() for m in modules]
 
 
 # -- adapters ----------------------------------------------------------------------------------------
@@ -244,7 +271,8 @@ def _prepare_adapter(options: ConvertOptions) -> Conversion:
     fmt = adapter_format(source)
     base = _open_base(options.base)
     adapter = load_adapter(source, base_names=base.names() if base is not None else None)
-    adapter, baked = _dora_to_lora(adapter, options)
+    adapter, converted = _lycoris_to_lora(adapter, options)
+    adapter, baked = _dora_to_lora(adapter, options) if converted is None else (adapter, [])
     if options.dtype:
         adapter = adapter.with_weights({m: w.to(DTYPES[options.dtype]) for m, w in adapter.weights.items()})
     if adapter.base_model is None and options.base is not None:
@@ -254,6 +282,8 @@ def _prepare_adapter(options: ConvertOptions) -> Conversion:
 
     def run(progress: Progress) -> dict[str, Any]:
         report: dict[str, Any] = {"output": options.output, "from": fmt, "to": options.to, **write()}
+        if converted:
+            report["lycoris_converted"] = converted
         if baked:
             report["dora_baked"] = [b.to_dict() for b in baked]
         for module in adapter.weights:

@@ -36,6 +36,7 @@ __all__ = [
     "ResizeResult",
     "energy_kept",
     "lora_from_svd",
+    "lycoris_to_lora",
     "resize_adapter",
 ]
 
@@ -197,8 +198,85 @@ def resize_adapter(
             weights[name] = weight if dtype == weight.dtype else weight.to(dtype)
         else:
             new = lora_from_svd(svds[name], new_rank, options.split, dtype)
-            weights[name] = replace(new, embedding=getattr(weight, "embedding", False))  # same layout
+            # same layout: an embedding stays one, a conv keeps its kernel shape
+            weights[name] = replace(
+                new, embedding=getattr(weight, "embedding", False), weight_shape=weight.weight_shape
+            )
         kept = energy_kept(svds[name].s, new_rank)
         report.append(ModuleResize(name, weight.rank, new_rank, kept))
     provenance = {"method": "resize", **options.record(), "input": dict(adapter.provenance)}
     return ResizeResult(replace(adapter, weights=weights, provenance=provenance), report)
+
+
+# -- LoHa / LoKr → plain LoRA ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModuleConversion:
+    """One module turned into a plain LoRA: its kind, the width of its exact factored form, the new
+    rank, the energy kept and ``relative_error = ‖ΔW − B′A′‖_F / ‖ΔW‖_F = √(1 − energy kept)``."""
+
+    name: str
+    kind: str
+    width: int
+    rank: int
+    energy_kept: float
+    relative_error: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "width": self.width,
+            "rank": self.rank,
+            "energy_kept": self.energy_kept,
+            "relative_error": self.relative_error,
+        }
+
+
+def _singular_values(weight: ModuleWeight, device: torch.device) -> tuple[torch.Tensor, Svd | None]:
+    """All singular values of ΔW, and its full SVD when that is what gave them: a LoKr module's
+    come from its two small factors' SVDs (vectors built later, only as many as kept)."""
+    from loratools.kinds.lokr import LokrWeight
+
+    if isinstance(weight, LokrWeight):
+        return weight.singular_values(), None
+    svd = _module_svd(weight, device)
+    return svd.s.cpu(), svd
+
+
+def lycoris_to_lora(adapter: Adapter, options: ResizeOptions) -> tuple[Adapter, list[ModuleConversion]]:
+    """Every LoHa/LoKr module (and every LoRA module above the rule's rank) as a plain LoRA.
+
+    Each module's ΔW gets its exact SVD without being formed (LoKr: products of its factors'
+    singular values and Kronecker products of their vectors; LoHa: the factored SVD of its
+    Khatri–Rao form), so the rank-r truncation is the Eckart–Young optimum. Ranks follow
+    ``options`` (rank / energy / budget, as in :func:`resize_adapter`); a conv keeps its kernel
+    shape (``weight_shape``), so it is written as a conv LoRA.
+
+    Returns:
+        (the adapter, all modules plain LoRA with alpha = r; one record per module).
+    """
+    refuse_dora(adapter, "converting LoHa/LoKr to LoRA", DORA_HOW)
+    device = torch.device(options.device)
+    spectra: dict[str, torch.Tensor] = {}
+    svds: dict[str, Svd | None] = {}
+    for name, weight in adapter.weights.items():
+        spectra[name], svds[name] = _singular_values(weight, device)
+    ranks = _choose_ranks(spectra, options)
+    weights: dict[str, ModuleWeight] = {}
+    report: list[ModuleConversion] = []
+    for name, weight in adapter.weights.items():
+        rank = min(ranks[name], int(spectra[name].numel()))
+        dtype = options.dtype or weight.dtype
+        if isinstance(weight, LoraWeight) and rank >= weight.rank:  # nothing to cut
+            weights[name] = weight if dtype == weight.dtype else weight.to(dtype)
+        else:
+            svd = svds[name]
+            if svd is None:  # LoKr: build only the kept vectors
+                svd = weight.svd(rank)  # type: ignore[attr-defined]
+            new = lora_from_svd(svd, max(rank, 1), options.split, dtype)
+            weights[name] = replace(new, weight_shape=weight.weight_shape)
+        kept = energy_kept(spectra[name], rank)
+        error = max(0.0, 1.0 - kept) ** 0.5
+        report.append(ModuleConversion(name, weight.kind, weight.rank, weights[name].rank, kept, error))
+    provenance = {"method": "lycoris_to_lora", **options.record(), "input": dict(adapter.provenance)}
+    return replace(adapter, weights=weights, provenance=provenance), report
