@@ -257,6 +257,7 @@ def _show(document: dict[str, Any], quiet: bool) -> None:
     render.table(f"Spectrum of {title}: {' vs '.join(document['inputs'])}", columns, rows)
     _show_amplification(modules, labels)
     _show_geometry(document, labels)
+    _show_noise_floor(modules, labels)
     for key, label in (("by_type", "module type"), ("by_layer", "layer")):
         _show_groups(document["summary"][key], label, ranks)
     _show_model(document)
@@ -329,6 +330,18 @@ def _show_model(document: dict[str, Any]) -> None:
         render.warn(
             f"{len(document['skipped'])} tensors are in only one checkpoint: {document['skipped'][:4]}"
         )
+
+
+def _show_noise_floor(modules: list[dict[str, Any]], labels: dict[str, str]) -> None:
+    """A quantized base: how much of each ΔW stands above its rounding (ops/spectrum/noise.py)."""
+    floors = [(m, m["noise_floor"]) for m in modules if m.get("noise_floor")]
+    if not floors:
+        return
+    rows = [(labels[m["name"]], f["top_singular_value"], f["relative_to_delta"], f["singular_values_above"])
+            for m, f in floors]  # fmt: skip
+    columns = ["module", "σ₁ of Q(W_ft) − W_ft", "‖noise‖/‖ΔW‖", "σ of ΔW above it"]
+    render.table("Rounding noise floor of the quantized base", columns, rows)
+    render.note("directions of ΔW below the floor cannot be told from the base's quantization rounding")
 
 
 def _show_geometry(document: dict[str, Any], labels: dict[str, str]) -> None:

@@ -43,3 +43,11 @@ def test_spectrum_reports_the_noise_floor_of_a_q4_base(run_cli, fixtures_dir: Pa
     other = modules["model.layers.1.mlp.down_proj"]
     assert other["noise_floor"]["singular_values_above"] <= 1
     assert 0.5 < other["noise_floor"]["relative_to_delta"] < 2
+
+
+def test_spectrum_table_shows_the_noise_floor(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.gguf"
+    write_gguf_model(fixtures_dir / "base", base, qtype="Q4_0")
+    result = run_cli("spectrum", base, fixtures_dir / "base")
+    assert result.exit_code == 0, result.stderr
+    assert "Rounding noise floor of the quantized base" in result.stderr
