@@ -41,14 +41,10 @@ def read_gguf_header(path: Path) -> GgufHeader:
         CheckpointError: not a readable GGUF file.
         MissingExtra: the gguf package is not installed.
     """
-    from loratools.io.gguf_io import _gguf, read_gguf_kv
+    from loratools.io.gguf_header import open_gguf_reader
+    from loratools.io.gguf_io import read_gguf_kv
 
-    try:
-        reader = _gguf().GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{path}: not a readable GGUF file ({exc}); re-download or re-export it"
-        ) from exc
+    reader = open_gguf_reader(path)  # the header is bounded before gguf's reader trusts it
     tensors = [
         (t.name, tuple(int(n) for n in reversed(t.shape.tolist())), t.tensor_type.name)
         for t in reader.tensors

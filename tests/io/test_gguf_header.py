@@ -156,3 +156,10 @@ def test_a_fifo_is_refused(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "f.gguf")
     with pytest.raises(CheckpointError, match="not a regular file"):
         check_gguf(tmp_path / "f.gguf")
+
+
+def test_inspect_refuses_a_2_62_byte_string_with_no_tensors(run_cli, tmp_path: Path) -> None:
+    kv = string(b"general.name") + struct.pack("<IQ", 8, 2**62)
+    path = write(tmp_path, build(kvs=[kv], tensors=[], tensor_count=0))
+    result = run_cli("inspect", path)
+    assert result.exit_code == 1 and result.stderr.startswith("error:") and "GGUF" in result.stderr
