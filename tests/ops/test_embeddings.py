@@ -512,3 +512,32 @@ def test_a_bare_peft_file_with_only_embedding_lora_is_detected(fixtures_dir: Pat
     torch.testing.assert_close(
         loaded.weights[EMBED].delta(), adapter.weights[EMBED].delta(), **TOL[torch.float32]
     )
+
+
+def test_unmerge_and_swap_of_adapters_with_peft_base_layer_copies(fixtures_dir: Path, tmp_path: Path) -> None:
+    """PEFT saves ``embed_tokens.base_layer.weight`` beside an embedding LoRA; removing the adapter
+    restores that copy (the base) instead of refusing."""
+    base = read_all(fixtures_dir / "base")
+    for seed, name in ((10, "a"), (11, "b")):
+        adapter = embedding_adapter(seed)
+        copy = {
+            f"{EMBED}.weight": base[f"{EMBED}.weight"].clone()
+        }  # what PEFT's save_embedding_layers writes
+        save_adapter(replace(adapter, saved_modules=copy), tmp_path / name)
+    keys = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert f"base_model.model.{EMBED}.base_layer.weight" in keys
+
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
+    merge_paths(str(tmp_path / "m"), tmp_path / "u", remove=[(str(tmp_path / "a"), 1.0)])
+    assert torch.equal(
+        read_all(tmp_path / "u")[f"{EMBED}.weight"], base[f"{EMBED}.weight"]
+    )  # the copy itself
+
+    merge_paths(
+        str(tmp_path / "m"),
+        tmp_path / "s",
+        add=[(str(tmp_path / "b"), 1.0)],
+        remove=[(str(tmp_path / "a"), 1.0)],
+    )
+    expected = base[f"{EMBED}.weight"] + embedding_adapter(11).weights[EMBED].delta()
+    torch.testing.assert_close(read_all(tmp_path / "s")[f"{EMBED}.weight"], expected, **TOL[torch.float32])

@@ -30,6 +30,7 @@ __all__ = [
     "grown_shapes",
     "grows",
     "lora_on_grown",
+    "restore_base_layer",
     "update_grown_files",
 ]
 
@@ -125,3 +126,22 @@ def lora_on_grown(updates: Mapping[str, Any], infos: Mapping[str, Any]) -> list[
                 f"{list(infos[name].shape)}; merge them in two steps"
             )
     return problems
+
+
+def restore_base_layer(update: Any, copy: Any, adapter: Any, name: str) -> None:
+    """Unmerge/swap of an adapter that carries PEFT's copy of a base layer under its LoRA
+    (``<module>.base_layer.weight``, read as a replacement of ``<module>.weight``).
+
+    Merging it wrote ``copy + s·B@A``; the model without it is the copy, so the copy replaces the
+    tensor and this adapter's own LoRA term on it is dropped (not subtracted).
+
+    Args:
+        update: the tensor's :class:`~loratools.ops.merge.terms.TensorUpdate`.
+        copy: the base-layer copy.
+        adapter: the adapter being removed.
+        name: the copy's tensor name in the adapter (``<module>.weight``).
+    """
+    lora = adapter.weights[name.removesuffix(".weight")]
+    update.loras = [term for term in update.loras if term[0] is not lora]
+    if update.replacement is None:  # a swap's added adapter may bring its own copy: that one wins
+        update.replacement = copy

@@ -23,7 +23,7 @@ from loratools.errors import (
 from loratools.formats.detect import FileKind
 from loratools.formats.names import resolve_modules, resolve_tensor_names
 from loratools.io.safetensors_file import TensorSpec
-from loratools.ops.merge.growth import grows, lora_on_grown
+from loratools.ops.merge.growth import grows, lora_on_grown, restore_base_layer
 from loratools.ops.merge.terms import FLOAT_DTYPES, MergeTerm, TensorUpdate
 
 if TYPE_CHECKING:
@@ -125,6 +125,9 @@ def _plan_saved(
                     problems,
                     f"{term.label}: saved module {name} is {list(tensor.shape)} but {target} is {list(info.shape)}",
                 )
+            elif term.weight < 0 and name.removesuffix(".weight") in term.adapter.weights:
+                # PEFT's copy of the base layer under its LoRA: removing the adapter restores it
+                restore_base_layer(updates.setdefault(target, TensorUpdate()), tensor, term.adapter, name)
             elif term.weight < 0:
                 removed[target] = term.label
             elif target in replaced_by:
