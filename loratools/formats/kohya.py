@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from loratools.adapter import Adapter, LoraWeight, lora_scale
-from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems
+from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems, name_summary
 from loratools.formats import lycoris, validate
 
 __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohya_stem", "to_adapter"]
@@ -134,7 +134,7 @@ def _stored(metadata: Mapping[str, str], stems: Iterable[str]) -> dict[str, Any]
     return {**record, "modules": modules}
 
 
-def resolve_stems(stems: Iterable[str], base_names: Iterable[str]) -> dict[str, str]:
+def resolve_stems(stems: Iterable[str], base_names: Iterable[str], where: str = "adapter") -> dict[str, str]:
     """Map kohya stems to dotted module paths using the base's tensor names.
 
     A base tensor ``a.b_c.weight`` is the module ``a.b_c``, flattened ``a_b_c``. A stem
@@ -161,9 +161,15 @@ def resolve_stems(stems: Iterable[str], base_names: Iterable[str]) -> dict[str, 
             found = f"{len(matches)} base modules ({', '.join(matches[:3])})" if matches else "no base module"
             problems.append(f"{stem} matches {found}")
     if problems:
+        missing = [
+            p.removesuffix(" matches no base module") for p in problems if p.endswith(" no base module")
+        ]
+        others = [p for p in problems if not p.endswith(" no base module")]
+        said = [f"{name_summary(missing, noun='module')} match no base module"] if missing else []
         raise MissingKeys(
-            f"{len(problems)} kohya module(s) do not resolve against the base: {list_problems(problems)}; "
-            "is --base the model the adapter was made for?"
+            f"{where}: {len(problems)} kohya module(s) do not resolve against the base: "
+            f"{'; '.join(said + ([list_problems(others, 3)] if others else []))}; "
+            "is the base the model the adapter was made for?"
         )
     return resolved
 
@@ -217,7 +223,7 @@ def to_adapter(
         return lycoris.kohya_adapter({names[s]: w for s, w in stems.items()}, metadata, source)
     groups = _group(tensors)
     record = _stored(metadata, groups)
-    names = _module_names(groups, record, base_names, keep_stems)
+    names = _module_names(groups, record, base_names, keep_stems, source)
     modules = record["modules"] if record is not None else {}
     weights = {}
     for stem, parts in groups.items():
@@ -255,13 +261,14 @@ def _module_names(
     record: Mapping[str, Any] | None,
     base_names: list[str] | None,
     keep_stems: bool = False,
+    source: str = "adapter",
 ) -> dict[str, str]:
     """stem → dotted module path: from the loratools record, else resolved against the base
     (else the stem itself, when ``keep_stems``)."""
     if record is not None:
         return {kohya_stem(m, record["prefix"]): m for m in record["modules"]}
     if base_names is not None:
-        return resolve_stems(groups, base_names)
+        return resolve_stems(groups, base_names, source)
     if keep_stems:
         return {stem: stem for stem in groups}
     raise MissingKeys(

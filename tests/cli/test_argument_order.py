@@ -74,3 +74,26 @@ def test_a_base_that_does_not_fit_is_listed_compactly(run_cli, fixtures_dir: Pat
     )
     assert result.stderr.count(str(adapter)) == 1 and len(result.stderr) < 600
     assert not (tmp_path / "o").exists()
+
+
+def test_kohya_names_that_do_not_resolve_are_listed_compactly(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    from loratools.formats import kohya
+    from loratools.io.adapter_dir import load_adapter
+
+    tensors, _ = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
+    foreign = {
+        k.replace("lora_unet_model_layers", "lora_unet_text_model_blocks"): t for k, t in tensors.items()
+    }
+    path = tmp_path / "foreign.safetensors"
+    save_file(foreign, path, metadata={"ss_network_module": "networks.lora"})  # no loratools record
+    result = run_cli("merge", fixtures_dir / "base", path, "-o", tmp_path / "o")
+    refused(
+        result,
+        f"{path}: 4 kohya module(s) do not resolve against the base: 4 modules (lora_unet_text_model_blocks_0_",
+        "match no base module; is the base the model the adapter was made for?",
+    )
+    assert not (tmp_path / "o").exists()
