@@ -239,3 +239,28 @@ def test_merge_unmerge_swap_from_the_command_line(run_cli, fixtures_dir: Path, t
     swapped = run_cli("swap", tmp_path / "m", "--remove", tmp_path / "dora", "--add", fixtures_dir / "adapter",
                       "-o", tmp_path / "s")  # fmt: skip
     assert swapped.exit_code == 1 and "no record at" in swapped.stderr
+
+
+def test_dora_baked_into_gguf_carries_the_same_lora(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    from loratools.formats import gguf as gguf_names
+
+    write_dora(tmp_path / "dora", fixtures_dir)
+    common = ("--base", fixtures_dir / "base", "-r", "3")
+    assert (
+        run_cli("convert", tmp_path / "dora", "--to", "peft", "-o", tmp_path / "lora", *common).exit_code == 0
+    )
+    result = run_cli("convert", tmp_path / "dora", "--to", "gguf", "-o", tmp_path / "a.gguf", *common)
+    assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(str(tmp_path / "a.gguf"))
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    baked = load_adapter(tmp_path / "lora")
+    for module in MODULES:
+        name = gguf_names.gguf_name(f"{module}.weight")
+        b, a = tensors[f"{name}.lora_b"], tensors[f"{name}.lora_a"]
+        delta = alpha / b.shape[1] * b @ a  # what llama.cpp adds
+        if ".attn_q." in name:  # llama.cpp permutes q rows like its base GGUF (4 heads in the fixture)
+            delta = gguf_names.unpermute_qk(delta, 4)
+        expected = baked.delta(module)
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

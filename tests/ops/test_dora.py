@@ -268,11 +268,17 @@ def test_plain_then_dora_stack_matches_peft(fixtures_dir: Path, tmp_path: Path) 
                                                                         init_lora_weights=False))  # fmt: skip
     plain.save_pretrained(tmp_path / "plain")
     dora = make_peft_dora(fixtures_dir / "base", tmp_path / "dora", seed=3)
-    order = [tmp_path / "plain", dora]
+    second = make_peft_dora(fixtures_dir / "base", tmp_path / "dora2", seed=4, target_modules=["q_proj"])
+    order = [tmp_path / "plain", dora, second]  # q_proj: plain, then DoRA, then DoRA again
     reference = peft_merged(fixtures_dir / "base", order, torch.float32)
     merge_paths(str(fixtures_dir / "base"), tmp_path / "out", add=[(str(p), 1.0) for p in order])
     for name, tensor in read_all(tmp_path / "out").items():
         torch.testing.assert_close(tensor, reference[name], **TOL[torch.float32])
+    # and all three come out again in one pass, last merged first
+    merge_paths(str(tmp_path / "out"), tmp_path / "back", remove=[(str(p), 1.0) for p in order])
+    back = read_all(tmp_path / "back")
+    for name, tensor in read_all(fixtures_dir / "base").items():  # float32: a few roundings per step
+        torch.testing.assert_close(back[name], tensor, rtol=1e-5, atol=1e-5)
 
 
 # -- DoRA → plain LoRA: Eckart–Young on the effective update ------------------------------------------
@@ -370,3 +376,20 @@ def test_cuda_dora_merge_and_unmerge_match_cpu(small, tmp_path: Path) -> None:
         cpu, gpu = read_all(tmp_path / f"{stage}-cpu"), read_all(tmp_path / f"{stage}-cuda")
         for name in cpu:  # the same float32 math on another device: rounding-level differences
             torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-5)
+
+
+def test_dora_on_embeddings_and_conv_is_refused_by_name() -> None:
+    embedding = {
+        "base_model.model.embed.lora_embedding_A": torch.zeros(2, 10),
+        "base_model.model.embed.lora_embedding_B": torch.zeros(4, 2),
+        "base_model.model.embed.lora_magnitude_vector": torch.ones(10),
+    }
+    with pytest.raises(UnknownFormat, match="DoRA on embedding modules"):
+        peft.to_adapter(embedding, {"peft_type": "LORA", "use_dora": True, "r": 2, "lora_alpha": 2})
+    conv = {
+        "lora_unet_c.lora_down.weight": torch.zeros(2, 3, 3, 3),
+        "lora_unet_c.lora_up.weight": torch.zeros(4, 2, 1, 1),
+        "lora_unet_c.dora_scale": torch.ones(4, 1, 1, 1),
+    }
+    with pytest.raises(UnknownFormat, match="DoRA"):  # named by formats/lycoris.py (a LoCon file)
+        kohya.to_adapter(conv, {}, keep_stems=True)
