@@ -181,6 +181,8 @@ def peft_selects(config: Mapping[str, Any], module: str) -> bool:
     target = config.get("target_modules")
     if isinstance(target, str):
         return re.fullmatch(target, module) is not None
+    if module in (target or []):
+        return True  # named exactly: PEFT skips the layers_to_transform check
     return _matches(target or [], module) and _in_layers(config, module)
 
 

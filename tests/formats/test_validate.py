@@ -246,3 +246,31 @@ def test_a_damaged_loratools_record_in_a_kohya_file_is_ignored(fixtures_dir, tmp
     assert adapter.base_model is None and set(adapter.weights) == set(
         load_adapter(fixtures_dir / "adapter").weights
     )
+
+
+def test_target_selection_agrees_with_peft() -> None:
+    """peft_selects gives PEFT's own answer (check_target_module_exists) on every config × module.
+
+    Its only cost is importing peft (~10 s alone), which a suite run pays once for every PEFT test."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    modules = [Q0, "model.layers.1.self_attn.v_proj", "model.layers.12.mlp.up_proj", "lm_head", "q_proj"]
+    configs = [
+        {"target_modules": ["q_proj", "v_proj"]},
+        {"target_modules": ["self_attn.q_proj"]},
+        {"target_modules": r".*\.(q|v)_proj"},
+        {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1, 12]},
+        {"target_modules": ["up_proj"], "layers_to_transform": 12, "layers_pattern": "layers"},
+        {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["v_proj"]},
+        {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*layers\.0.*"},
+        {"target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]},
+    ]
+    for config in configs:
+        peft_config = LoraConfig(**config)
+        for module in modules:
+            expected = bool(check_target_module_exists(peft_config, module)) and not type(
+                check_target_module_exists(peft_config, module)
+            ).__name__.startswith("_Excluded")
+            assert validate.peft_selects(config, module) == expected, (config, module)
