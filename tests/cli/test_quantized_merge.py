@@ -290,3 +290,22 @@ def test_llama_cpp_perplexity_of_merged_and_adapter_on_q8_base(
     assert abs(reference - base_f32) > 3 * noise  # the adapter's effect stands out of the noise
     assert abs(perplexity(merged, text) - reference) <= 3 * noise
     assert abs(perplexity(q8, text, lora=adapter) - reference) <= 3 * noise
+
+
+def test_float_merge_of_a_gguf_base_into_a_folder_has_a_config(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    base, out = tmp_path / "base.gguf", tmp_path / "merged"
+    write_gguf_model(fixtures_dir / "base", base, qtype="Q8_0")
+    ok_json(run_cli("merge", base, fixtures_dir / "adapter", "-o", out, "--dtype", "bfloat16", "--json"))
+    config = json.loads((out / "config.json").read_text())
+    original = json.loads((fixtures_dir / "base" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["model_type"] == "llama"
+    assert {k: config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads")} == {
+        k: original[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads")
+    }
+    merged = open_checkpoint(out)
+    assert merged.info(f"{Q0}.weight").dtype == torch.bfloat16
+    assert torch.equal(
+        merged.get(f"{Q0}.weight"), expected_merge(base, fixtures_dir / "adapter", f"{Q0}.weight").bfloat16()
+    )

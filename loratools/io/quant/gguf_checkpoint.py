@@ -4,6 +4,7 @@ q/k row permutation undone — so every command that takes a base takes a ``.ggu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,15 @@ class GgufCheckpoint(Checkpoint):
         stored = gguf_types.quantize(gguf, w.numpy(), qtype)
         raw = np.ascontiguousarray(stored).reshape(-1).view(np.uint8).reshape(w.shape[0], -1)
         return torch.from_numpy(gguf_types.dequantize(gguf, raw, qtype)).reshape(w.shape)
+
+    def write_model_files(self, folder: Path, dtype: torch.dtype | None) -> list[str]:
+        """config.json, generation_config.json and, when the GGUF has one, the tokenizer, built
+        from the GGUF's metadata into ``folder`` (a float output of a GGUF base); ``dtype``: the
+        weights' dtype for config.json (None: float32, what dequantized tensors are)."""
+        files = self.model.model_files()
+        config = json.loads(files["config.json"])
+        config["torch_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
+        files["config.json"] = json.dumps(config, indent=2) + "\n"
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        return sorted(files)

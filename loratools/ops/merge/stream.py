@@ -25,6 +25,7 @@ import torch
 from loratools.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, ShardLayout
 from loratools.io.dora_record import record_path, write_record_file
 from loratools.io.quant import drop_quantization_config
+from loratools.io.quant.gguf_checkpoint import GgufCheckpoint
 from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
 from loratools.ops.merge.growth import copy_tokenizer, grown_layout, grown_shapes, update_grown_files
 from loratools.ops.merge.plan import MergePlan
@@ -187,8 +188,8 @@ def _finish_model_dir(ckpt: Checkpoint, folder: Path, options: MergeOptions) -> 
     """Copy the model folder's other files and sub-folders (config, tokenizer, a sentence-transformers
     model's ``1_Pooling/``…); keep the source index verbatim when no dtype changed. A single-file
     base written as a folder has nothing to copy."""
-    if ckpt.model_dir is None:
-        return []
+    if ckpt.model_dir is None:  # a GGUF base brings config.json (and a tokenizer) in its metadata
+        return ckpt.write_model_files(folder, options.dtype) if isinstance(ckpt, GgufCheckpoint) else []
     copied = copy_model_files(ckpt.model_dir, folder)
     keep_index = options.dtype is None and not ckpt.quantized  # same tensors, same sizes
     if keep_index and ckpt.kind == "safetensors-sharded" and ckpt.index_name:
