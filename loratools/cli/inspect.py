@@ -85,7 +85,17 @@ def _checkpoint(local: Path) -> dict[str, Any]:
     ckpt = open_checkpoint(local)
     config_file = local / "config.json" if local.is_dir() else None
     config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else None
-    return summarize_checkpoint(ckpt, config)
+    return summarize_checkpoint(ckpt, config, _tokenizer(local))
+
+
+def _tokenizer(local: Path) -> dict[str, Any] | None:
+    """tokenizer.json beside the weights (for its added tokens), or None when absent or unreadable."""
+    path = local / "tokenizer.json" if local.is_dir() else None
+    try:
+        data = json.loads(path.read_text()) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _adapter(local: Path, family: str, base: str | None) -> dict[str, Any]:

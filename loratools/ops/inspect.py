@@ -57,7 +57,9 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def summarize_checkpoint(ckpt: CheckpointView, config: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize_checkpoint(
+    ckpt: CheckpointView, config: dict[str, Any] | None = None, tokenizer: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Tensors, parameters, dtypes, files and size of a checkpoint, plus its model config facts."""
     infos = ckpt.infos()
     dtypes = Counter(_dtype_name(i.dtype) for i in infos)
@@ -78,7 +80,7 @@ def summarize_checkpoint(ckpt: CheckpointView, config: dict[str, Any] | None = N
         "metadata": ckpt.metadata,
         "training": summarize_training(ckpt.metadata),
         "largest_tensor": max(infos, key=lambda i: i.nbytes).name if infos else None,
-        "structure": model_structure({i.name: tuple(i.shape) for i in infos}, config),
+        "structure": model_structure({i.name: tuple(i.shape) for i in infos}, config, tokenizer),
     }
     if config:
         keys = (
