@@ -12,6 +12,7 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.io.checkpoint import open_checkpoint
 from loratools.ops.dora import dora_weight, effective_delta
+from tests._tolerances import TOL
 
 MODULES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.1.mlp.down_proj": (32, 64)}
 
@@ -264,3 +265,22 @@ def test_dora_baked_into_gguf_carries_the_same_lora(run_cli, fixtures_dir: Path,
             delta = gguf_names.unpermute_qk(delta, 4)
         expected = baked.delta(module)
         torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_kohya_dora_file_merges_like_the_peft_adapter(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    write_dora(tmp_path / "dora", fixtures_dir)
+    out = tmp_path / "k.safetensors"
+    assert run_cli("convert", tmp_path / "dora", "--to", "kohya", "-o", out).exit_code == 0
+    scales = {k: v for k, v in load_file(str(out)).items() if k.endswith(".dora_scale")}
+    assert len(scales) == 2 and all(v.shape[1] == 1 for v in scales.values())  # LyCORIS' (out, 1)
+    for adapter, folder in ((tmp_path / "dora", "from-peft"), (out, "from-kohya")):
+        result = run_cli("merge", fixtures_dir / "base", adapter, "-o", tmp_path / folder)
+        assert result.exit_code == 0, result.output
+    peft_merged, kohya_merged = (
+        open_checkpoint(tmp_path / "from-peft"),
+        open_checkpoint(tmp_path / "from-kohya"),
+    )
+    for name in peft_merged.names():  # the same factors, alpha and magnitudes: the same float32 math
+        torch.testing.assert_close(kohya_merged.get(name), peft_merged.get(name), **TOL[torch.float32])

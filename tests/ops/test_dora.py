@@ -393,3 +393,28 @@ def test_dora_on_embeddings_and_conv_is_refused_by_name() -> None:
     }
     with pytest.raises(UnknownFormat, match="DoRA"):  # named by formats/lycoris.py (a LoCon file)
         kohya.to_adapter(conv, {}, keep_stems=True)
+
+
+@pytest.mark.slow
+def test_fan_in_fan_out_gpt2_matches_peft(tmp_path: Path) -> None:
+    """GPT-2's Conv1D stores W as (in, out): PEFT transposes before the row norm, and so must we."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_dora=True,
+                      init_lora_weights=False)  # fmt: skip
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1.0 + 0.3 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "dora")
+    reference = {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+    merge_paths(str(tmp_path / "base"), tmp_path / "out", add=[(str(tmp_path / "dora"), 1.0)])
+    ours, base = read_all(tmp_path / "out"), read_all(tmp_path / "base")
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"):
+        assert not torch.equal(ours[name], base[name])  # (in, out) weights that DoRA did change
+        torch.testing.assert_close(ours[name], reference[name], **TOL[torch.float32])
