@@ -24,6 +24,7 @@ __all__ = [
     "ExpertCount",
     "check_no_expert_dropped",
     "count_experts",
+    "experts_entry",
     "is_expert",
     "is_router",
     "merged_experts",
@@ -128,4 +129,11 @@ def merged_experts(base_names: Iterable[str], updates: Mapping[str, Any]) -> dic
     touched = [n for n, u in updates.items() if getattr(u, "loras", None)]
     routers = [n for n, u in updates.items() if is_router(n) and getattr(u, "replacement", None) is not None]
     count = count_experts(base_names, touched, routers=routers)
+    return count.to_dict() if count is not None else None
+
+
+def experts_entry(base_names: Iterable[str], touched: Iterable[str]) -> dict[str, Any] | None:
+    """The ``experts`` entry of a report: expert weights ``touched`` vs in the base; None when the
+    base has no experts."""
+    count = count_experts(base_names, touched)
     return count.to_dict() if count is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,23 @@ def test_peft_target_parameters_adapters_are_refused_by_name() -> None:
     }
     with pytest.raises(UnknownFormat, match=r"target_parameters.*mlp\.experts\.gate_up_proj"):
         peft.to_adapter(tensors, config)
+
+
+def test_spectrum_reports_expert_weights_against_the_base(
+    moe_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from loratools.ops.spectrum import adapter_spectrum, delta_spectrum
+
+    base, ft = moe_pair
+    report = delta_spectrum(open_checkpoint(base), open_checkpoint(ft))
+    assert report.to_dict()["experts"] == {
+        "base": 24, "experts": 8, "touched": 24, "dropped": [], "routers": []
+    }  # fmt: skip
+    adapter = extract(open_checkpoint(base), open_checkpoint(ft), ExtractOptions(rank=2)).adapter
+    two = {n: w for n, w in adapter.weights.items() if ".experts.0.w" in n and ".layers.0." in n}
+    assert len(two) == 3  # the amplification factor (with a base) costs ~0.25 s per module: keep few
+    with_base = adapter_spectrum(replace(adapter, weights=two), base=open_checkpoint(base)).to_dict()[
+        "experts"
+    ]
+    assert with_base["touched"] == 3 and with_base["base"] == 24
+    assert adapter_spectrum(adapter).to_dict()["experts"] is None  # no base: nothing to count against

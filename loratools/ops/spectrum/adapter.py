@@ -18,6 +18,7 @@ from loratools import linalg
 from loratools.adapter import Adapter, ModuleWeight
 from loratools.errors import LoratoolsError, ShapeMismatch, list_problems
 from loratools.formats.names import resolve_modules
+from loratools.ops.moe import experts_entry
 from loratools.ops.spectrum.amplification_factor import amplification
 from loratools.ops.spectrum.geometry import module_geometry
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
@@ -63,7 +64,9 @@ def adapter_spectrum(
             progress(name)
     settings = {"method": "factored", "seed": options.seed, "amplification": base is not None}
     settings.update(options.geometry.settings())
-    return SpectrumReport("adapter", modules, settings=settings)
+    touched = [f"{m}.weight" for m in adapter.weights]
+    experts = experts_entry(base.names(), touched) if base is not None else None
+    return SpectrumReport("adapter", modules, settings=settings, experts=experts)
 
 
 def _adapter_module(

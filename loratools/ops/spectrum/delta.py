@@ -15,6 +15,7 @@ import torch
 from loratools import linalg
 from loratools.errors import ShapeMismatch, list_problems
 from loratools.ops.delta import DeltaBuffer
+from loratools.ops.moe import experts_entry
 from loratools.ops.spectrum.geometry import module_geometry
 from loratools.ops.spectrum.noise import noise_floor
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
@@ -100,7 +101,8 @@ def delta_spectrum(
         progress(name)
     method = "exact" if options.exact else "randomized"
     settings = {"method": method, "top": options.top, "seed": options.seed, **options.geometry.settings()}
-    return SpectrumReport("checkpoints", modules, unchanged, skipped, settings)
+    experts = experts_entry(base.names(), [f"{m.name}.weight" for m in modules])
+    return SpectrumReport("checkpoints", modules, unchanged, skipped, settings, experts=experts)
 
 
 def _delta_module(name: str, delta: torch.Tensor, options: SpectrumOptions) -> ModuleSpectrum | None:

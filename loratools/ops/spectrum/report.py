@@ -156,6 +156,8 @@ class SpectrumReport:
         unchanged: tensors whose ΔW is exactly zero (left out of ``modules``).
         skipped: tensors present in only one of the two checkpoints.
         settings: how the spectra were computed (for the record).
+        experts: for a mixture of experts, expert weights with a spectrum vs in the base
+            (:func:`loratools.ops.moe.experts_entry`); None otherwise or without a base.
     """
 
     source: str
@@ -163,6 +165,7 @@ class SpectrumReport:
     unchanged: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    experts: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """Grouped by module type and by layer, and model-wide (see :func:`summarize`)."""
@@ -181,6 +184,7 @@ class SpectrumReport:
             "summary": self.summary(),
             "unchanged": self.unchanged,
             "skipped": self.skipped,
+            "experts": self.experts,
         }
         if any(m.geometry is not None and m.geometry.magnitude_direction for m in self.modules):
             doc["direction_magnitude_correlation"] = self.direction_magnitude_correlation()
