@@ -418,3 +418,21 @@ def test_fan_in_fan_out_gpt2_matches_peft(tmp_path: Path) -> None:
     for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"):
         assert not torch.equal(ours[name], base[name])  # (in, out) weights that DoRA did change
         torch.testing.assert_close(ours[name], reference[name], **TOL[torch.float32])
+
+
+def test_a_record_from_another_model_is_refused_before_writing(small, tmp_path: Path) -> None:
+    folder, _ = small
+    dora = _save_dora(tmp_path, "dora", {"l.0.q": (8, 6), "l.0.v": (4, 6)}, seed=1)
+    merge_paths(str(folder), tmp_path / "merged", add=[(str(dora), 1.0)])
+    record = tmp_path / "merged" / "dora_norms.loratools"
+    stored = read_record(record)
+    assert stored is not None
+    stored.norms = {
+        k: v for k, v in stored.norms.items() if k[1] != "l.0.v.weight"
+    }  # drop one tensor's norms
+    from loratools.io.dora_record import write_record_file
+
+    write_record_file(record, *stored.to_tensors())
+    with pytest.raises(LoratoolsError, match=r"no DoRA norms for 1 tensor\(s\) \(l.0.v.weight\)"):
+        merge_paths(str(tmp_path / "merged"), tmp_path / "back", remove=[(str(dora), 1.0)])
+    assert not (tmp_path / "back").exists()

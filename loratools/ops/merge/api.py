@@ -77,6 +77,8 @@ def merge_checkpoint(
         base_ids = [str(ckpt.path)] if operation == "merge" else []
     plan = plan_merge(infos, terms, base_ids)
     plan.dora = _plan_dora(ckpt, terms, options.keep_quantization)
+    if plan.dora is not None:
+        plan.dora.check_record(plan.updates, str(_record_of(ckpt)))
     stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
     report = build_report(output, operation, terms, options, plan, stats, files, len(infos))
     report = replace(report, experts=merged_experts(list(infos), plan.updates))
@@ -94,7 +96,7 @@ def merge_checkpoint(
 
 def _plan_dora(ckpt: Checkpoint, terms: Sequence[MergeTerm], keep_quantization: bool) -> DoraPlan | None:
     """The DoRA path and the norms record found with the base (see :mod:`.dora`)."""
-    where = record_path(ckpt.model_dir, True) if ckpt.model_dir else record_path(ckpt.path, False)
+    where = _record_of(ckpt)
     stored = read_record_file(where)
     record = DoraRecord.from_tensors(*stored, str(where)) if stored is not None else None
     plan = plan_dora(terms, record, str(where))
@@ -104,6 +106,11 @@ def _plan_dora(ckpt: Checkpoint, terms: Sequence[MergeTerm], keep_quantization: 
             "into float weights (drop --keep-quantization)"
         )
     return plan
+
+
+def _record_of(ckpt: Checkpoint) -> Path:
+    """Where the DoRA norms record of ``ckpt`` would be (inside its folder, beside a single file)."""
+    return record_path(ckpt.model_dir, True) if ckpt.model_dir else record_path(ckpt.path, False)
 
 
 def _base_ids(argument: str, ckpt: Checkpoint) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from loratools.adapter import Adapter
-from loratools.errors import LoratoolsError
+from loratools.errors import LoratoolsError, list_problems
 from loratools.ops.dora import add_direction, dora_modules, row_norms, scale_rows, unscale_rows
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import MergeTerm, TensorUpdate
@@ -153,6 +153,26 @@ class DoraPlan:
         norms = {k: v for k, v in self.record.norms.items() if k[0] < self.keep}
         norms.update({(self.keep + i, name): n for (i, name), n in self.new_norms.items()})
         return DoraRecord(self.record.terms[: self.keep] + self.added_terms, norms)
+
+    def check_record(self, updates: Mapping[str, TensorUpdate], where: str) -> None:
+        """Every DoRA module being removed has its norms in the record, checked before writing.
+
+        Raises:
+            LoratoolsError: the tensors whose norms are missing (the record belongs elsewhere).
+        """
+        missing = [
+            name
+            for name, update in updates.items()
+            for lora, _, _ in update.loras
+            if _is_dora(lora)
+            and id(lora) in self.removed
+            and (self.removed[id(lora)], name) not in self.record.norms
+        ]
+        if missing:
+            raise LoratoolsError(
+                f"{where} has no DoRA norms for {len(missing)} tensor(s) ({list_problems(missing, 3)}): "
+                "it does not belong to this merged model; merge into the original base instead"
+            )
 
     def _norms(self, index: int, name: str) -> torch.Tensor:
         norms = self.record.norms.get((index, name))
