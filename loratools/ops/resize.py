@@ -257,6 +257,18 @@ def lycoris_to_lora(adapter: Adapter, options: ResizeOptions) -> tuple[Adapter, 
     """
     refuse_dora(adapter, "converting LoHa/LoKr to LoRA", DORA_HOW)
     device = torch.device(options.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # small SVDs: on a busy machine, OpenMP barriers cost ~1 s, 1 thread ~0.1 ms
+        torch.set_num_threads(1)
+    try:
+        return _lycoris_to_lora(adapter, options, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lycoris_to_lora(
+    adapter: Adapter, options: ResizeOptions, device: torch.device
+) -> tuple[Adapter, list[ModuleConversion]]:
     spectra: dict[str, torch.Tensor] = {}
     svds: dict[str, Svd | None] = {}
     for name, weight in adapter.weights.items():
