@@ -541,3 +541,38 @@ def test_unmerge_and_swap_of_adapters_with_peft_base_layer_copies(fixtures_dir: 
     )
     expected = base[f"{EMBED}.weight"] + embedding_adapter(11).weights[EMBED].delta()
     torch.testing.assert_close(read_all(tmp_path / "s")[f"{EMBED}.weight"], expected, **TOL[torch.float32])
+
+
+def test_grown_vocabulary_round_trip_is_within_the_rank_r_error(fixtures_dir: Path, tmp_path: Path) -> None:
+    """A rank-6 change at rank 4: the merged weight misses the fine-tune by exactly the Eckart–Young
+    tail √(σ₅² + σ₆²); the grown embedding and lm_head come back bit for bit."""
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract
+    from tests.ops.test_merge import write_checkpoint
+
+    base = read_all(fixtures_dir / "base")
+    tensors = dict(base)
+    gen = torch.Generator().manual_seed(31)
+    tensors[f"{Q0}.weight"] = (
+        base[f"{Q0}.weight"] + torch.randn(DIM, 6, generator=gen) @ torch.randn(6, DIM, generator=gen) * 0.1
+    )
+    for name in (f"{EMBED}.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([base[name], torch.randn(NEW_TOKENS, DIM, generator=gen)])
+    write_checkpoint(tmp_path / "ft", tensors)
+
+    result = extract(
+        open_checkpoint(fixtures_dir / "base"),
+        open_checkpoint(tmp_path / "ft"),
+        ExtractOptions(rank=4, exact=True, embeddings="lora"),
+    )
+    save_adapter(result.adapter, tmp_path / "a")
+    merge_paths(str(fixtures_dir / "base"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
+    merged = read_all(tmp_path / "m")
+    for name in (f"{EMBED}.weight", "lm_head.weight"):
+        assert torch.equal(merged[name], tensors[name])  # carried whole: the same bytes
+    delta = (tensors[f"{Q0}.weight"] - base[f"{Q0}.weight"]).double()
+    tail = float(torch.linalg.svdvals(delta)[4:].square().sum().sqrt())
+    error = float(
+        torch.linalg.matrix_norm(merged[f"{Q0}.weight"].double() - tensors[f"{Q0}.weight"].double())
+    )
+    assert abs(error - tail) <= 1e-4 * tail + 1e-6  # float32 factors and one float32 rounding of W
