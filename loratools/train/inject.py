@@ -146,6 +146,12 @@ def load_lora_adapter(
         MissingKeys: adapter modules that match no linear layer (all listed at once).
         ShapeMismatch: factors whose shape does not fit the layer.
     """
+    dora = [n for n, w in adapter.weights.items() if getattr(w, "magnitude", None) is not None]
+    if dora:  # LoRALinear has no magnitude: training on would silently drop it
+        raise LoratoolsError(
+            f"{len(dora)} DoRA module(s) ({list_problems(dora, 3)}); loratools train has no DoRA layer: "
+            "bake it into a plain LoRA first (loratools convert ADAPTER --to peft -o DIR -r R --base BASE)"
+        )
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     mapping: dict[str, str] = {}
     problems: list[str] = []

@@ -436,3 +436,15 @@ def test_a_record_from_another_model_is_refused_before_writing(small, tmp_path: 
     with pytest.raises(LoratoolsError, match=r"no DoRA norms for 1 tensor\(s\) \(l.0.v.weight\)"):
         merge_paths(str(tmp_path / "merged"), tmp_path / "back", remove=[(str(dora), 1.0)])
     assert not (tmp_path / "back").exists()
+
+
+def test_training_on_from_a_dora_adapter_is_refused() -> None:
+    from torch import nn
+
+    from loratools.train.inject import load_lora_adapter
+
+    model = nn.Sequential(nn.Linear(6, 6))
+    adapter = Adapter({"0": LoraWeight(torch.zeros(2, 6), torch.zeros(6, 2), 2.0, magnitude=torch.ones(6))})
+    with pytest.raises(LoratoolsError, match="has no DoRA layer"):
+        load_lora_adapter(model, adapter)
+    assert isinstance(model[0], nn.Linear)  # nothing was injected
