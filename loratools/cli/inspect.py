@@ -47,6 +47,13 @@ def inspect(path: str, base: str | None, as_json: bool, quiet: bool) -> None:
         render.table(
             f"DoRA magnitude ({summary['dora']['modules']} modules)", columns, _dora_rows(summary["dora"])
         )
+    if summary.get("lycoris_modules"):
+        modules = [
+            (name, m["kind"], str(m["dim"] or "full"), f"{m['alpha']:g}", f"{m['scale']:g}",
+             " ".join(f"{part} {tuple(shape)}" for part, shape in m["factors"].items()))
+            for name, m in summary["lycoris_modules"].items()
+        ]  # fmt: skip
+        render.table("LoHa/LoKr modules", ["module", "kind", "dim", "alpha", "scale", "factors"], modules)
     metadata = summary.get("metadata") or {}
     if len(metadata) > SHORT_METADATA or any(len(str(v)) > 80 for v in metadata.values()):
         render.note(f"{len(metadata)} metadata entries, summarised above; all of them with --json")
@@ -155,7 +162,7 @@ def _shown(key: str, value: object) -> bool:
     kohya file carries hundreds of entries: --json has them all)."""
     if key == "metadata" and isinstance(value, dict):
         return 0 < len(value) <= SHORT_METADATA and all(len(str(v)) <= 80 for v in value.values())
-    return key not in ("training", "label", "dora") and value not in (None, {}, [])
+    return key not in ("training", "label", "dora", "lycoris_modules") and value not in (None, {}, [])
 
 
 def _show(key: str, value: object) -> str:

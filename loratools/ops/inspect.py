@@ -102,6 +102,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _lycoris_modules(adapter: Adapter) -> dict[str, Any]:
+    """LoHa/LoKr modules: dim, alpha, scale, Tucker or not, and each stored factor's shape."""
+    from loratools.formats.lycoris import describe
+
+    return {n: describe(w) for n, w in adapter.weights.items() if w.kind in ("loha", "lokr")}
+
+
 def summarize_adapter(adapter: Adapter, fmt: str) -> dict[str, Any]:
     """Format, kinds, ranks, alphas, scales, targets and parameter count of an adapter.
 
@@ -116,6 +123,7 @@ def summarize_adapter(adapter: Adapter, fmt: str) -> dict[str, Any]:
         "kind": "adapter",
         "format": fmt,
         "kinds": dict(Counter(getattr(w, "kind", "lora") for w in weights)),
+        "lycoris_modules": _lycoris_modules(adapter),
         "modules": len(adapter.weights),
         "tensors": 2 * len(adapter.weights) + len(adapter.saved_modules) + len(dora_modules(adapter)),
         "parameters": adapter.num_parameters,

@@ -56,6 +56,15 @@ def test_inspect_names_the_kind_and_the_training(run_cli, lokr_file: Path) -> No
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["kinds"] == {"lokr": 3}
+    conv = report["lycoris_modules"][CONV]
+    assert conv["factors"] == {"lokr_w1": [2, 2], "lokr_w2": [4, 2, 3, 3]} and conv["weight_shape"] == [
+        8,
+        4,
+        3,
+        3,
+    ]
+    assert conv["scale"] == 1.0  # LyCORIS: both factors full, alpha ignored
+    assert report["lycoris_modules"][PROJ]["scale"] == 0.5  # alpha / dim = 1 / 2
     training = report["provenance"]["kohya"]
     assert training["algo"] == "lokr" and training["training"]["base_model_version"] == "sdxl_base_v1-0"
 

@@ -77,6 +77,11 @@ def _adapter_module(
     fan_in_fan_out: bool,
 ) -> ModuleSpectrum:
     """One module's factored spectrum, and its amplification when base weights come along."""
+    from loratools.kinds.lokr import LokrWeight
+
+    if w0s is None and isinstance(weight, LokrWeight):  # σ(W1 ⊗ W2) = {σᵢ(W1)·σⱼ(W2)}: two small SVDs
+        s = weight.singular_values().double().cpu()
+        return ModuleSpectrum(name, weight.shape, s, float(s.square().sum()), True, None)
     b, a = (t.to(options.device) for t in weight.scaled_factors())  # (out, r), (r, in)
     if w0s is None:
         s, amp = factored_singular_values(b, a).double().cpu(), None
