@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from loratools.adapter import Adapter
-from loratools.errors import MissingKeys, ShapeMismatch, list_problems
+from loratools.errors import LoratoolsError, MissingKeys, ShapeMismatch, list_problems
 from loratools.train.layers import LoRALinear
 
 __all__ = [
