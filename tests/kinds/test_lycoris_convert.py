@@ -90,3 +90,14 @@ def test_a_lora_module_below_the_rank_is_kept_bit_for_bit() -> None:
     adapter = _adapter()
     converted, _ = lycoris_to_lora(adapter, ResizeOptions(rank=16))
     assert converted.weights["lora"] is adapter.weights["lora"]
+
+
+def test_similarity_of_a_lycoris_adapter_and_its_full_rank_lora() -> None:
+    from loratools.ops.similarity import adapter_similarity
+
+    adapter = _adapter()
+    exact, _ = lycoris_to_lora(adapter, ResizeOptions(energy=1.0))  # the same ΔW as plain LoRA
+    report = adapter_similarity(adapter, exact)
+    for module in report.modules:
+        # the same row space: every principal cosine is 1 (float64 bases of float32 factors)
+        assert float(module.cosines.min()) > 1 - 1e-4, module.name
