@@ -110,3 +110,36 @@ def test_without_a_rank_rule_a_lora_format_is_refused_by_kind(
     assert result.exit_code == 1
     assert "LoKr module" in result.stderr and "-r" in result.stderr
     assert not out.exists()
+
+
+def test_a_peft_loha_converted_at_full_energy_gives_peft_the_same_logits(
+    run_cli, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    from peft import LoHaConfig, PeftModel, get_peft_model
+
+    from tests.peft_helpers import load_llama, logits, logits_through_peft, tokens
+
+    model = get_peft_model(
+        load_llama(fixtures_dir / "base"),
+        LoHaConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"], init_weights=False),
+    )
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hada_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    loha = tmp_path / "loha"
+    model.save_pretrained(loha)
+    out = tmp_path / "lora"
+    result = run_cli("convert", loha, "--to", "peft", "-o", out, "--energy", "1.0", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    ids = tokens()
+    expected = logits(PeftModel.from_pretrained(load_llama(fixtures_dir / "base"), loha).eval(), ids)
+    assert not torch.allclose(
+        expected, logits(load_llama(fixtures_dir / "base"), ids), atol=1e-2
+    )  # it does act
+    # float32 logits through two layers' worth of differently ordered sums (tests/_tolerances.py)
+    torch.testing.assert_close(
+        logits_through_peft(fixtures_dir / "base", out, ids), expected, rtol=1e-4, atol=1e-4
+    )
