@@ -51,3 +51,15 @@ def test_spectrum_table_shows_the_noise_floor(run_cli, fixtures_dir: Path, tmp_p
     result = run_cli("spectrum", base, fixtures_dir / "base")
     assert result.exit_code == 0, result.stderr
     assert "Rounding noise floor of the quantized base" in result.stderr
+
+
+def test_extract_reports_the_noise_floor_of_a_q4_base(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    """extract from a Q4_0 base and its float original: ΔW is rounding only, and the report says so
+    (the noise's norm is ‖ΔW‖ itself, up to the sampling of two roundings of similar weights)."""
+    base = tmp_path / "base.gguf"
+    write_gguf_model(fixtures_dir / "base", base, qtype="Q4_0")
+    result = run_cli("extract", base, fixtures_dir / "base", "-r", "2", "-o", tmp_path / "lora", "--json")
+    assert result.exit_code == 0, result.stderr
+    modules = json.loads(result.stdout)["modules"]
+    assert modules and all(0.5 < m["noise_floor"]["relative_to_delta"] < 2 for m in modules)
+    assert all(m["noise_floor"]["singular_values_above"] is None for m in modules)

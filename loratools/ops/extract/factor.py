@@ -21,6 +21,7 @@ from loratools.kinds import embedding
 from loratools.linalg import Svd, exact_svd, randomized_svd, rank_for_energy
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item
+from loratools.ops.spectrum.noise import NoiseFloor
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ModuleReport:
     energy_kept: float
     relative_error: float
     delta_norm: float  # ‖ΔW‖_F
+    noise_floor: NoiseFloor | None = None  # a quantized base's rounding (ops/spectrum/noise.py)
 
 
 def truncated_spectrum(delta: torch.Tensor, width: int, options: ExtractOptions) -> Svd:

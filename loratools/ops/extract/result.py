@@ -65,6 +65,7 @@ class ExtractResult:
                     "energy_kept": m.energy_kept,
                     "relative_error": m.relative_error,
                     "delta_norm": m.delta_norm,
+                    **(m.noise_floor.to_dict() if m.noise_floor is not None else {}),
                 }
                 for m in self.modules
             ],

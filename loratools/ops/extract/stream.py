@@ -10,7 +10,7 @@ process's :class:`Outcome` is gathered and merged.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,6 +22,7 @@ from loratools.ops.extract.factor import ModuleReport, factor_module, truncated_
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item, TensorSource
 from loratools.ops.moe import is_router
+from loratools.ops.spectrum.noise import noise_floor
 from loratools.progress import Progress
 
 
@@ -78,6 +79,19 @@ def _carry(
     return None if options.modules_to_save else "differs (not LoRA-able): pass --modules-to-save to carry it"
 
 
+def with_noise_floor(
+    factored: tuple[LoraWeight, ModuleReport],
+    base: TensorSource,
+    finetuned: TensorSource,
+    name: str,
+    w_ft: torch.Tensor,
+) -> tuple[LoraWeight, ModuleReport]:
+    """A quantized base: the module's report with the base's rounding noise (Q(W_ft) − W_ft) beside it."""
+    weight, report = factored
+    floor = noise_floor(base, finetuned, name, w_ft, None, report.delta_norm**2)
+    return (weight, replace(report, noise_floor=floor)) if floor is not None else factored
+
+
 def factor_pass(
     base: TensorSource,
     finetuned: TensorSource,
@@ -103,7 +117,7 @@ def factor_pass(
             elif factored is None:
                 outcome.skipped[name] = "no singular value above --sv-threshold"
             else:
-                outcome.weights[name] = factored
+                outcome.weights[name] = with_noise_floor(factored, base, finetuned, name, w_ft)
         elif item.kind == "lora":
             outcome.skipped[name] = "unchanged" if torch.equal(w_ft, w_base) else "no rank left in --budget"
         else:

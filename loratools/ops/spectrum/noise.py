@@ -31,13 +31,13 @@ class NoiseFloor:
     Attributes:
         norm: ‖N‖_F.
         top: σ₁(N), the largest singular value rounding alone makes.
-        above: how many of ΔW's computed singular values exceed ``top``.
+        above: how many of ΔW's computed singular values exceed ``top`` (None when not known).
         delta_norm: ‖ΔW‖_F, for the ratio.
     """
 
     norm: float
     top: float
-    above: int
+    above: int | None  # None where ΔW's singular values are not at hand (extract)
     delta_norm: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,7 +52,12 @@ class NoiseFloor:
 
 
 def noise_floor(
-    base: Any, finetuned: Any, name: str, w_ft: torch.Tensor, singular_values: torch.Tensor, energy: float
+    base: Any,
+    finetuned: Any,
+    name: str,
+    w_ft: torch.Tensor,
+    singular_values: torch.Tensor | None,
+    energy: float,
 ) -> NoiseFloor | None:
     """The floor for ``name`` when ``base`` is quantized and ``finetuned`` is not; else None.
 
@@ -61,7 +66,7 @@ def noise_floor(
             dequant(Q(w)) (None for a plain tensor).
         name: the tensor.
         w_ft: the fine-tune's tensor (out, in).
-        singular_values: ΔW's computed singular values, descending.
+        singular_values: ΔW's computed singular values, descending (None: ``above`` unknown).
         energy: ‖ΔW‖²_F.
     """
     requantize: Callable[[str, torch.Tensor], torch.Tensor | None] | None = getattr(base, "requantize", None)
@@ -79,5 +84,5 @@ def noise_floor(
         top = float(torch.linalg.matrix_norm(noise, ord=2))
     else:
         top = float(linalg.randomized_svd(noise, 4, niter=2).s[0])
-    above = int((singular_values > top).sum())
+    above = None if singular_values is None else int((singular_values > top).sum())
     return NoiseFloor(float(torch.linalg.vector_norm(noise)), top, above, energy**0.5)
