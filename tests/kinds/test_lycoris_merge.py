@@ -135,3 +135,26 @@ def test_kohya_lycoris_merge_equals_lycoris_merge_to(case: str, tmp_path: Path) 
         torch.testing.assert_close(
             out[f"{layer}.weight"], getattr(net, layer).weight.detach(), rtol=1e-5, atol=1e-5
         )
+
+
+def test_swap_loha_for_lokr_on_a_conv_net(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in ConvNet().state_dict().items()}, str(base))
+    adapters = {}
+    for kind in ("loha", "lokr"):
+        net = ConvNet()
+        net.load_state_dict(load_file(str(base)))
+        adapters[kind] = tmp_path / kind
+        _save_peft(net, kind, ["conv", "point", "lin"], adapters[kind])
+    with_loha, swapped, with_lokr = (
+        tmp_path / f"{n}.safetensors" for n in ("with_loha", "swapped", "with_lokr")
+    )
+    merge_paths(str(base), with_loha, add=[(str(adapters["loha"]), 1.0)])
+    merge_paths(
+        str(with_loha), swapped, add=[(str(adapters["lokr"]), 1.0)], remove=[(str(adapters["loha"]), 1.0)]
+    )
+    merge_paths(str(base), with_lokr, add=[(str(adapters["lokr"]), 1.0)])
+    expected = load_file(str(with_lokr))
+    for name, tensor in load_file(str(swapped)).items():
+        torch.testing.assert_close(tensor, expected[name], **MERGED_TOL)
