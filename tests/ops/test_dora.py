@@ -448,3 +448,17 @@ def test_training_on_from_a_dora_adapter_is_refused() -> None:
     with pytest.raises(LoratoolsError, match="has no DoRA layer"):
         load_lora_adapter(model, adapter)
     assert isinstance(model[0], nn.Linear)  # nothing was injected
+
+
+def test_dora_extract_keeps_the_magnitude_in_float32_for_a_bf16_finetune() -> None:
+    """‖ΔW‖ ≪ ‖W0‖ as in real fine-tunes: a bf16 magnitude (2⁻⁹ of each row) would swamp the update."""
+    from loratools.ops.extract.dora import dora_module
+
+    w0 = torch.randn(64, 48).to(torch.bfloat16)
+    y = (w0.float() + 0.02 * torch.randn(64, 4) @ torch.randn(4, 48) + 0.002 * torch.randn(64, 48)).to(
+        torch.bfloat16
+    )
+    weight, report = dora_module("m", w0, y, _plain(w0.float(), y.float(), 2).to(torch.bfloat16))
+    assert weight.a.dtype == torch.bfloat16 and weight.magnitude is not None
+    assert weight.magnitude.dtype == torch.float32
+    assert report.relative_error <= report.lora_relative_error * (1 + 1e-5)

@@ -134,7 +134,7 @@ def dora_module(
             break
         previous = error
     _, iteration, b, a = best
-    weight = _dora_weight(w0, y, b, a, lora)
+    weight = _dora_weight(w0, y, b, a, lora, refactor=iteration > 0)
     merged, _ = dora_weight(w0, weight)
     error = float(torch.linalg.vector_norm(merged.sub_(y)))  # with the stored (rounded) factors
     scale = delta_norm if delta_norm > 0 else 1.0
@@ -143,15 +143,22 @@ def dora_module(
 
 
 def _dora_weight(
-    w0: torch.Tensor, y: torch.Tensor, b: torch.Tensor, a: torch.Tensor, lora: LoraWeight
+    w0: torch.Tensor, y: torch.Tensor, b: torch.Tensor, a: torch.Tensor, lora: LoraWeight, refactor: bool
 ) -> LoraWeight:
-    """Balanced factors of Δ = B @ A (√S on both sides) with the LoRA's alpha folded in, and m."""
-    b, a = linalg.factored_svd(b, a).truncate(lora.rank).factors("sqrt")  # (out, r), (r, in)
-    root = math.sqrt(lora.scale)
-    b, a = b / root, a / root  # so that scale · B @ A = Δ
-    factors = replace(lora, a=a.to(lora.dtype).contiguous(), b=b.to(lora.dtype).contiguous())
+    """The DoRA module: balanced factors of Δ = B @ A (√S on both sides, the LoRA's alpha folded
+    in; the LoRA's own factors when its direction won) and m fitted to them as rounded.
+
+    m stays float32 whatever the factors' dtype: a bf16 magnitude moves each row of W' by up to
+    2⁻⁹ of its norm, which for a fine-tune is more than the whole update (‖ΔW‖ ≪ ‖W0‖).
+    """
+    factors = lora
+    if refactor:
+        b, a = linalg.factored_svd(b, a).truncate(lora.rank).factors("sqrt")  # (out, r), (r, in)
+        root = math.sqrt(lora.scale)
+        b, a = b / root, a / root  # so that scale · B @ A = Δ
+        factors = replace(lora, a=a.to(lora.dtype).contiguous(), b=b.to(lora.dtype).contiguous())
     m, _ = _fit_magnitude(w0 + factors.delta(), y)  # fitted to the rounded factors
-    return replace(factors, magnitude=m.to(lora.dtype))
+    return replace(factors, magnitude=m)
 
 
 def add_dora(
