@@ -101,3 +101,15 @@ def test_similarity_of_a_lycoris_adapter_and_its_full_rank_lora() -> None:
     for module in report.modules:
         # the same row space: every principal cosine is 1 (float64 bases of float32 factors)
         assert float(module.cosines.min()) > 1 - 1e-4, module.name
+
+
+def test_combine_keeps_a_conv_a_conv_lora() -> None:
+    from loratools.ops.combine import CombineOptions, combine_adapters
+
+    adapter = _adapter()
+    result = combine_adapters([adapter, adapter], CombineOptions(weights=(0.5, 0.5)))
+    for name in ("lokr_conv", "loha_conv"):
+        weight = result.adapter.weights[name]
+        assert weight.weight_shape == adapter.weights[name].weight_shape
+        # the exact sum: 0.5·ΔW + 0.5·ΔW, float32 products of a few hundred terms
+        torch.testing.assert_close(weight.delta(), adapter.weights[name].delta(), rtol=1e-4, atol=1e-4)

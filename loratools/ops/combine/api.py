@@ -109,7 +109,12 @@ def combine_adapters(
     report = []
     for name, items in groups.items():
         module, kept = combine_module(name, folded(items, weights, device), options, dtype)
-        out[name] = replace(module, embedding=any(getattr(w, "embedding", False) for _, w in items))
+        out[name] = replace(
+            module,
+            embedding=any(getattr(w, "embedding", False) for _, w in items),
+            # a conv stays a conv LoRA (an input read without its kernel shape has None there)
+            weight_shape=next((w.weight_shape for _, w in items if w.weight_shape is not None), None),
+        )
         report.append(ModuleCombine(name, out[name].rank, kept, [i for i, _ in items]))
         progress(name)
     inputs = [
