@@ -264,6 +264,7 @@ def perplexity(model: Path, text: Path, lora: Path | None = None) -> float:
     raise AssertionError(f"llama-perplexity printed no final estimate: {output[-2000:]}")
 
 
+@pytest.mark.slow  # five llama-perplexity runs: 2 s on a quiet machine, 9 s on a busy one
 @pytest.mark.skipif(
     not (LLAMA_BIN / "llama-perplexity").is_file(), reason="no llama.cpp build in ../shared/tools"
 )
