@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from loratools.buffers import BufferRing
 from loratools.errors import CheckpointError, MissingKeys, UnknownFormat, list_problems
 from loratools.io.prefetch import prefetched
 from loratools.io.quant import QuantGroup, dequantize, find_groups, logical_infos, requantize
@@ -138,6 +139,14 @@ class Checkpoint:
             return dequantize(self.quantized[name], self.read_stored)
         return self._safetensors[self._infos[name].file].read(name)
 
+    def get_buffered(self, name: str, buffers: BufferRing) -> torch.Tensor:
+        """:meth:`get`, with a plain safetensors tensor read into a free buffer of ``buffers``
+        (see :class:`BufferRing`: no fresh pages to fault in). The tensor is the caller's until
+        it drops it; only then is its memory read into again."""
+        info = self._infos.get(name)
+        file = self._safetensors.get(info.file) if info is not None and name not in self.quantized else None
+        return file.read(name, buffers) if file is not None else self.get(name)
+
     def requantize(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
         """``w`` (float32) put through ``name``'s stored quantization and read back; None when
         ``name`` is not quantized. ``requantize(name, w) − w`` is that quantization's rounding."""
@@ -163,7 +172,8 @@ class Checkpoint:
         if not prefetch:
             yield from ((name, self.get(name)) for name in order)
             return
-        yield from prefetched(order, self.get)
+        buffers = BufferRing()  # this pass's own: freed with it
+        yield from prefetched(order, lambda name: self.get_buffered(name, buffers))
 
     # -- layout, for writers that keep it ---------------------------------------------------
     def layout(self, dtype_of: dict[str, torch.dtype] | None = None) -> list[ShardLayout]:
@@ -178,7 +188,11 @@ class Checkpoint:
             infos = [info for info in self._infos.values() if info.file == file]
             specs = [TensorSpec(i.name, i.shape, dtype_of.get(i.name, i.dtype)) for i in infos]
             unchanged = all(spec.dtype == info.dtype for spec, info in zip(specs, infos, strict=True))
-            unchanged = unchanged and not any(info.name in self.quantized for info in infos)
+            # a quantized checkpoint's file keeps its header only if it holds exactly what it stores
+            # (no dequantized weight, no hidden scale or state of a weight stored elsewhere)
+            stored = [i for i in self.stored.values() if i.file == file]
+            unchanged = unchanged and len(stored) == len(infos)
+            unchanged = unchanged and not any(i.name in self.quantized for i in infos)
             header = self._safetensors[file].header if unchanged and file in self._safetensors else None
             out.append(ShardLayout(_safetensors_name(file), specs, header))
         return out

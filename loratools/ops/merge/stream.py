@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from loratools.buffers import BufferRing
 from loratools.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, ShardLayout
 from loratools.io.dora_record import record_path, write_record_file
 from loratools.io.quant import drop_quantization_config
@@ -79,11 +80,13 @@ def write_merged(
 
 
 def _read_ahead(ckpt: Checkpoint, plan: list[tuple[str, bool]]) -> Iterator[tuple[str, torch.Tensor | bytes]]:
-    """Yield (name, tensor or stored bytes) in order, reading the next one in a thread meanwhile."""
+    """Yield (name, tensor or stored bytes) in order, reading the next one in a thread meanwhile
+    (into reused buffers: a tensor still held, by the writer say, is never read into)."""
+    buffers = BufferRing()
 
     def read(item: tuple[str, bool]) -> torch.Tensor | bytes:
         name, raw = item
-        return ckpt.get_raw(name) if raw else ckpt.get(name)
+        return ckpt.get_raw(name) if raw else ckpt.get_buffered(name, buffers)
 
     if not plan:
         return

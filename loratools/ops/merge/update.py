@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import torch
 
+from loratools.buffers import BufferRing
 from loratools.errors import NonFiniteResult
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import TensorUpdate
@@ -49,12 +50,21 @@ class Scratch:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._flat = torch.empty(0, device=self.device)
+        self._outputs = BufferRing()
 
     def get(self, shape: torch.Size) -> torch.Tensor:
         numel = shape.numel()
         if self._flat.numel() < numel:
             self._flat = torch.empty(numel, dtype=torch.float32, device=self.device)
         return self._flat[:numel].view(shape)
+
+    def cast(self, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``total.to(dtype)`` (same rounding), on the CPU into a recycled buffer that no earlier
+        output still uses (the writer drops them in turn): no fresh pages to fault in per tensor."""
+        if total.device.type != "cpu":
+            return total.to(dtype)
+        flat = self._outputs.take(total.numel() * dtype.itemsize).view(dtype)
+        return flat.view(total.shape).copy_(total)
 
 
 def sampled_rows(shape: torch.Size, budget: int = SAMPLE_ELEMENTS) -> tuple[slice, float]:
@@ -100,7 +110,10 @@ def apply_update(
     else:
         total = scratch.get(w0.shape)
     total.copy_(w0).addmm_(left, right)  # (d, k): W0 + Δ, rounded once to float32
-    out = total if out_dtype == torch.float32 else total.to(out_dtype)
+    if out_dtype == torch.float32:
+        out = total
+    else:
+        out = scratch.cast(total, out_dtype) if scratch is not None else total.to(out_dtype)
     check_finite(name, out, w0)
     rows, factor = sampled_rows(w0.shape)
     norm = delta_norm(left, right)
