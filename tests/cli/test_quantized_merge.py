@@ -310,3 +310,31 @@ def test_float_merge_of_a_gguf_base_into_a_folder_has_a_config(
     assert torch.equal(
         merged.get(f"{Q0}.weight"), expected_merge(base, fixtures_dir / "adapter", f"{Q0}.weight").bfloat16()
     )
+
+
+def test_sharded_quantized_base_gets_a_fresh_index(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    """A sharded nf4 base merged to float: the output index names the plain tensors only (no
+    absmax/quant_state parts) and counts their float bytes, where the source index is stale."""
+    single = quantized_copy(fixtures_dir, tmp_path / "single", "nf4")
+    tensors = open_checkpoint(single).stored
+    names = list(tensors)
+    base = tmp_path / "base"
+    shutil.copytree(single, base)
+    (base / "model.safetensors").unlink()
+    reader = open_checkpoint(single)
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
+    for file, part in halves.items():
+        save_file({n: reader.read_stored(n) for n in part}, base / file, metadata={"format": "pt"})
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "out"
+    ok_json(run_cli("merge", base, fixtures_dir / "adapter", "-o", out, "--json"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    plain = open_checkpoint(fixtures_dir / "base")
+    assert sorted(index["weight_map"]) == sorted(plain.names())
+    assert index["metadata"]["total_size"] == sum(plain.info(n).nbytes for n in plain.names())
+    merged = open_checkpoint(out)
+    assert torch.equal(merged.get(ADAPTED[0]), expected_merge(base, fixtures_dir / "adapter", ADAPTED[0]))
