@@ -40,6 +40,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import InvalidAdapter, UnknownFormat, list_problems
+from loratools.formats.validate import scalar_alpha
 from loratools.kinds.loha import LohaWeight
 from loratools.kinds.lokr import LokrWeight
 
@@ -224,8 +225,8 @@ def _group(tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, dict[st
     return groups
 
 
-def _kohya_module(stem: str, parts: Mapping[str, torch.Tensor]) -> ModuleWeight:
-    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
+def _kohya_module(stem: str, parts: Mapping[str, torch.Tensor], where: str = "adapter") -> ModuleWeight:
+    alpha = scalar_alpha(parts["alpha"], f"{stem}.alpha", where) if "alpha" in parts else None
     groups = (("LoHa", LOHA_PARTS), ("LoKr", LOKR_PARTS), ("LoRA", LOCON_PARTS))
     kinds = [kind for kind, names in groups if any(p in parts for p in names)]
     if len(kinds) > 1:
@@ -267,7 +268,7 @@ def kohya_to_weights(tensors: Mapping[str, torch.Tensor], where: str = "adapter"
     weights: dict[str, ModuleWeight] = {}
     for stem, parts in _group(tensors, where).items():
         try:
-            weights[stem] = _kohya_module(stem, parts)
+            weights[stem] = _kohya_module(stem, parts, where)
         except ValueError as exc:  # factor shapes that do not fit together
             raise InvalidAdapter(f"{where}: {stem}: {exc}") from None
     return weights

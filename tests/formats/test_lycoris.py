@@ -150,6 +150,14 @@ def test_incomplete_loha_is_refused() -> None:
         kohya.to_adapter(tensors, {}, keep_stems=True)
 
 
+@pytest.mark.parametrize("alpha", [torch.tensor([2.0, 3.0]), torch.tensor(float("nan"))])
+def test_a_vector_or_nan_alpha_is_one_clear_error(alpha: torch.Tensor) -> None:
+    parts = {"hada_w1_a": (4, 2), "hada_w1_b": (2, 3), "hada_w2_a": (4, 2), "hada_w2_b": (2, 3)}
+    tensors = {f"lora_unet_x.{name}": torch.randn(*shape) for name, shape in parts.items()}
+    with pytest.raises(InvalidAdapter, match="lora_unet_x.alpha"):
+        kohya.to_adapter({**tensors, "lora_unet_x.alpha": alpha}, {}, keep_stems=True)
+
+
 # -- PEFT --------------------------------------------------------------------------------------------
 class Net(torch.nn.Module):
     def __init__(self) -> None:
