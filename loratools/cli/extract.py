@@ -12,6 +12,8 @@ import click
 from loratools.cli import render
 from loratools.cli.options import device_option, dtype_option, force_flag, reporting, split_option
 
+FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # names of files, not of folders
+
 
 @click.command()
 @click.argument("base")
@@ -55,7 +57,7 @@ def extract(base: str, finetuned: str, output: str, dtype: str | None, device: s
 
     from loratools.device import resolve_device
     from loratools.distributed import workers_from_env
-    from loratools.errors import OutputExists
+    from loratools.errors import InvalidOptions, OutputExists
     from loratools.io.adapter_dir import save_adapter
     from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
@@ -67,6 +69,11 @@ def extract(base: str, finetuned: str, output: str, dtype: str | None, device: s
     options = ExtractOptions(targets=names, dtype=getattr(torch, dtype) if dtype else None, **choices)  # type: ignore[arg-type]
     if Path(output).exists() and not force:
         raise OutputExists(f"{output} already exists; pass --force to replace it")
+    if Path(output).suffix.lower() in FILE_SUFFIXES:
+        raise InvalidOptions(
+            f"-o {output}: extract writes a PEFT adapter folder, not a {Path(output).suffix} file; name a folder "
+            "(e.g. -o adapter/), then `loratools convert adapter/ --to kohya|gguf` for a single file"
+        )
     base_path, ft_path = resolve_path(base), resolve_path(finetuned)
     check_not_an_input(Path(output), [base_path, ft_path])
     base_ckpt, ft_ckpt = open_checkpoint(base_path), open_checkpoint(ft_path)

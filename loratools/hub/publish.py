@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratools.adapter import Adapter
+from loratools.errors import LoratoolsError
 from loratools.hub.card import CardFacts, render_card
 from loratools.hub.check import check_adapter_folder
 from loratools.hub.errors import HubError, hub_errors
@@ -138,6 +139,11 @@ class PullOptions:
 
     def __post_init__(self) -> None:
         parse_repo_ref(self.repo_id if self.revision is None else f"{self.repo_id}@{self.revision}")
+        if Path(self.output).suffix.lower() in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
+            raise LoratoolsError(
+                f"-o {self.output}: pull writes a folder (the repository's files), not a "
+                f"{Path(self.output).suffix} file; name a folder"
+            )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -80,3 +81,20 @@ def test_name_summary_says_the_common_prefix_once() -> None:
     )
     assert name_summary(["a.weight"]) == "1 tensor (a.weight)"
     assert name_summary([]) == "no tensors"
+
+
+@pytest.mark.parametrize("name", ["adapter.safetensors", "adapter.GGUF", "adapter.bin"])
+def test_a_file_name_for_the_adapter_folder_is_refused_before_the_work(
+    run_cli, fixtures_dir: Path, tmp_path: Path, name: str
+) -> None:
+    result = run_cli(
+        "extract", fixtures_dir / "base", fixtures_dir / "finetuned", "-r", "2", "-o", tmp_path / name
+    )
+    assert result.exit_code == 1 and result.stderr.startswith("error:") and "folder" in result.stderr
+    assert not (tmp_path / name).exists()
+
+
+def test_pull_into_a_file_name_is_refused(run_cli, tmp_path: Path) -> None:
+    result = run_cli("pull", "org/name", "-o", tmp_path / "model.safetensors")
+    assert result.exit_code == 1 and "pull writes a folder" in result.stderr
+    assert not (tmp_path / "model.safetensors").exists()
