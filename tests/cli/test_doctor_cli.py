@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.io.adapter_dir import save_adapter
+from tests.llama_cpp import LLAMA_CPP
 from tests.ops.test_dora import make_peft_dora
 from tests.peft_helpers import load_llama
 
-LLAMA_CPP = Path(__file__).resolve().parents[3] / "shared" / "tools" / "llama.cpp"
 needs_llama_cpp = pytest.mark.skipif(
     not (LLAMA_CPP / "convert_lora_to_gguf.py").is_file(), reason="no llama.cpp"
 )

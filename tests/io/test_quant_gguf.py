@@ -14,10 +14,11 @@ from loratools.formats import gguf as names
 from loratools.io.checkpoint import open_checkpoint
 from loratools.io.quant import kquants
 from tests.io.test_gguf_io import write_gguf_model
+from tests.llama_cpp import LLAMA_BIN
 
 gguf = pytest.importorskip("gguf")
 
-LLAMA_QUANTIZE = Path(__file__).resolve().parents[3] / "shared/tools/llama.cpp/bin/llama-quantize"
+LLAMA_QUANTIZE = LLAMA_BIN / "llama-quantize"
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"])

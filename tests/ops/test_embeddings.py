@@ -26,6 +26,7 @@ from loratools.ops.merge import merge_paths
 from loratools.ops.resize import ResizeOptions, resize_adapter
 from loratools.ops.spectrum import adapter_spectrum
 from tests._tolerances import LOGITS_FP32, TOL
+from tests.llama_cpp import LLAMA_BIN
 from tests.ops.test_merge import read_all
 
 EMBED = "model.embed_tokens"
@@ -455,7 +456,6 @@ def test_grown_merge_into_a_sharded_base_rewrites_the_index_size(
 
 
 # -- llama.cpp as the judge of the token_embd layout --------------------------------------------
-LLAMA_BIN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "llama.cpp" / "bin"
 
 
 @pytest.mark.skipif(
