@@ -1,0 +1,232 @@
+"""Fused 3-D expert tensors: PEFT's ``target_parameters`` LoRA, one plain LoRA per expert.
+
+Newer mixture-of-experts layouts (gpt-oss on disk; transformers 5 in memory) keep all experts of
+a projection in one parameter ``W`` of shape (E, p, q). PEFT adapts such a parameter with a
+``ParamWrapper`` (``peft/tuners/lora/layer.py``) that stores every expert's factors in two
+matrices, with rank r shared by the experts::
+
+    lora_A.weight  (E·r, in)     expert e's A_e = lora_A[e·r:(e+1)·r]       (r, in)
+    lora_B.weight  (out, E·r)    expert e's B_e = lora_B[:, e::E]            (out, r)
+                                 (PEFT reshapes B to (out, r, E): column j·E + e)
+
+and, with ``s = alpha/r`` (rsLoRA ``alpha/√r``), ``get_delta_weight`` gives the slice ``ΔW[e]``
+(p, q) as
+
+    s · B_e @ A_e          when W is (E, out, in)   (in = q, out = p: most models)
+    s · (B_e @ A_e)ᵀ       when W is (E, in, out)   (the module's ``is_transposed``: gpt-oss)
+
+loratools keeps each (parameter, expert) as one :class:`~loratools.adapter.LoraWeight` named
+``<parameter>[e]`` (e.g. ``model.layers.0.mlp.experts.gate_up_proj[3]``) in the slice's own
+(p, q) layout — for the transposed case A' = B_eᵀ (r, q), B' = A_eᵀ (p, r) — so spectrum,
+resize and combine see ordinary 2-D modules, and a merge adds ``L @ R`` to ``W[e]``.
+
+Keys. Several targeted parameters of one module nest wrappers; PEFT wraps them in the module's
+parameter registration order, so the *last* targeted parameter is the outermost wrapper::
+
+    base_model.model.<module>.lora_A.weight                   last targeted parameter
+    base_model.model.<module>.base_layer.lora_A.weight        the one before, …
+
+The file does not say E, the parameters' names nor the layout: they come from the base
+(:func:`resolve_wrappers`) and, where the slice is square, from the model's ``is_transposed``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from loratools.adapter import LoraWeight
+from loratools.errors import ShapeMismatch
+
+__all__ = [
+    "FUSED_NAME",
+    "TRANSPOSED_MODEL_TYPES",
+    "FusedParam",
+    "from_peft",
+    "fused_name",
+    "merge_fused",
+    "peft_prefix",
+    "resolve_wrappers",
+    "to_peft",
+]
+
+# ``<parameter>[<expert>]``: brackets never occur in checkpoint names, so the split is unambiguous
+FUSED_NAME = re.compile(r"^(?P<param>.+)\[(?P<expert>\d+)\]$")
+# transformers models whose fused experts are (E, in, out) (the experts module's ``is_transposed``)
+TRANSPOSED_MODEL_TYPES = frozenset({"gpt_oss"})
+
+
+@dataclass(frozen=True)
+class FusedParam:
+    """One fused expert parameter of the base and how PEFT's wrapper maps onto it.
+
+    Attributes:
+        name: the base tensor name (``model.layers.0.mlp.experts.gate_up_proj``).
+        shape: its shape (E, p, q).
+        transposed: the slices are (in, out) (PEFT's ``is_transposed``), so ΔW[e] = s·(B_e A_e)ᵀ.
+    """
+
+    name: str
+    shape: tuple[int, int, int]
+    transposed: bool
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+
+def fused_name(param: str, expert: int) -> str:
+    """The module name of one expert's slice: ``param[expert]``."""
+    return f"{param}[{expert}]"
+
+
+def peft_prefix(module: str, depth: int) -> str:
+    """The key prefix of the wrapper ``depth`` levels inside the outermost (0 = outermost)."""
+    return module + ".base_layer" * depth
+
+
+def from_peft(
+    a: torch.Tensor, b: torch.Tensor, param: FusedParam, alpha: float, use_rslora: bool = False
+) -> dict[str, LoraWeight]:
+    """Split one ParamWrapper's ``lora_A`` (E·r, in), ``lora_B`` (out, E·r) into per-expert LoRAs.
+
+    Returns:
+        ``param[e]`` → LoraWeight whose ``delta()`` is ΔW[e] in the slice layout (p, q).
+
+    Raises:
+        ShapeMismatch: the factors do not fit ``param`` in its layout.
+    """
+    _check_fit(a, b, param)
+    experts = param.num_experts
+    rank = a.shape[0] // experts
+    weights = {}
+    for e in range(experts):
+        a_e, b_e = a[e * rank : (e + 1) * rank], b[:, e::experts]  # (r, in), (out, r)
+        if param.transposed:  # slice (in, out) = s·A_eᵀ B_eᵀ
+            a_e, b_e = b_e.T, a_e.T  # (r, out), (in, r)
+        weights[fused_name(param.name, e)] = LoraWeight(a_e.contiguous(), b_e.contiguous(), alpha, use_rslora)
+    return weights
+
+
+def to_peft(weights: Mapping[str, LoraWeight], param: FusedParam) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`from_peft`: ``(lora_A (E·r, in), lora_B (out, E·r))`` for PEFT.
+
+    Every expert must be present with one rank, alpha and rsLoRA flag (PEFT stores one r and alpha
+    per parameter). Factors keep their dtype.
+
+    Raises:
+        ShapeMismatch: an expert missing, or experts that differ in rank, alpha or scaling rule.
+    """
+    names = [fused_name(param.name, e) for e in range(param.num_experts)]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ShapeMismatch(
+            f"{param.name}: PEFT stores all {param.num_experts} experts; missing {missing[:3]}"
+        )
+    experts = [weights[n] for n in names]
+    if len({(w.rank, w.alpha, w.use_rslora) for w in experts}) != 1:
+        raise ShapeMismatch(
+            f"{param.name}: PEFT stores one rank and alpha for all experts of a fused parameter; "
+            "resize the experts to one rank (loratools resize -r R) first"
+        )
+    pairs = [(w.b.T, w.a.T) if param.transposed else (w.a, w.b) for w in experts]  # (r, in), (out, r)
+    a = torch.cat([p[0] for p in pairs])  # (E·r, in)
+    b = torch.stack([p[1] for p in pairs], dim=2).flatten(1)  # (out, r, E) → (out, r·E), column j·E + e
+    return a.contiguous(), b.contiguous()
+
+
+def merge_fused(
+    base: torch.Tensor, weights: Mapping[str, LoraWeight], param: str, scale: float = 1.0
+) -> torch.Tensor:
+    """``W[e] + scale · L_e @ R_e`` for every expert of ``param`` present in ``weights``, in float32.
+
+    Args:
+        base: the fused parameter (E, p, q), any float dtype.
+        weights: modules named ``param[e]`` (others are ignored).
+        param: the base tensor name.
+        scale: the adapter's merge weight.
+
+    Returns:
+        The merged parameter (E, p, q) in float32.
+    """
+    merged = base.float().clone()
+    for name, weight in weights.items():
+        match = FUSED_NAME.match(name)
+        if match is None or match["param"] != param:
+            continue
+        left, right = weight.scaled_factors()  # (p, r), (r, q)
+        merged[int(match["expert"])].addmm_(left, right, alpha=scale)
+    return merged
+
+
+def resolve_wrappers(
+    wrappers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    params: Sequence[tuple[str, tuple[int, int, int]]],
+    transposed: bool | None = None,
+) -> list[FusedParam]:
+    """Which base parameter, in which layout, each nested wrapper of one module adapts.
+
+    Args:
+        wrappers: ``(lora_A, lora_B)`` per nesting depth, outermost first.
+        params: the module's targeted fused parameters (name, (E, p, q)) in registration order
+            (PEFT's nesting order: the last one is the outermost wrapper).
+        transposed: the model's layout where known (``TRANSPOSED_MODEL_TYPES``); needed only when a
+            wrapper fits a square slice both ways.
+
+    Returns:
+        One FusedParam per wrapper, in the order of ``wrappers``.
+
+    Raises:
+        ShapeMismatch: no assignment fits the shapes, or several do and the order cannot decide.
+    """
+    if len(wrappers) != len(params):
+        raise ShapeMismatch(
+            f"{len(wrappers)} nested LoRA wrappers but {len(params)} fused parameters to adapt"
+        )
+    fits = [[_layouts(a, b, shape, transposed) for _, shape in params] for a, b in wrappers]
+    choices = []
+    for order in itertools.permutations(range(len(params))):
+        if all(len(fits[d][p]) == 1 for d, p in enumerate(order)):
+            choices.append(order)
+    peft_order = tuple(reversed(range(len(params))))  # outermost = last registered
+    if not choices:
+        raise ShapeMismatch(
+            f"the LoRA factors of {[n for n, _ in params]} fit none of their shapes "
+            f"{[s for _, s in params]} (or fit a square slice both ways: give the model's layout)"
+        )
+    order = peft_order if peft_order in choices or len(choices) > 1 else choices[0]
+    if order not in choices:
+        raise ShapeMismatch(f"cannot tell which LoRA factors belong to which of {[n for n, _ in params]}")
+    return [FusedParam(params[p][0], params[p][1], fits[d][p][0]) for d, p in enumerate(order)]
+
+
+def _layouts(
+    a: torch.Tensor, b: torch.Tensor, shape: tuple[int, int, int], transposed: bool | None
+) -> list[bool]:
+    """The layouts (transposed or not) in which ``(a, b)`` fits a fused parameter of ``shape``."""
+    experts, p, q = shape
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] % experts:
+        return []
+    found = [
+        t
+        for t, fit in (
+            (False, (b.shape[0], a.shape[1]) == (p, q)),
+            (True, (a.shape[1], b.shape[0]) == (p, q)),
+        )
+        if fit
+    ]
+    if len(found) == 2 and transposed is not None:
+        found = [transposed]
+    return found
+
+
+def _check_fit(a: torch.Tensor, b: torch.Tensor, param: FusedParam) -> None:
+    if param.transposed not in _layouts(a, b, param.shape, param.transposed):
+        raise ShapeMismatch(
+            f"{param.name}: LoRA factors A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the fused "
+            f"parameter {param.shape} ({'(E, in, out)' if param.transposed else '(E, out, in)'})"
+        )
