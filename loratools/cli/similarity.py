@@ -9,6 +9,7 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import reporting
+from loratools.commands.similarity import SimilarityOptions
 
 
 @click.command()
@@ -17,11 +18,16 @@ from loratools.cli.options import reporting
 @click.option(
     "--side",
     type=click.Choice(["right", "left"]),
-    default="right",
+    default=SimilarityOptions.side,
     show_default=True,
     help="right: right singular vectors of A (the paper); left: left singular vectors of B.",
 )
-@click.option("--threshold", default=0.5, show_default=True, help="cos² above which a direction is shared.")
+@click.option(
+    "--threshold",
+    default=SimilarityOptions.threshold,
+    show_default=True,
+    help="cos² above which a direction is shared.",
+)
 @click.option(
     "--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw φ heatmaps to FILE.png."
 )
@@ -49,22 +55,17 @@ def similarity(
     they are orthogonal; the ranks may differ (r = 8 vs r = 64, as in the paper's Figure 3).
     """
     from loratools.cli.spectrum import check_plot_output
-    from loratools.io.adapter_dir import describe_adapter, load_adapter
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.resolve import resolve_path
-    from loratools.ops.similarity import SimilarityOptions, adapter_similarity
+    from loratools.commands.similarity import open_similarity
 
-    options = SimilarityOptions(side=side, threshold=threshold)  # type: ignore[arg-type]
+    options = SimilarityOptions(first, second, side=side, threshold=threshold, base=base)
     plot_path = check_plot_output(plot_path, force, [first, second])
-    base_names = open_checkpoint(resolve_path(base)).names() if base else None
-    adapters = load_adapter(first, base_names=base_names), load_adapter(second, base_names=base_names)
-    shared = sum(name in adapters[1].weights for name in adapters[0].weights)
-    with render.progress(shared, "similarity", quiet=quiet) as advance:
-        report = adapter_similarity(*adapters, options, progress=advance)
-    document = {"adapters": [first, second], **report.to_dict()}
+    opened = open_similarity(options)
+    with render.progress(opened.total, "similarity", quiet=quiet) as advance:
+        report = opened.run(advance)
+    document = report.to_dict()
     if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
-        for source, adapter in zip((first, second), adapters, strict=True):
-            render.note(describe_adapter(source, adapter))
+        for line in report.descriptions:
+            render.note(line)
     if plot_path:
         _write_plot(document, plot_path, force)
     if as_json:
