@@ -8,6 +8,7 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, dtype_option, force_flag, reporting, split_option
+from loratools.commands.resize import ResizeOptions
 
 
 @click.command()
@@ -23,7 +24,11 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @click.option("--energy", type=float, help="Keep at least this fraction (0–1] of each module's energy.")
 @click.option("--budget", type=int, help="Total rank over all modules, placed by model-wide singular values.")
 @click.option(
-    "--min-rank", type=int, default=1, show_default=True, help="With --budget: rank every module keeps."
+    "--min-rank",
+    type=int,
+    default=ResizeOptions.min_rank,
+    show_default=True,
+    help="With --budget: rank every module keeps.",
 )
 @click.option(
     "--base",
@@ -46,41 +51,24 @@ def resize(
     loratools resize a/ -o a99/ --energy 0.99  keep ≥ 99% of each module's ‖ΔW‖²_F
     loratools resize a/ -o ab/ --budget 256    256 ranks in total, where they matter most
     """
-    import torch
-
-    from loratools.device import resolve_device
-    from loratools.io.adapter_dir import (
-        check_output_form,
-        describe_adapter,
-        load_adapter,
-        save_adapter_as,
-    )
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.resolve import resolve_path
-    from loratools.io.writer import check_not_an_input
-    from loratools.ops.resize import ResizeOptions, resize_adapter
+    from loratools.commands.resize import open_resize
 
     try:
         options = ResizeOptions(
-            rank=rank, energy=energy, budget=budget, min_rank=min_rank, split=split,  # type: ignore[arg-type]
-            dtype=getattr(torch, dtype) if dtype else None, device=resolve_device(device),
+            adapter, output, rank=rank, energy=energy, budget=budget, min_rank=min_rank, split=split,
+            base=base, dtype=dtype, device=device, force=force,
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    path = resolve_path(adapter, what="adapter")
-    check_not_an_input(output, [path])
-    base_names = open_checkpoint(resolve_path(base)).names() if base else None
-    loaded = load_adapter(path, base_names=base_names)
-    check_output_form(loaded, output)
-    with render.progress(len(loaded.weights), "resize", quiet=quiet or as_json) as advance:
-        result = resize_adapter(loaded, options, progress=advance)
-    save_adapter_as(result.adapter, output, force=force)
+    opened = open_resize(options)
+    with render.progress(opened.total, "resize", quiet=quiet or as_json) as advance:
+        report = opened.run(advance)
     if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
-        render.note(describe_adapter(path, loaded))
-    summary = result.summary()
+        render.note(report.description)
     if as_json:
-        render.emit_json({"output": str(output), **summary})
+        render.emit_json(report.to_dict())
         return
+    summary = report.to_dict()
     rows = [(m["name"], m["rank_before"], m["rank"], m["energy_kept"]) for m in summary["modules"]]
     render.table("resize", ["module", "rank before", "rank", "energy kept"], rows, quiet=quiet)
     if not quiet:
