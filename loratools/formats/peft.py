@@ -27,7 +27,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
 from loratools.formats import lycoris, validate
-from loratools.kinds import embedding
+from loratools.kinds import embedding, fused
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "to_adapter"]
 
@@ -62,11 +62,6 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 def _refuse_unsupported(keys: list[str], config: Mapping[str, Any]) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise UnknownFormat(f"this is a PEFT {config.get('peft_type')} adapter; loratools handles LoRA only")
-    if config.get("target_parameters"):  # fused (E, ·, ·) expert tensors: keys do not say which one
-        raise UnknownFormat(
-            f"PEFT target_parameters LoRA (fused expert tensors: {', '.join(map(str, config['target_parameters']))}) "
-            "is not supported yet; train the adapter on per-expert modules (target_modules) instead"
-        )
     for key in keys:
         for marker, variant in UNSUPPORTED_KEYS.items():
             if f".{marker}" in key:
@@ -78,10 +73,13 @@ def to_adapter(
     config: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
     source: str = "adapter",
+    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Adapter:
     """Build an Adapter from a PEFT state dict and its adapter_config.json contents.
 
-    ``source`` (the path the user named) is how error messages name the adapter.
+    ``source`` (the path the user named) is how error messages name the adapter. ``base_shapes``
+    (the base's tensor name → shape) is needed only for ``target_parameters`` LoRA on fused expert
+    tensors, which become one module per (parameter, expert) (:mod:`loratools.kinds.fused`).
 
     Raises:
         UnknownFormat: not LoRA, or a variant whose delta is not ``scale · B @ A`` (DoRA, …).
@@ -93,6 +91,7 @@ def to_adapter(
     if str(config.get("peft_type", "LORA")).upper() in lycoris.PEFT_LYCORIS_TYPES:  # LoHa, LoKr
         return lycoris.peft_adapter(tensors, config, _provenance(metadata), source)
     _refuse_unsupported(keys, config)
+    tensors, experts = _fused_experts(tensors, config, base_shapes, source)
     magnitudes = dora_magnitudes(tensors, config)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
@@ -120,6 +119,7 @@ def to_adapter(
         else:
             weights[module] = LoraWeight(f["A"], f["B"], alpha, rslora, magnitude=magnitudes.get(module))
     check_dora_pairs(magnitudes, factors, embeddings)
+    weights.update(experts)
     validate.check_adapter(weights, source, {"a": "lora_A", "b": "lora_B"})
     provenance = _provenance(metadata)
     return Adapter(
@@ -130,6 +130,32 @@ def to_adapter(
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         extra_config={k: v for k, v in config.items() if k not in MODELLED},
         provenance=provenance,
+    )
+
+
+def _fused_experts(
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    base_shapes: Mapping[str, tuple[int, ...]] | None,
+    source: str,
+) -> tuple[Mapping[str, torch.Tensor], dict[str, LoraWeight]]:
+    """Split off ``target_parameters`` wrappers (fused (E, ·, ·) experts) as one LoRA per expert."""
+    if not config.get("target_parameters"):
+        return tensors, {}
+    if base_shapes is None:  # the file says neither E, nor which parameter, nor the layout
+        raise UnknownFormat(
+            f"{source}: PEFT target_parameters LoRA (fused expert tensors: "
+            f"{', '.join(map(str, config['target_parameters']))}) needs the base model to be read; "
+            "give the base (merge BASE ADAPTER, spectrum ADAPTER --base BASE)"
+        )
+    alphas = config.get("alpha_pattern") or {}
+    return fused.read_peft(
+        tensors,
+        config,
+        base_shapes,
+        lambda module: pattern_value(alphas, module, config.get("lora_alpha", 8)),
+        bool(config.get("use_rslora", False)),
+        source,
     )
 
 

@@ -80,13 +80,20 @@ def adapter_format(path: Path) -> str:
     return kind.family
 
 
-def load_adapter(argument: str | Path, *, base_names: list[str] | None = None) -> Adapter:
+def load_adapter(
+    argument: str | Path,
+    *,
+    base_names: list[str] | None = None,
+    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Adapter:
     """Load an adapter from a path or Hub id, whatever its format.
 
     Args:
         argument: PEFT folder, PEFT/kohya ``.safetensors`` file, or Hub id.
         base_names: the base checkpoint's tensor names; kohya needs them to turn
             ``lora_unet_a_b_c`` back into dotted module paths.
+        base_shapes: the base's tensor name → shape; PEFT ``target_parameters`` LoRA on fused
+            expert tensors needs them (see :mod:`loratools.kinds.fused`).
 
     Raises:
         UnknownFormat: unknown, ambiguous or unsupported adapter formats.
@@ -102,7 +109,8 @@ def load_adapter(argument: str | Path, *, base_names: list[str] | None = None) -
                 f"{path}: PEFT weights without {peft.CONFIG_NAME} beside them; alpha and scaling are unknown"
             )
         tensors, metadata = read_safetensors(weights)
-        return peft.to_adapter(tensors, _read_config(folder / peft.CONFIG_NAME), metadata, source=str(path))
+        config = _read_config(folder / peft.CONFIG_NAME)
+        return peft.to_adapter(tensors, config, metadata, source=str(path), base_shapes=base_shapes)
     tensors, metadata = read_safetensors(path)
     if fmt == "kohya":  # without a base, module names stay the file's kohya stems
         return kohya.to_adapter(

@@ -36,20 +36,23 @@ import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from loratools.adapter import LoraWeight
-from loratools.errors import ShapeMismatch
+from loratools.errors import MissingKeys, ShapeMismatch, list_problems
 
 __all__ = [
     "FUSED_NAME",
     "TRANSPOSED_MODEL_TYPES",
+    "ExpertLora",
     "FusedParam",
     "from_peft",
     "fused_name",
     "merge_fused",
     "peft_prefix",
+    "read_peft",
     "resolve_wrappers",
     "to_peft",
 ]
@@ -58,6 +61,11 @@ __all__ = [
 FUSED_NAME = re.compile(r"^(?P<param>.+)\[(?P<expert>\d+)\]$")
 # transformers models whose fused experts are (E, in, out) (the experts module's ``is_transposed``)
 TRANSPOSED_MODEL_TYPES = frozenset({"gpt_oss"})
+TRANSPOSED_CLASSES = ("GptOss",)  # the same, by PEFT's ``auto_mapping.base_model_class`` prefix
+# ``<module>(.base_layer)*.lora_A.weight``: the nesting depth is the number of ``base_layer``
+WRAPPER_KEY = re.compile(
+    r"^(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,22 @@ class FusedParam:
         return self.shape[0]
 
 
+@dataclass(frozen=True)
+class ExpertLora(LoraWeight):
+    """One expert's slice of a fused parameter: a plain LoRA (every op treats it as one) that
+    remembers where it came from, so it can be merged into ``W[expert]`` and written back.
+
+    Attributes:
+        param: the fused base parameter (None only as the dataclass default).
+        expert: the slice index e.
+        depth: the nesting depth of its PEFT wrapper (0 = outermost).
+    """
+
+    param: FusedParam | None = None
+    expert: int = 0
+    depth: int = 0
+
+
 def fused_name(param: str, expert: int) -> str:
     """The module name of one expert's slice: ``param[expert]``."""
     return f"{param}[{expert}]"
@@ -90,8 +114,13 @@ def peft_prefix(module: str, depth: int) -> str:
 
 
 def from_peft(
-    a: torch.Tensor, b: torch.Tensor, param: FusedParam, alpha: float, use_rslora: bool = False
-) -> dict[str, LoraWeight]:
+    a: torch.Tensor,
+    b: torch.Tensor,
+    param: FusedParam,
+    alpha: float,
+    use_rslora: bool = False,
+    depth: int = 0,
+) -> dict[str, ExpertLora]:
     """Split one ParamWrapper's ``lora_A`` (E·r, in), ``lora_B`` (out, E·r) into per-expert LoRAs.
 
     Returns:
@@ -103,12 +132,15 @@ def from_peft(
     _check_fit(a, b, param)
     experts = param.num_experts
     rank = a.shape[0] // experts
-    weights = {}
+    weights: dict[str, ExpertLora] = {}
     for e in range(experts):
         a_e, b_e = a[e * rank : (e + 1) * rank], b[:, e::experts]  # (r, in), (out, r)
         if param.transposed:  # slice (in, out) = s·A_eᵀ B_eᵀ
             a_e, b_e = b_e.T, a_e.T  # (r, out), (in, r)
-        weights[fused_name(param.name, e)] = LoraWeight(a_e.contiguous(), b_e.contiguous(), alpha, use_rslora)
+        a_e, b_e = a_e.contiguous(), b_e.contiguous()
+        weights[fused_name(param.name, e)] = ExpertLora(
+            a_e, b_e, alpha, use_rslora, param=param, expert=e, depth=depth
+        )
     return weights
 
 
@@ -172,8 +204,8 @@ def resolve_wrappers(
 
     Args:
         wrappers: ``(lora_A, lora_B)`` per nesting depth, outermost first.
-        params: the module's targeted fused parameters (name, (E, p, q)) in registration order
-            (PEFT's nesting order: the last one is the outermost wrapper).
+        params: the module's targeted fused parameters (name, (E, p, q)). Their registration
+            order (PEFT's nesting order) is not in any file, so shapes decide.
         transposed: the model's layout where known (``TRANSPOSED_MODEL_TYPES``); needed only when a
             wrapper fits a square slice both ways.
 
@@ -181,7 +213,7 @@ def resolve_wrappers(
         One FusedParam per wrapper, in the order of ``wrappers``.
 
     Raises:
-        ShapeMismatch: no assignment fits the shapes, or several do and the order cannot decide.
+        ShapeMismatch: no assignment fits the shapes, or several do.
     """
     if len(wrappers) != len(params):
         raise ShapeMismatch(
@@ -192,15 +224,13 @@ def resolve_wrappers(
     for order in itertools.permutations(range(len(params))):
         if all(len(fits[d][p]) == 1 for d, p in enumerate(order)):
             choices.append(order)
-    peft_order = tuple(reversed(range(len(params))))  # outermost = last registered
-    if not choices:
+    if len(choices) != 1:
+        why = "fit none of their shapes" if not choices else "fit their shapes in several ways"
         raise ShapeMismatch(
-            f"the LoRA factors of {[n for n, _ in params]} fit none of their shapes "
-            f"{[s for _, s in params]} (or fit a square slice both ways: give the model's layout)"
+            f"the LoRA factors of {[n for n, _ in params]} {why} {[s for _, s in params]}"
+            + (" (a square slice fits both layouts: the model's layout is needed)" if not choices else "")
         )
-    order = peft_order if peft_order in choices or len(choices) > 1 else choices[0]
-    if order not in choices:
-        raise ShapeMismatch(f"cannot tell which LoRA factors belong to which of {[n for n, _ in params]}")
+    order = choices[0]
     return [FusedParam(params[p][0], params[p][1], fits[d][p][0]) for d, p in enumerate(order)]
 
 
@@ -230,3 +260,86 @@ def _check_fit(a: torch.Tensor, b: torch.Tensor, param: FusedParam) -> None:
             f"{param.name}: LoRA factors A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the fused "
             f"parameter {param.shape} ({'(E, in, out)' if param.transposed else '(E, out, in)'})"
         )
+
+
+def read_peft(
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    base_shapes: Mapping[str, tuple[int, ...]],
+    alpha_of: Any,
+    use_rslora: bool,
+    source: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, LoraWeight]]:
+    """Take PEFT's ``target_parameters`` wrappers out of an adapter's tensors, one LoRA per expert.
+
+    Args:
+        tensors: the adapter's tensors by PEFT key.
+        config: adapter_config.json (``target_parameters``, ``auto_mapping``).
+        base_shapes: the base's tensor name → shape (the fused parameters are found here).
+        alpha_of: module path → its alpha (PEFT's lora_alpha/alpha_pattern rule).
+        use_rslora: scale by alpha/√r.
+        source: the adapter, for messages.
+
+    Returns:
+        (the other tensors, ``param[e]`` → :class:`ExpertLora`).
+
+    Raises:
+        MissingKeys: a targeted parameter that is not a 3-D tensor of the base.
+        ShapeMismatch: factors that fit no targeted parameter (see :func:`resolve_wrappers`).
+    """
+    targets = [str(t) for t in config.get("target_parameters") or []]
+    owners = {t.rpartition(".")[0] for t in targets}
+    wrappers: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    rest = {}
+    for key, tensor in tensors.items():
+        match = WRAPPER_KEY.match(key.removeprefix("base_model.model."))
+        if match and any(match["module"] == o or match["module"].endswith("." + o) for o in owners):
+            depth = match["nest"].count(".base_layer")
+            wrappers.setdefault(match["module"], {}).setdefault(depth, {})[match["side"]] = tensor
+        else:
+            rest[key] = tensor
+    hint = _transposed_hint(config)
+    weights: dict[str, LoraWeight] = {}
+    problems = []
+    for module, nested in sorted(wrappers.items()):
+        params = _targeted_params(module, targets, base_shapes)
+        if len(params) != len(nested) or any(len(nested[d]) != 2 for d in range(len(nested))):
+            problems.append(f"{module}: {len(nested)} LoRA wrappers for {len(params)} fused base parameters")
+            continue
+        pairs = [(nested[d]["A"], nested[d]["B"]) for d in range(len(nested))]
+        for depth, ((a, b), param) in enumerate(
+            zip(pairs, resolve_wrappers(pairs, params, hint), strict=True)
+        ):
+            weights.update(from_peft(a, b, param, float(alpha_of(module)), use_rslora, depth))
+    if problems:
+        raise MissingKeys(
+            f"{source}: target_parameters that fit no 3-D base tensor: {list_problems(problems)}"
+        )
+    return rest, weights
+
+
+def _targeted_params(
+    module: str, targets: Sequence[str], base_shapes: Mapping[str, tuple[int, ...]]
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """The module's targeted fused parameters in the base: exact name, else a unique suffix match."""
+    found = []
+    for target in targets:
+        owner, _, leaf = target.rpartition(".")
+        if not (module == owner or module.endswith("." + owner)):
+            continue
+        name = f"{module}.{leaf}"
+        hits = (
+            [name]
+            if name in base_shapes
+            else [b for b in base_shapes if b.endswith("." + name) or name.endswith("." + b)]
+        )
+        if len(hits) == 1 and len(base_shapes[hits[0]]) == 3:
+            found.append((hits[0], tuple(base_shapes[hits[0]])))
+    return found  # type: ignore[return-value]
+
+
+def _transposed_hint(config: Mapping[str, Any]) -> bool | None:
+    """True for models known to store experts (E, in, out); None when the config does not say."""
+    mapping = config.get("auto_mapping")
+    name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return True if isinstance(name, str) and name.startswith(TRANSPOSED_CLASSES) else None

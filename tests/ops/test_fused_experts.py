@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from loratools.adapter import Adapter, LoraWeight
-from loratools.errors import ShapeMismatch
+from loratools.errors import LoratoolsError, ShapeMismatch
 from loratools.kinds.fused import FusedParam, from_peft, fused_name, merge_fused, resolve_wrappers, to_peft
 from loratools.ops.spectrum import adapter_spectrum
 from tests._tolerances import LOGITS_FP32, TOL
@@ -217,3 +217,33 @@ def test_to_peft_refuses_mixed_ranks_and_missing_experts() -> None:
         to_peft({"x.down_proj[0]": one, "x.down_proj[1]": other}, param)
     with pytest.raises(ShapeMismatch, match="missing"):
         to_peft({"x.down_proj[0]": one}, param)
+
+
+def _saved(tmp_path: Path) -> tuple[Path, Path, torch.nn.Module]:
+    """A tiny gpt-oss base folder and a PEFT target_parameters adapter folder written by PEFT."""
+    model, base = _peft_model(_gpt_oss)
+    fresh = _gpt_oss()
+    fresh.load_state_dict(base)
+    fresh.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter", model
+
+
+def test_merge_command_path_equals_peft_logits(tmp_path: Path) -> None:
+    from loratools.io.adapter_dir import load_adapter
+    from loratools.ops.merge import merge_paths
+
+    base, adapter, model = _saved(tmp_path)
+    with pytest.raises(LoratoolsError, match="needs the base model"):
+        load_adapter(adapter)
+    report = merge_paths(str(base), tmp_path / "merged", add=[(str(adapter), 1.0)])
+    assert report.to_dict()["merged"] == 2
+    merged = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 64, (2, 7))
+    plain = transformers.GptOssForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, **LOGITS_FP32)
+        assert (plain(ids).logits - model(ids).logits).abs().max() > 1e-2  # the experts' delta shows
+    records = {m.name: m for m in report.modules}  # one precision record per fused tensor
+    assert set(records) == {f"{EXPERTS_MODULE}.gate_up_proj", f"{EXPERTS_MODULE}.down_proj"}
+    assert all(r.adapters == 3 and r.delta_norm > 0 for r in records.values())  # 3 experts each

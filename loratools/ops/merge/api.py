@@ -176,11 +176,13 @@ def merge_paths(
     )
     ckpt = open_checkpoint(resolve_path(base))
     names = ckpt.names()
+    shapes = {info.name: tuple(info.shape) for info in ckpt.infos()}  # fused experts' layout
     terms, paths = [], []
     for sign, pairs in ((1.0, add), (-1.0, remove)):
         for argument, weight in pairs:
             path = resolve_path(argument, what="adapter")
-            terms.append(MergeTerm(load_adapter(path, base_names=names), sign * weight, str(argument)))
+            adapter = load_adapter(path, base_names=names, base_shapes=shapes)
+            terms.append(MergeTerm(adapter, sign * weight, str(argument)))
             paths.append(path)
     operation = "swap" if add and remove else "merge" if add else "unmerge"
     return merge_checkpoint(

@@ -23,6 +23,7 @@ from loratools.errors import (
 from loratools.formats.detect import FileKind
 from loratools.formats.names import resolve_modules, resolve_tensor_names
 from loratools.io.safetensors_file import TensorSpec
+from loratools.kinds.fused import ExpertLora
 from loratools.ops.merge.growth import grows, lora_on_grown, restore_base_layer
 from loratools.ops.merge.terms import FLOAT_DTYPES, MergeTerm, TensorUpdate
 
@@ -75,11 +76,12 @@ def _plan_loras(
 ) -> None:
     adapter, label = term.adapter, term.label
     base_names = list(infos)
+    modules = [m for m in adapter.modules if not _plan_expert(term, m, infos, updates, problems)]
     try:
-        targets = resolve_modules(adapter.modules, base_names)
+        targets = resolve_modules(modules, base_names)
     except MissingKeys:
-        names = _resolve([f"{m}.weight" for m in adapter.modules], base_names, label, problems)
-        targets = {m: names[f"{m}.weight"] for m in adapter.modules if f"{m}.weight" in names}
+        names = _resolve([f"{m}.weight" for m in modules], base_names, label, problems)
+        targets = {m: names[f"{m}.weight"] for m in modules if f"{m}.weight" in names}
     seen: dict[str, str] = {}
     for module, target in targets.items():
         lora, info = adapter.weights[module], infos[target]
@@ -98,6 +100,29 @@ def _plan_loras(
         else:
             updates.setdefault(target, TensorUpdate()).loras.append((lora, term.weight, transposed))
         seen[target] = module
+
+
+def _plan_expert(
+    term: MergeTerm,
+    module: str,
+    infos: Mapping[str, TensorSpec],
+    updates: dict[str, TensorUpdate],
+    problems: Problems,
+) -> bool:
+    """Plan one expert slice of a fused (E, p, q) tensor (``param[e]``, resolved when the adapter
+    was read against this base); False for any other module."""
+    lora = term.adapter.weights[module]
+    if not isinstance(lora, ExpertLora) or lora.param is None:
+        return False
+    info = infos.get(lora.param.name)
+    if info is None or tuple(info.shape) != lora.param.shape:
+        shape = list(lora.param.shape)
+        _misfit(problems, f"{term.label}: {module} adapts a fused {shape} tensor the base lacks")
+    elif info.dtype not in FLOAT_DTYPES:
+        _misfit(problems, f"{term.label}: {lora.param.name} is {info.dtype}, not a float tensor")
+    else:
+        updates.setdefault(lora.param.name, TensorUpdate()).loras.append((lora, term.weight, False))
+    return True
 
 
 def _plan_saved(

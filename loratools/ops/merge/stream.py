@@ -28,6 +28,7 @@ from loratools.io.dora_record import record_path, write_record_file
 from loratools.io.quant import drop_quantization_config
 from loratools.io.quant.gguf_checkpoint import GgufCheckpoint
 from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
+from loratools.ops.merge.fused import apply_fused, is_fused
 from loratools.ops.merge.growth import copy_tokenizer, grown_layout, grown_shapes, update_grown_files
 from loratools.ops.merge.plan import MergePlan
 from loratools.ops.merge.precision import ModuleStats
@@ -120,6 +121,10 @@ def merged_tensors(
             out_dtype = options.dtype or data.dtype
             if plan.dora is not None and plan.dora.handles(update):  # DoRA: not an added L @ R
                 out, record = plan.dora.apply(name, w0, update, out_dtype, device)
+                stats.append(record)
+                yield name, out.cpu()
+            elif is_fused(update):  # fused (E, p, q) experts: one L @ R per touched slice
+                out, record = apply_fused(name, w0, update, out_dtype, device)
                 stats.append(record)
                 yield name, out.cpu()
             elif update.loras:
