@@ -258,7 +258,11 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
     rank_pattern = {m: w.rank for m, w in weights.items() if w.rank != r}
     alpha_pattern = {m: w.alpha for m, w in weights.items() if w.alpha != alpha}
 
-    tensors: dict[str, torch.Tensor] = {}
+    experts = {m: w for m, w in weights.items() if fused.FUSED_NAME.match(m)}  # target_parameters
+    weights = {m: w for m, w in weights.items() if m not in experts}
+    rank_pattern = {m: p for m, p in rank_pattern.items() if m in weights}
+    alpha_pattern = {m: p for m, p in alpha_pattern.items() if m in weights}
+    tensors: dict[str, torch.Tensor] = fused.peft_tensors(experts, r, alpha) if experts else {}
     for module, w in weights.items():
         tensors.update(_module_tensors(module, w))
     for name, tensor in adapter.saved_modules.items():

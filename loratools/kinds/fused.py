@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from loratools.adapter import LoraWeight
-from loratools.errors import MissingKeys, ShapeMismatch, list_problems
+from loratools.errors import MissingKeys, ShapeMismatch, UnknownFormat, list_problems
 
 __all__ = [
     "FUSED_NAME",
@@ -52,6 +52,7 @@ __all__ = [
     "fused_name",
     "merge_fused",
     "peft_prefix",
+    "peft_tensors",
     "read_peft",
     "resolve_wrappers",
     "to_peft",
@@ -96,11 +97,13 @@ class ExpertLora(LoraWeight):
         param: the fused base parameter (None only as the dataclass default).
         expert: the slice index e.
         depth: the nesting depth of its PEFT wrapper (0 = outermost).
+        module: the wrapped module's path as the adapter names it (PEFT keys are built on it).
     """
 
     param: FusedParam | None = None
     expert: int = 0
     depth: int = 0
+    module: str = ""
 
 
 def fused_name(param: str, expert: int) -> str:
@@ -120,6 +123,7 @@ def from_peft(
     alpha: float,
     use_rslora: bool = False,
     depth: int = 0,
+    module: str = "",
 ) -> dict[str, ExpertLora]:
     """Split one ParamWrapper's ``lora_A`` (E·r, in), ``lora_B`` (out, E·r) into per-expert LoRAs.
 
@@ -139,7 +143,7 @@ def from_peft(
             a_e, b_e = b_e.T, a_e.T  # (r, out), (in, r)
         a_e, b_e = a_e.contiguous(), b_e.contiguous()
         weights[fused_name(param.name, e)] = ExpertLora(
-            a_e, b_e, alpha, use_rslora, param=param, expert=e, depth=depth
+            a_e, b_e, alpha, use_rslora, param=param, expert=e, depth=depth, module=module
         )
     return weights
 
@@ -310,7 +314,7 @@ def read_peft(
         for depth, ((a, b), param) in enumerate(
             zip(pairs, resolve_wrappers(pairs, params, hint), strict=True)
         ):
-            weights.update(from_peft(a, b, param, float(alpha_of(module)), use_rslora, depth))
+            weights.update(from_peft(a, b, param, float(alpha_of(module)), use_rslora, depth, module))
     if problems:
         raise MissingKeys(
             f"{source}: target_parameters that fit no 3-D base tensor: {list_problems(problems)}"
@@ -343,3 +347,41 @@ def _transposed_hint(config: Mapping[str, Any]) -> bool | None:
     mapping = config.get("auto_mapping")
     name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     return True if isinstance(name, str) and name.startswith(TRANSPOSED_CLASSES) else None
+
+
+def peft_tensors(weights: Mapping[str, LoraWeight], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """PEFT's ``target_parameters`` keys and tensors for the expert modules of an adapter.
+
+    Args:
+        weights: the ``param[e]`` modules (every one an :class:`ExpertLora` read from PEFT).
+        rank, alpha: the adapter config's ``r`` and ``lora_alpha``, which PEFT applies to them.
+
+    Raises:
+        UnknownFormat: a module whose fused layout is unknown (made by an op that forgot it), or
+            expert modules whose rank or alpha is not the config's.
+    """
+    groups: dict[str, dict[str, LoraWeight]] = {}
+    first: dict[str, ExpertLora] = {}
+    for name, weight in weights.items():
+        if not isinstance(weight, ExpertLora) or weight.param is None:
+            raise UnknownFormat(
+                f"module {name} is one expert of a fused tensor, but its layout was not kept; "
+                "write the adapter read from PEFT (or merge it) instead"
+            )
+        if (weight.rank, weight.alpha) != (rank, alpha):
+            raise UnknownFormat(
+                f"module {name} has rank {weight.rank}, alpha {weight.alpha}; PEFT applies r={rank}, "
+                f"lora_alpha={alpha} to target_parameters: resize the adapter to one rank first"
+            )
+        groups.setdefault(weight.param.name, {})[name] = weight
+        first.setdefault(weight.param.name, weight)
+    tensors = {}
+    for param_name, group in groups.items():
+        expert = first[param_name]
+        assert expert.param is not None  # checked above
+        a, b = to_peft(group, expert.param)
+        prefix = "base_model.model." + peft_prefix(
+            expert.module or param_name.rpartition(".")[0], expert.depth
+        )
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+    return tensors

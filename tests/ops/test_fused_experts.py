@@ -247,3 +247,25 @@ def test_merge_command_path_equals_peft_logits(tmp_path: Path) -> None:
     records = {m.name: m for m in report.modules}  # one precision record per fused tensor
     assert set(records) == {f"{EXPERTS_MODULE}.gate_up_proj", f"{EXPERTS_MODULE}.down_proj"}
     assert all(r.adapters == 3 and r.delta_norm > 0 for r in records.values())  # 3 experts each
+
+
+def test_read_then_written_by_loratools_loads_in_peft(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from loratools.io.adapter_dir import load_adapter, save_adapter
+    from loratools.io.checkpoint import open_checkpoint
+
+    base, adapter_dir, model = _saved(tmp_path)
+    shapes = {info.name: tuple(info.shape) for info in open_checkpoint(base).infos()}
+    adapter = load_adapter(adapter_dir, base_shapes=shapes)
+    assert len(adapter.weights) == 2 * 3  # (gate_up_proj, down_proj) × 3 experts
+    out = save_adapter(adapter, tmp_path / "written")
+    original = load_file(adapter_dir / "adapter_model.safetensors")
+    written = load_file(out / "adapter_model.safetensors")
+    assert set(written) == set(original)
+    assert all(torch.equal(written[k], original[k]) for k in original)  # values only moved: same bytes
+    fresh = transformers.GptOssForCausalLM.from_pretrained(base).eval()
+    loaded = peft.PeftModel.from_pretrained(fresh, str(out)).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, **LOGITS_FP32)
