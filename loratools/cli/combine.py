@@ -8,6 +8,7 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, dtype_option, force_flag, reporting, split_option
+from loratools.commands.combine import CombineOptions, CombineReport
 
 
 @click.command()
@@ -38,7 +39,11 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 )
 @click.option("--density", type=float, help="ties: fraction of entries kept; dare: keep probability.")
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of DARE's masks and the randomized SVD."
+    "--seed",
+    type=int,
+    default=CombineOptions.seed,
+    show_default=True,
+    help="Seed of DARE's masks and the randomized SVD.",
 )
 @click.option(
     "--base",
@@ -49,7 +54,7 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 @click.option(
     "--saved-modules",
     type=click.Choice(["auto", "drop", "first"]),
-    default="auto",
+    default=CombineOptions.saved_modules,
     show_default=True,
     help="modules_to_save: keep when unweighted and identical (auto), keep the first copy, or drop.",
 )
@@ -70,19 +75,7 @@ def combine(
     loratools combine a/ -o minus_a/ -w -1               negation (scaling: -w 0.5)
     loratools combine a/ b/ c/ -o t/ --method ties --density 0.2 -r 16
     """
-    import torch
-
-    from loratools.device import resolve_device
-    from loratools.io.adapter_dir import (
-        check_output_form,
-        describe_adapter,
-        load_adapter,
-        save_adapter_as,
-    )
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.resolve import resolve_path
-    from loratools.io.writer import check_not_an_input
-    from loratools.ops.combine import CombineOptions, combine_adapters
+    from loratools.commands.combine import open_combine
 
     if weights and len(weights) != len(adapters):
         raise click.UsageError(
@@ -90,49 +83,26 @@ def combine(
         )
     try:
         options = CombineOptions(
-            weights=weights or None, method=method, rank=rank, energy=energy, density=density, seed=seed,  # type: ignore[arg-type]
-            split=split, saved_modules=saved_modules, dtype=getattr(torch, dtype) if dtype else None,  # type: ignore[arg-type]
-            device=resolve_device(device),
+            adapters, output, weights=weights or None, method=method, rank=rank, energy=energy,
+            density=density, seed=seed, split=split, saved_modules=saved_modules, base=base,
+            dtype=dtype, device=device, force=force,
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    paths = [resolve_path(a, what="adapter") for a in adapters]
-    check_not_an_input(output, paths)
-    base_names = open_checkpoint(resolve_path(base)).names() if base else None
-    loaded = [load_adapter(p, base_names=base_names) for p in paths]
-    for adapter in loaded:
-        check_output_form(adapter, output)
-    _check_same_naming(adapters, loaded)
-    modules = {name for adapter in loaded for name in adapter.weights}
-    with render.progress(len(modules), "combine", quiet=quiet or as_json) as advance:
-        result = combine_adapters(loaded, options, sources=list(adapters), progress=advance)
-    save_adapter_as(result.adapter, output, force=force)
+    opened = open_combine(options)
+    with render.progress(opened.total, "combine", quiet=quiet or as_json) as advance:
+        report = opened.run(advance)
     if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
-        for source, adapter in zip(adapters, loaded, strict=True):
-            render.note(describe_adapter(source, adapter))
-    _report(result.summary(), output, as_json, quiet)
+        for line in report.descriptions:
+            render.note(line)
+    _report(report, as_json, quiet)
 
 
-def _check_same_naming(paths: tuple[str, ...], loaded: list) -> None:
-    """Kohya names (a kohya file read without --base) and module paths never match: adding such
-    adapters would silently give their union instead of their sum."""
-    from loratools.errors import LoratoolsError
-    from loratools.formats.detect import is_kohya_stem
-
-    kohya = [
-        p for p, a in zip(paths, loaded, strict=True) if a.weights and all(map(is_kohya_stem, a.weights))
-    ]
-    if kohya and len(kohya) < len(paths):
-        raise LoratoolsError(
-            f"{kohya[0]} has kohya names and other adapters have module paths, so no module would "
-            "match; pass --base BASE to resolve the kohya names"
-        )
-
-
-def _report(summary: dict, output: Path, as_json: bool, quiet: bool) -> None:
+def _report(report: CombineReport, as_json: bool, quiet: bool) -> None:
     if as_json:
-        render.emit_json({"output": str(output), **summary})
+        render.emit_json(report.to_dict())
         return
+    summary = report.to_dict()
     rows = [(m["name"], m["rank"], m["energy_kept"], len(m["sources"])) for m in summary["modules"]]
     render.table(
         f"combine ({summary['method']})", ["module", "rank", "energy kept", "inputs"], rows, quiet=quiet
@@ -140,4 +110,4 @@ def _report(summary: dict, output: Path, as_json: bool, quiet: bool) -> None:
     if summary["saved_modules"]["dropped"]:
         render.warn(f"dropped modules_to_save: {', '.join(summary['saved_modules']['dropped'])}")
     if not quiet:
-        render.note(f"wrote {output} ({len(rows)} modules, total rank {summary['rank_total']})")
+        render.note(f"wrote {report.output} ({len(rows)} modules, total rank {summary['rank_total']})")
