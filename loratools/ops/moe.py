@@ -9,6 +9,13 @@ transformers 5 writes, whose in-memory layout is fused) store one 2-D weight per
 
 and a router per layer (``…block_sparse_moe.gate.weight``, ``…mlp.gate.weight``, Qwen2-MoE's
 ``…mlp.shared_expert_gate.weight``): (num_experts, hidden), small, carried whole.
+
+gpt-oss stores each projection's experts fused, one 3-D tensor (E, ·, ·) without ``.weight``::
+
+    model.layers.N.mlp.experts.gate_up_proj        (E, hidden, 2·inter), and down_proj
+
+counted as E expert weights each (``fused``: name → E, from :func:`fused_experts`); an adapter's
+module for one of them is ``….experts.gate_up_proj[e]`` (:mod:`loratools.kinds.fused`).
 """
 
 from __future__ import annotations
@@ -25,18 +32,27 @@ __all__ = [
     "check_no_expert_dropped",
     "count_experts",
     "experts_entry",
+    "fused_experts",
     "is_expert",
     "is_router",
     "merged_experts",
 ]
 
 EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<index>\d+)\.(?P<proj>.+)\.weight$")
+FUSED = re.compile(r"^(?P<block>.+\.experts)\.(?P<proj>[^.]+)$")  # ….experts.gate_up_proj (E, ·, ·)
 ROUTER = re.compile(r"(^|\.)(gate|router|shared_expert_gate)\.weight$")
 
 
 def is_expert(name: str) -> bool:
     """Whether tensor ``name`` is one expert's 2-D weight (``….experts.3.w1.weight``)."""
     return EXPERT.match(name) is not None
+
+
+def fused_experts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Fused expert tensors of a base (``….experts.<proj>``, 3-D, not a bias) → their expert count E."""
+    return {
+        n: int(s[0]) for n, s in shapes.items() if len(s) == 3 and FUSED.match(n) and not n.endswith("_bias")
+    }
 
 
 def is_router(name: str) -> bool:
@@ -77,27 +93,33 @@ def count_experts(
     touched: Iterable[str],
     dropped: Iterable[str] = (),
     routers: Iterable[str] = (),
+    fused: Mapping[str, int] | None = None,
 ) -> ExpertCount | None:
     """Count expert weights; None when the base has none (not a mixture of experts).
 
     Args:
         base_names: every tensor name of the base.
-        touched: tensor names the command changed.
+        touched: tensor names the command changed (``param[e]`` for a fused tensor's expert e).
         dropped: tensor names whose change the command would lose.
         routers: router tensor names carried whole.
+        fused: the base's fused expert tensors → E (:func:`fused_experts`); each counts E weights.
     """
+    fused = fused or {}
     experts = [n for n in base_names if is_expert(n)]
-    if not experts:
+    if not experts and not fused:
         return None
     groups = set()
     for name in experts:
         match = EXPERT.match(name)
         assert match is not None
         groups.add((match["block"], match["index"]))
+    for name, count in fused.items():
+        groups.update((name.rpartition(".")[0], str(e)) for e in range(count))
+    slices = {f"{name}[{e}]" for name, count in fused.items() for e in range(count)}
     return ExpertCount(
-        base=len(experts),
+        base=len(experts) + len(slices),
         experts=len(groups),
-        touched=sum(1 for n in set(touched) if is_expert(n)),
+        touched=sum(1 for n in set(touched) if is_expert(n) or n in slices),
         dropped=sorted(n for n in set(dropped) if is_expert(n)),
         routers=sorted(set(routers)),
     )
@@ -116,7 +138,9 @@ def check_no_expert_dropped(count: ExpertCount | None, fix: str) -> None:
         )
 
 
-def merged_experts(base_names: Iterable[str], updates: Mapping[str, Any]) -> dict[str, Any] | None:
+def merged_experts(
+    base_names: Iterable[str], updates: Mapping[str, Any], fused: Mapping[str, int] | None = None
+) -> dict[str, Any] | None:
     """The ``experts`` entry of a merge report: expert weights an adapter changed vs in the base.
 
     A merge cannot drop an expert's factors (a module that fits no base tensor is an error before
@@ -125,10 +149,17 @@ def merged_experts(base_names: Iterable[str], updates: Mapping[str, Any]) -> dic
     Args:
         base_names: the base's tensor names.
         updates: base tensor name → its update (``loras``: factor terms; ``replacement``: whole).
+        fused: the base's fused expert tensors → E; their touched slices are counted one by one.
     """
     touched = [n for n, u in updates.items() if getattr(u, "loras", None)]
+    touched += [  # an expert slice of a fused tensor (kinds/fused.py ExpertLora)
+        f"{n}[{lora.expert}]"
+        for n, u in updates.items()
+        for lora, _, _ in getattr(u, "loras", [])
+        if hasattr(lora, "expert")
+    ]
     routers = [n for n, u in updates.items() if is_router(n) and getattr(u, "replacement", None) is not None]
-    count = count_experts(base_names, touched, routers=routers)
+    count = count_experts(base_names, touched, routers=routers, fused=fused)
     return count.to_dict() if count is not None else None
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from loratools.kinds import embedding
 from loratools.ops.extract.embeddings import tied_embeddings
-from loratools.ops.moe import count_experts, is_router
+from loratools.ops.moe import count_experts, fused_experts, is_router
 
 __all__ = ["added_tokens", "model_structure"]
 
@@ -43,7 +43,7 @@ def model_structure(
     rows = max((shapes[n][0] for n in lookup), default=None)
     declared = config.get("vocab_size")
     tied = bool(lookup) and (bool(tied_embeddings(shapes)) or bool(config.get("tie_word_embeddings", False)))
-    experts = count_experts(shapes, [])
+    experts = count_experts(shapes, [], fused=fused_experts(shapes))
     return {
         "vocab_size": rows,
         "config_vocab_size": declared,

@@ -238,6 +238,14 @@ def test_merge_command_path_equals_peft_logits(tmp_path: Path) -> None:
         load_adapter(adapter)
     report = merge_paths(str(base), tmp_path / "merged", add=[(str(adapter), 1.0)])
     assert report.to_dict()["merged"] == 2
+    # every expert slice counted: 2 fused tensors × 3 experts in the base, all 6 touched
+    assert report.to_dict()["experts"] == {
+        "base": 6,
+        "experts": 3,
+        "touched": 6,
+        "dropped": [],
+        "routers": [],
+    }
     merged = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.randint(0, 64, (2, 7))
     plain = transformers.GptOssForCausalLM.from_pretrained(base).eval()
@@ -269,3 +277,17 @@ def test_read_then_written_by_loratools_loads_in_peft(tmp_path: Path) -> None:
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, **LOGITS_FP32)
+
+
+def test_inspect_counts_fused_experts() -> None:
+    from loratools.ops.moe import fused_experts
+    from loratools.ops.structure import model_structure
+
+    shapes = {
+        f"{EXPERTS_MODULE}.gate_up_proj": (3, 16, 24),
+        f"{EXPERTS_MODULE}.gate_up_proj_bias": (3, 24),  # a bias: not an expert weight
+        f"{EXPERTS_MODULE}.down_proj": (3, 12, 16),
+        "model.layers.0.mlp.router.weight": (3, 16),
+    }
+    assert fused_experts(shapes) == {f"{EXPERTS_MODULE}.gate_up_proj": 3, f"{EXPERTS_MODULE}.down_proj": 3}
+    assert model_structure(shapes, None)["experts"] == {"weights": 6, "experts": 3}

@@ -18,7 +18,7 @@ from loratools.ops.merge.plan import check_argument_order, plan_merge
 from loratools.ops.merge.precision import MergeReport, build_report
 from loratools.ops.merge.stream import write_merged
 from loratools.ops.merge.terms import MergeOptions, MergeTerm
-from loratools.ops.moe import merged_experts
+from loratools.ops.moe import fused_experts, merged_experts
 from loratools.progress import Progress, no_progress
 
 
@@ -81,7 +81,8 @@ def merge_checkpoint(
         plan.dora.check_record(plan.updates, str(_record_of(ckpt)))
     stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
     report = build_report(output, operation, terms, options, plan, stats, files, len(infos))
-    report = replace(report, experts=merged_experts(list(infos), plan.updates))
+    fused = fused_experts({name: tuple(info.shape) for name, info in infos.items()})
+    report = replace(report, experts=merged_experts(list(infos), plan.updates, fused))
     if plan.dora is not None and plan.dora.output_record().norms:  # the DoRA norms record written
         report = replace(report, dora_record=str(record_path(output, not as_file)))
     left = model_files(ckpt.model_dir) if as_file and ckpt.model_dir is not None else []
