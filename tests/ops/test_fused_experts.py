@@ -291,3 +291,31 @@ def test_inspect_counts_fused_experts() -> None:
     }
     assert fused_experts(shapes) == {f"{EXPERTS_MODULE}.gate_up_proj": 3, f"{EXPERTS_MODULE}.down_proj": 3}
     assert model_structure(shapes, None)["experts"] == {"weights": 6, "experts": 3}
+
+
+def test_spectrum_command_with_base_reads_fused_experts(tmp_path: Path) -> None:
+    from loratools.commands.spectrum import SpectrumOptions, spectrum
+
+    base, adapter_dir, model = _saved(tmp_path)
+    report = spectrum(SpectrumOptions(paths=(str(adapter_dir),), base=str(base))).result
+    expected = {}
+    for wrapper in _wrappers(model):
+        delta = wrapper.get_delta_weight("default").double()
+        for e in range(delta.shape[0]):
+            expected[fused_name(f"{EXPERTS_MODULE}.{wrapper.parameter_name}", e)] = torch.linalg.svdvals(
+                delta[e]
+            )[:2]
+    assert {m.name for m in report.modules} == set(expected)
+    for module in report.modules:
+        # rank-2 float32 factors: singular values to float32 relative precision
+        torch.testing.assert_close(
+            module.singular_values.double(), expected[module.name], rtol=1e-5, atol=1e-6
+        )
+        assert module.amplification is not None  # measured against the expert's own base slice
+    assert report.to_dict()["experts"] == {
+        "base": 6,
+        "experts": 3,
+        "touched": 6,
+        "dropped": [],
+        "routers": [],
+    }

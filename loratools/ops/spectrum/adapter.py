@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -18,7 +19,8 @@ from loratools import linalg
 from loratools.adapter import Adapter, ModuleWeight
 from loratools.errors import LoratoolsError, ShapeMismatch, list_problems
 from loratools.formats.names import resolve_modules
-from loratools.ops.moe import experts_entry
+from loratools.kinds.fused import ExpertLora
+from loratools.ops.moe import FUSED, count_experts, fused_experts
 from loratools.ops.spectrum.amplification_factor import amplification
 from loratools.ops.spectrum.geometry import module_geometry
 from loratools.ops.spectrum.report import ModuleSpectrum, SpectrumOptions, SpectrumReport, TensorSource
@@ -64,8 +66,8 @@ def adapter_spectrum(
             progress(name)
     settings = {"method": "factored", "seed": options.seed, "amplification": base is not None}
     settings.update(options.geometry.settings())
-    touched = [f"{m}.weight" for m in adapter.weights]
-    experts = experts_entry(base.names(), touched) if base is not None else None
+    touched = [m if isinstance(w, ExpertLora) else f"{m}.weight" for m, w in adapter.weights.items()]
+    experts = _experts(base, touched) if base is not None else None
     return SpectrumReport("adapter", modules, settings=settings, experts=experts)
 
 
@@ -135,8 +137,41 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _experts(base: TensorSource, touched: list[str]) -> dict[str, Any] | None:
+    """The report's expert counts, fused (E, ·, ·) expert tensors included."""
+    names = base.names()
+    fused = fused_experts({n: tuple(base.info(n).shape) for n in names if FUSED.match(n)})
+    count = count_experts(names, touched, fused=fused)
+    return count.to_dict() if count is not None else None
+
+
+def _expert_slices(adapter: Adapter, base: TensorSource) -> Iterator[torch.Tensor]:
+    """W0 per module, in module order, when some modules are expert slices ``param[e]`` of fused
+    tensors: each fused tensor is read once, while its slices come in a row."""
+    held: tuple[str, torch.Tensor] | None = None
+    others = [m for m, w in adapter.weights.items() if not isinstance(w, ExpertLora)]
+    plain = resolve_modules(others, base.names())
+    for module, weight in adapter.weights.items():
+        if isinstance(weight, ExpertLora) and weight.param is not None:
+            if held is None or held[0] != weight.param.name:
+                held = next(iter(base.iter_tensors([weight.param.name])))
+            yield held[1][weight.expert]
+        else:
+            yield next(iter(base.iter_tensors([plain[module]])))[1]
+
+
 def _base_weights(adapter: Adapter, base: TensorSource) -> Iterator[torch.Tensor]:
     """The base tensors of the adapter's modules, in module order, checked for shape first."""
+    if any(isinstance(w, ExpertLora) for w in adapter.weights.values()):
+        problems = [
+            f"{m}: adapts fused {w.param.name} {w.param.shape}, not in the base"
+            for m, w in adapter.weights.items()
+            if isinstance(w, ExpertLora) and w.param is not None
+            and (w.param.name not in base.names() or tuple(base.info(w.param.name).shape) != w.param.shape)
+        ]  # fmt: skip
+        if problems:
+            raise ShapeMismatch(f"adapter and base do not fit: {list_problems(problems)}")
+        return _expert_slices(adapter, base)
     tensor_of = resolve_modules(adapter.modules, base.names())
     problems = []
     for module, tensor in tensor_of.items():
