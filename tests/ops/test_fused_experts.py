@@ -293,18 +293,20 @@ def test_inspect_counts_fused_experts() -> None:
     assert model_structure(shapes, None)["experts"] == {"weights": 6, "experts": 3}
 
 
-def test_spectrum_command_with_base_reads_fused_experts(tmp_path: Path) -> None:
-    from loratools.commands.spectrum import SpectrumOptions, spectrum
+def test_spectrum_with_base_reads_fused_experts(tmp_path: Path) -> None:
+    from loratools.io.adapter_dir import load_adapter
+    from loratools.io.checkpoint import open_checkpoint
 
-    base, adapter_dir, model = _saved(tmp_path)
-    report = spectrum(SpectrumOptions(paths=(str(adapter_dir),), base=str(base))).result
+    base_dir, adapter_dir, model = _saved(tmp_path)
+    base = open_checkpoint(base_dir)
+    adapter = load_adapter(adapter_dir, base_shapes={i.name: tuple(i.shape) for i in base.infos()})
+    report = adapter_spectrum(adapter, base=base)
     expected = {}
     for wrapper in _wrappers(model):
         delta = wrapper.get_delta_weight("default").double()
         for e in range(delta.shape[0]):
-            expected[fused_name(f"{EXPERTS_MODULE}.{wrapper.parameter_name}", e)] = torch.linalg.svdvals(
-                delta[e]
-            )[:2]
+            name = fused_name(f"{EXPERTS_MODULE}.{wrapper.parameter_name}", e)
+            expected[name] = torch.linalg.svdvals(delta[e])[:2]
     assert {m.name for m in report.modules} == set(expected)
     for module in report.modules:
         # rank-2 float32 factors: singular values to float32 relative precision
