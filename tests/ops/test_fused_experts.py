@@ -321,3 +321,24 @@ def test_spectrum_with_base_reads_fused_experts(tmp_path: Path) -> None:
         "dropped": [],
         "routers": [],
     }
+
+
+def test_unmerge_gives_back_the_base_and_a_missing_fused_tensor_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from loratools.ops.merge import merge_paths
+
+    base, adapter, _ = _saved(tmp_path)
+    merge_paths(str(base), tmp_path / "merged", add=[(str(adapter), 1.0)])
+    merge_paths(str(tmp_path / "merged"), tmp_path / "back", remove=[(str(adapter), 1.0)])
+    original, back = load_file(base / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    for name in (f"{EXPERTS_MODULE}.gate_up_proj", f"{EXPERTS_MODULE}.down_proj"):
+        # W0 + Δ − Δ in float32: two roundings of values of size ~1
+        torch.testing.assert_close(back[name], original[name], rtol=1e-5, atol=1e-6)
+    # a base without down_proj: its three experts' deltas would be lost, so nothing is written
+    lacking = {k: v for k, v in original.items() if not k.endswith("experts.down_proj")}
+    (tmp_path / "lacking").mkdir()
+    save_file(lacking, str(tmp_path / "lacking" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoratoolsError, match="fit no 3-D base tensor"):
+        merge_paths(str(tmp_path / "lacking"), tmp_path / "out", add=[(str(adapter), 1.0)])
+    assert not (tmp_path / "out").exists()
