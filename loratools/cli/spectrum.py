@@ -9,10 +9,9 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, reporting
-from loratools.ops.spectrum.geometry import GeometryOptions
+from loratools.commands.spectrum import SpectrumOptions
 
 SPARK_VALUES = 24  # singular values drawn in each module's sparkline
-GEOMETRY = GeometryOptions()  # the defaults of --intruder-k / --intruder-epsilon
 
 
 @click.command()
@@ -21,7 +20,10 @@ GEOMETRY = GeometryOptions()  # the defaults of --intruder-k / --intruder-epsilo
     "--base", "base_path", metavar="BASE", help="ADAPTER's base model: adds ‖Δ‖_F / ‖UᵀW0V‖_F (§7.3)."
 )
 @click.option(
-    "--top", default=64, show_default=True, help="Singular values per ΔW (BASE FINETUNED; randomized)."
+    "--top",
+    default=SpectrumOptions.top,
+    show_default=True,
+    help="Singular values per ΔW (BASE FINETUNED; randomized).",
 )
 @click.option("--exact", is_flag=True, help="Full SVD of each ΔW: complete spectra, slow for large tensors.")
 @click.option("--include", metavar="REGEX", help="BASE FINETUNED: only tensors whose name matches REGEX.")
@@ -35,9 +37,17 @@ GEOMETRY = GeometryOptions()  # the defaults of --intruder-k / --intruder-epsilo
 @click.option(
     "--intruders", is_flag=True, help="Add intruder dimensions (a full SVD of each base matrix: slow)."
 )
-@click.option("--intruder-k", default=GEOMETRY.k, show_default=True, help="Top singular directions examined.")
 @click.option(
-    "--intruder-epsilon", default=GEOMETRY.epsilon, show_default=True, help="Intruder below this similarity."
+    "--intruder-k",
+    default=SpectrumOptions.intruder_k,
+    show_default=True,
+    help="Top singular directions examined.",
+)
+@click.option(
+    "--intruder-epsilon",
+    default=SpectrumOptions.intruder_epsilon,
+    show_default=True,
+    help="Intruder below this similarity.",
 )
 @click.option(
     "--geometry-plot",
@@ -69,29 +79,27 @@ def spectrum(
     With one argument, ADAPTER's Δ = s·B·A (exact, factored: never the d×k product). With two,
     the full ΔW = W_ft − W_base of a fine-tune (top-k by randomized SVD, exact ‖ΔW‖_F).
     """
-    from loratools.device import resolve_device
-    from loratools.ops.spectrum import SpectrumOptions
+    from loratools.commands.spectrum import open_spectrum
 
     if len(paths) not in (1, 2):
         raise click.UsageError(f"expected ADAPTER or BASE FINETUNED, got {len(paths)} arguments")
     if base_path and len(paths) == 2:
         raise click.UsageError("--base goes with the ADAPTER form; BASE FINETUNED already names the base")
-    measures = GeometryOptions(geometry=geometry, intruders=intruders, k=intruder_k, epsilon=intruder_epsilon)
     options = SpectrumOptions(
-        top=top, exact=exact, include=include, device=resolve_device(device), geometry=measures
-    )
-    if geometry_plot_path and not measures.enabled:
+        paths, base=base_path, top=top, exact=exact, include=include, geometry=geometry, intruders=intruders,
+        intruder_k=intruder_k, intruder_epsilon=intruder_epsilon, device=device,
+    )  # fmt: skip
+    if geometry_plot_path and not options.measure.geometry.enabled:
         raise click.UsageError(
             "--geometry-plot draws what --geometry or --intruders measure: add one of them"
         )
     plot_path = check_plot_output(plot_path, force, [*paths, base_path])
     geometry_plot_path = check_plot_output(geometry_plot_path, force, [*paths, base_path])
-    if len(paths) == 1:
-        report = _adapter(paths[0], base_path, options, quiet)
-    else:
-        check_pair(paths[0], paths[1])
-        report = _pair(paths[0], paths[1], options, quiet)
-    document = {"inputs": list(paths), "kinds": _kinds(paths), "base": base_path, **report.to_dict()}
+    opened = open_spectrum(options)
+    label = "spectrum" if len(paths) == 1 else "spectrum of ΔW"
+    with render.progress(opened.total, label, quiet=quiet) as advance:
+        report = opened.run(advance)
+    document = report.to_dict()
     if plot_path:
         _write_plot(document, plot_path, force, " vs ".join(paths))
     if geometry_plot_path:
@@ -100,77 +108,6 @@ def spectrum(
         render.emit_json(document)
     else:
         _show(document, quiet)
-
-
-def _adapter(path: str, base_path: str | None, options: Any, quiet: bool) -> Any:
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.resolve import resolve_path
-    from loratools.ops.dora import dora_modules
-    from loratools.ops.spectrum import adapter_spectrum
-    from loratools.ops.spectrum.dora import dora_spectrum
-
-    base = open_checkpoint(resolve_path(base_path)) if base_path else None
-    adapter = _load_adapter(path, base.names() if base is not None else None)  # kohya needs the names
-    with render.progress(len(adapter.weights), "spectrum", quiet=quiet) as advance:
-        if dora_modules(adapter):  # W' − W0 depends on the base: the effective update's spectrum
-            return dora_spectrum(adapter, base, options, progress=advance)
-        return adapter_spectrum(adapter, options, base=base, progress=advance)
-
-
-def _load_adapter(path: str, base_names: list[str] | None = None) -> Any:
-    """The adapter at ``path``; a model checkpoint there gets an error that names the two-argument form."""
-    from loratools.errors import UnknownFormat
-    from loratools.io.adapter_dir import load_adapter
-    from loratools.io.filekind import detect_path
-    from loratools.io.resolve import resolve_path
-
-    kind = detect_path(resolve_path(path, what="adapter"))
-    if kind.kind == "checkpoint":
-        raise UnknownFormat(
-            f"{path}: {kind.label}, not an adapter; for a full fine-tune's ΔW pass both: "
-            "loratools spectrum BASE FINETUNED"
-        )
-    return load_adapter(path, base_names=base_names)
-
-
-def _kinds(paths: tuple[str, ...]) -> list[str]:
-    """What each input is, in the detector's words ("a kohya LoRA adapter")."""
-    from loratools.io.filekind import detect_path
-    from loratools.io.resolve import resolve_path
-
-    return [detect_path(resolve_path(p)).label for p in paths]
-
-
-def check_pair(base_path: str, tuned_path: str) -> None:
-    """BASE FINETUNED must both be model checkpoints; an adapter among them is named, with the
-    call that does what the user meant."""
-    from loratools.errors import LoratoolsError
-    from loratools.io.filekind import detect_path
-    from loratools.io.resolve import resolve_path
-
-    kinds = [detect_path(resolve_path(p)) for p in (base_path, tuned_path)]
-    adapters = [(p, k) for p, k in zip((base_path, tuned_path), kinds, strict=True) if k.kind == "adapter"]
-    if not adapters:
-        return
-    said = "; ".join(f"{p} is {k.label}" for p, k in zip((base_path, tuned_path), kinds, strict=True))
-    adapter = adapters[0][0]
-    others = [p for p in (base_path, tuned_path) if p != adapter]
-    fix = f"loratools spectrum {adapter}" + (f" --base {others[0]}" if len(adapters) == 1 else "")
-    raise LoratoolsError(
-        f"spectrum BASE FINETUNED takes two model checkpoints, but {said}; for an adapter's "
-        f"spectrum run: {fix}"
-    )
-
-
-def _pair(base_path: str, tuned_path: str, options: Any, quiet: bool) -> Any:
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.resolve import resolve_path
-    from loratools.ops.spectrum import delta_spectrum, plan_delta
-
-    base, tuned = open_checkpoint(resolve_path(base_path)), open_checkpoint(resolve_path(tuned_path))
-    names, _ = plan_delta(base, tuned, options.include)
-    with render.progress(len(names), "spectrum of ΔW", quiet=quiet) as advance:
-        return delta_spectrum(base, tuned, options, progress=advance)
 
 
 def check_plot_output(plot_path: str | None, force: bool, inputs: list[str | None]) -> str | None:
