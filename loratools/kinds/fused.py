@@ -17,8 +17,9 @@ and, with ``s = alpha/r`` (rsLoRA ``alpha/√r``), ``get_delta_weight`` gives th
 
 loratools keeps each (parameter, expert) as one :class:`~loratools.adapter.LoraWeight` named
 ``<parameter>[e]`` (e.g. ``model.layers.0.mlp.experts.gate_up_proj[3]``) in the slice's own
-(p, q) layout — for the transposed case A' = B_eᵀ (r, q), B' = A_eᵀ (p, r) — so spectrum,
-resize and combine see ordinary 2-D modules, and a merge adds ``L @ R`` to ``W[e]``.
+(p, q) layout — for the transposed case A' = B_eᵀ (r, q), B' = A_eᵀ (p, r) — so spectrum sees
+ordinary 2-D modules and a merge adds ``L @ R`` to ``W[e]``. It is an :class:`ExpertLora`, which
+also remembers the fused parameter and the wrapper, so that the adapter can be written back.
 
 Keys. Several targeted parameters of one module nest wrappers; PEFT wraps them in the module's
 parameter registration order, so the *last* targeted parameter is the outermost wrapper::
@@ -27,7 +28,8 @@ parameter registration order, so the *last* targeted parameter is the outermost 
     base_model.model.<module>.base_layer.lora_A.weight        the one before, …
 
 The file does not say E, the parameters' names nor the layout: they come from the base
-(:func:`resolve_wrappers`) and, where the slice is square, from the model's ``is_transposed``.
+(:func:`resolve_wrappers`) and, where the slice is square, from the model class
+(:data:`TRANSPOSED_CLASSES`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from loratools.errors import MissingKeys, ShapeMismatch, UnknownFormat, list_pro
 
 __all__ = [
     "FUSED_NAME",
-    "TRANSPOSED_MODEL_TYPES",
+    "TRANSPOSED_CLASSES",
     "ExpertLora",
     "FusedParam",
     "from_peft",
@@ -60,9 +62,9 @@ __all__ = [
 
 # ``<parameter>[<expert>]``: brackets never occur in checkpoint names, so the split is unambiguous
 FUSED_NAME = re.compile(r"^(?P<param>.+)\[(?P<expert>\d+)\]$")
-# transformers models whose fused experts are (E, in, out) (the experts module's ``is_transposed``)
-TRANSPOSED_MODEL_TYPES = frozenset({"gpt_oss"})
-TRANSPOSED_CLASSES = ("GptOss",)  # the same, by PEFT's ``auto_mapping.base_model_class`` prefix
+# transformers models whose fused experts are (E, in, out) (the experts module's ``is_transposed``),
+# by the prefix of the class PEFT records in ``auto_mapping.base_model_class``
+TRANSPOSED_CLASSES = ("GptOss",)
 # ``<module>(.base_layer)*.lora_A.weight``: the nesting depth is the number of ``base_layer``
 WRAPPER_KEY = re.compile(
     r"^(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
@@ -210,7 +212,7 @@ def resolve_wrappers(
         wrappers: ``(lora_A, lora_B)`` per nesting depth, outermost first.
         params: the module's targeted fused parameters (name, (E, p, q)). Their registration
             order (PEFT's nesting order) is not in any file, so shapes decide.
-        transposed: the model's layout where known (``TRANSPOSED_MODEL_TYPES``); needed only when a
+        transposed: the model's layout where known (``TRANSPOSED_CLASSES``); needed only when a
             wrapper fits a square slice both ways.
 
     Returns:
@@ -311,9 +313,14 @@ def read_peft(
             problems.append(f"{module}: {len(nested)} LoRA wrappers for {len(params)} fused base parameters")
             continue
         pairs = [(nested[d]["A"], nested[d]["B"]) for d in range(len(nested))]
-        for depth, ((a, b), param) in enumerate(
-            zip(pairs, resolve_wrappers(pairs, params, hint), strict=True)
-        ):
+        try:
+            resolved = resolve_wrappers(pairs, params, hint)
+        except ShapeMismatch as exc:  # name the file, and how to give the layout
+            raise ShapeMismatch(
+                f"{source}: {exc}; PEFT records the model class in adapter_config.json "
+                '"auto_mapping": {"base_model_class": …} (gpt-oss: GptOssForCausalLM)'
+            ) from None
+        for depth, ((a, b), param) in enumerate(zip(pairs, resolved, strict=True)):
             weights.update(from_peft(a, b, param, float(alpha_of(module)), use_rslora, depth, module))
     if problems:
         raise MissingKeys(

@@ -28,9 +28,9 @@ PARAMS = ("gate_up_proj", "down_proj")  # registration order in both models
 EXPERTS_MODULE = "model.layers.0.mlp.experts"
 
 
-def _gpt_oss() -> torch.nn.Module:
+def _gpt_oss(intermediate: int = 12) -> torch.nn.Module:
     config = transformers.GptOssConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=64, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, num_local_experts=3, num_experts_per_tok=2,
         layer_types=["full_attention"],
     )  # fmt: skip
@@ -219,10 +219,10 @@ def test_to_peft_refuses_mixed_ranks_and_missing_experts() -> None:
         to_peft({"x.down_proj[0]": one}, param)
 
 
-def _saved(tmp_path: Path) -> tuple[Path, Path, torch.nn.Module]:
+def _saved(tmp_path: Path, make: Any = _gpt_oss) -> tuple[Path, Path, torch.nn.Module]:
     """A tiny gpt-oss base folder and a PEFT target_parameters adapter folder written by PEFT."""
-    model, base = _peft_model(_gpt_oss)
-    fresh = _gpt_oss()
+    model, base = _peft_model(make)
+    fresh = make()
     fresh.load_state_dict(base)
     fresh.save_pretrained(tmp_path / "base")
     model.save_pretrained(tmp_path / "adapter")
@@ -342,3 +342,20 @@ def test_unmerge_gives_back_the_base_and_a_missing_fused_tensor_is_refused(tmp_p
     with pytest.raises(LoratoolsError, match="fit no 3-D base tensor"):
         merge_paths(str(tmp_path / "lacking"), tmp_path / "out", add=[(str(adapter), 1.0)])
     assert not (tmp_path / "out").exists()
+
+
+def test_square_expert_slices_take_the_layout_from_the_model_class(tmp_path: Path) -> None:
+    from loratools.ops.merge import merge_paths
+
+    # hidden = intermediate (as in gpt-oss-20b, 2880): down_proj (E, 16, 16) fits both layouts
+    base, adapter, model = _saved(tmp_path, lambda: _gpt_oss(intermediate=16))
+    merge_paths(str(base), tmp_path / "merged", add=[(str(adapter), 1.0)])
+    merged = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, **LOGITS_FP32)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    del config["auto_mapping"]  # without the model class the square slice is ambiguous: refused
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ShapeMismatch, match=r"adapter: .*square slice.*base_model_class"):
+        merge_paths(str(base), tmp_path / "again", add=[(str(adapter), 1.0)])
