@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError
 from loratools.progress import Progress, no_progress
 
-if TYPE_CHECKING:  # ops imports torch; the CLI imports this module for its defaults only
+if TYPE_CHECKING:  # torch loads only when a command runs: --help stays instant
+    from loratools.adapter import Adapter
     from loratools.ops.combine import CombineOptions as SumOptions
     from loratools.ops.combine import CombineResult
 

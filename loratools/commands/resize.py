@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratools.adapter import Adapter
 from loratools.progress import Progress, no_progress
 
-if TYPE_CHECKING:  # ops imports torch; the CLI imports this module for its defaults only
+if TYPE_CHECKING:  # torch loads only when a command runs: --help stays instant
+    from loratools.adapter import Adapter
     from loratools.ops.resize import ResizeOptions as RankOptions
     from loratools.ops.resize import ResizeResult
 
