@@ -14,7 +14,17 @@ import re
 
 from benchmarks.common import ROOT
 
-ORDER = ["extract", "merge", "quantized_merge", "spectrum", "combine", "lycoris", "train", "gpu"]
+ORDER = [
+    "extract",
+    "merge",
+    "io_profile",
+    "quantized_merge",
+    "spectrum",
+    "combine",
+    "lycoris",
+    "train",
+    "gpu",
+]
 HEADER = """# Benchmarks
 
 **TL;DR** — each benchmark runs loratools and the tool a user would otherwise reach for *in the

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from loratools.buffers import BufferRing
 from loratools.errors import CheckpointError, MissingKeys, UnknownFormat, list_problems
+from loratools.io.buffers import BufferRing
 from loratools.io.prefetch import prefetched
 from loratools.io.quant import QuantGroup, dequantize, find_groups, logical_infos, requantize
 from loratools.io.safetensors_file import (

@@ -4,7 +4,7 @@ The format: an 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then
 the data. We read tensors with ``readinto`` into our own buffers rather than through a memory map,
 so resident memory is what the caller holds, not every page of the file it has touched. Streaming
-passes read into a :class:`~loratools.buffers.BufferRing`, so the kernel does not fault in fresh zeroed pages
+passes read into a :class:`~loratools.io.buffers.BufferRing`, so the kernel does not fault in fresh zeroed pages
 for every tensor (profiled: that was most of a merge's system time).
 """
 
@@ -24,8 +24,8 @@ from typing import BinaryIO
 
 import torch
 
-from loratools.buffers import BufferRing
 from loratools.errors import CheckpointError
+from loratools.io.buffers import BufferRing
 
 __all__ = ["DTYPES", "SafetensorsFile", "SafetensorsWriter", "TensorInfo", "TensorSpec"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from loratools.buffers import BufferRing
+from loratools.io.buffers import BufferRing
 from loratools.io.checkpoint import open_checkpoint
 from loratools.io.safetensors_file import TensorSpec
 from loratools.io.writer import CheckpointWriter, plan_shards
@@ -71,7 +71,7 @@ def test_iter_tensors_kept_or_dropped_equal_the_stored_tensors(tmp_path: Path) -
 
 
 def test_scratch_cast_rounds_like_to_and_keeps_earlier_outputs() -> None:
-    scratch = Scratch()
+    scratch = Scratch("cpu", BufferRing().take)
     totals = [torch.randn(32, 48) for _ in range(4)]
     outputs = [scratch.cast(total, torch.bfloat16) for total in totals]  # all held at once
     for total, out in zip(totals, outputs, strict=True):

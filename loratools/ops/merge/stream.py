@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from loratools.buffers import BufferRing
+from loratools.io.buffers import BufferRing
 from loratools.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, ShardLayout
 from loratools.io.dora_record import record_path, write_record_file
 from loratools.io.quant import drop_quantization_config
@@ -105,7 +105,7 @@ def merged_tensors(
 ) -> Iterator[tuple[str, torch.Tensor | bytes]]:
     """The output tensors in storage order: updated, replaced, cast, or the stored bytes as they are."""
     device = torch.device(options.device)
-    scratch = Scratch(device)
+    scratch = Scratch(device, BufferRing().take)  # outputs cast into memory the writer has let go
     order = []
     for info in ckpt.infos():
         keep = info.name not in plan.updates and (options.dtype is None or info.dtype not in FLOAT_DTYPES)

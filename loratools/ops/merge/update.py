@@ -7,11 +7,11 @@ into one ``addmm`` on a float32 copy of W0, and ‖Δ‖_F comes from two R×R G
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
-from loratools.buffers import BufferRing
 from loratools.errors import NonFiniteResult
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import TensorUpdate
@@ -47,10 +47,13 @@ def delta_norm(left: torch.Tensor, right: torch.Tensor) -> float:
 class Scratch:
     """A reusable float32 buffer, grown to the largest tensor seen (no allocation per tensor)."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, device: torch.device | str = "cpu", take: Callable[[int], torch.Tensor] | None = None
+    ) -> None:
         self.device = torch.device(device)
         self._flat = torch.empty(0, device=self.device)
-        self._outputs = BufferRing()
+        # ``take(nbytes)``: CPU uint8 memory for outputs, e.g. a recycling BufferRing's (io/buffers.py)
+        self._take = take
 
     def get(self, shape: torch.Size) -> torch.Tensor:
         numel = shape.numel()
@@ -59,11 +62,11 @@ class Scratch:
         return self._flat[:numel].view(shape)
 
     def cast(self, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``total.to(dtype)`` (same rounding), on the CPU into a recycled buffer that no earlier
-        output still uses (the writer drops them in turn): no fresh pages to fault in per tensor."""
-        if total.device.type != "cpu":
+        """``total.to(dtype)`` (same rounding); on the CPU, into memory from ``take`` when given —
+        the merge stream's recycles what the writer has let go: no fresh pages to fault in."""
+        if total.device.type != "cpu" or self._take is None:
             return total.to(dtype)
-        flat = self._outputs.take(total.numel() * dtype.itemsize).view(dtype)
+        flat = self._take(total.numel() * dtype.itemsize).view(dtype)
         return flat.view(total.shape).copy_(total)
 
 

@@ -1,7 +1,7 @@
 """Recycled CPU byte buffers for streaming passes: no fresh pages to fault in for every tensor.
 
-Used by the readers in :mod:`loratools.io` and by the merge's output casts; it holds no paths and
-does no I/O, so ops may use it too.
+Used by the readers of this package and, through the allocator the merge stream hands to its
+``Scratch``, by the merge's output casts.
 """
 
 from __future__ import annotations
