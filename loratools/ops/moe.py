@@ -100,7 +100,7 @@ def count_experts(
     Args:
         base_names: every tensor name of the base.
         touched: tensor names the command changed (``param[e]`` for a fused tensor's expert e).
-        dropped: tensor names whose change the command would lose.
+        dropped: tensor names whose change the command would lose (a fused tensor by its name).
         routers: router tensor names carried whole.
         fused: the base's fused expert tensors → E (:func:`fused_experts`); each counts E weights.
     """
@@ -120,7 +120,7 @@ def count_experts(
         base=len(experts) + len(slices),
         experts=len(groups),
         touched=sum(1 for n in set(touched) if is_expert(n) or n in slices),
-        dropped=sorted(n for n in set(dropped) if is_expert(n)),
+        dropped=sorted(n for n in set(dropped) if is_expert(n) or n in fused),
         routers=sorted(set(routers)),
     )
 
