@@ -160,3 +160,16 @@ def test_importing_the_package_does_not_import_torch() -> None:
     code = "import sys, loratools, loratools.cli.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_command_help_does_not_import_torch() -> None:
+    """Every cli module loads without torch, so `loratools CMD --help` stays instant (torch: seconds)."""
+    import subprocess
+    import sys
+
+    from loratools.cli.main import COMMANDS
+
+    modules = sorted({module for module, _ in COMMANDS.values()})
+    code = f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from loratools.cli import render
 from loratools.cli.options import reporting
 from loratools.cli.render import escape
-from loratools.commands.doctor import DoctorOptions
-from loratools.ops.doctor.findings import VERDICTS, DoctorReport, Finding
+
+if TYPE_CHECKING:
+    from loratools.ops.doctor.findings import DoctorReport, Finding
 
 STYLE = {"loads": "green", "loads with changes": "yellow", "will not load": "bold red"}
 
@@ -39,6 +41,7 @@ def doctor(
     """Check ADAPTER against the runtimes you will load it in: per runtime, loads / loads with changes /
     will not load, each finding with its modules, its source and the loratools command that fixes it.
     Exit code 1 when a runtime asked for will not load it."""
+    from loratools.commands.doctor import DoctorOptions
     from loratools.commands.doctor import doctor as run
 
     options = DoctorOptions(adapter, base, runtimes, precision=not no_precision)
@@ -71,6 +74,8 @@ def _show(report: DoctorReport) -> None:
 
 
 def _findings(title: str, findings: tuple[Finding, ...]) -> None:
+    from loratools.ops.doctor.findings import VERDICTS
+
     render.note(f"[bold]{escape(title)}[/]")
     for f in findings:
         style = STYLE[VERDICTS[f.severity]]

@@ -9,9 +9,24 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, reporting
-from loratools.commands.spectrum import SpectrumOptions
 
 SPARK_VALUES = 24  # singular values drawn in each module's sparkline
+
+
+def _default(field: str) -> Any:
+    """The options dataclass's default for ``field``, read when the command runs: importing the
+    command module loads torch, which ``--help`` must not wait for. The help text shows the value
+    given beside it (``HELP_DEFAULTS``); a test checks the two agree."""
+
+    def read() -> Any:
+        from loratools.commands.spectrum import SpectrumOptions
+
+        return getattr(SpectrumOptions, field)
+
+    return read
+
+
+HELP_DEFAULTS = {"top": "64", "intruder_k": "10", "intruder_epsilon": "0.5"}
 
 
 @click.command()
@@ -21,8 +36,9 @@ SPARK_VALUES = 24  # singular values drawn in each module's sparkline
 )
 @click.option(
     "--top",
-    default=SpectrumOptions.top,
-    show_default=True,
+    type=int,
+    default=_default("top"),
+    show_default=HELP_DEFAULTS["top"],
     help="Singular values per ΔW (BASE FINETUNED; randomized).",
 )
 @click.option("--exact", is_flag=True, help="Full SVD of each ΔW: complete spectra, slow for large tensors.")
@@ -39,14 +55,16 @@ SPARK_VALUES = 24  # singular values drawn in each module's sparkline
 )
 @click.option(
     "--intruder-k",
-    default=SpectrumOptions.intruder_k,
-    show_default=True,
+    type=int,
+    default=_default("intruder_k"),
+    show_default=HELP_DEFAULTS["intruder_k"],
     help="Top singular directions examined.",
 )
 @click.option(
     "--intruder-epsilon",
-    default=SpectrumOptions.intruder_epsilon,
-    show_default=True,
+    type=float,
+    default=_default("intruder_epsilon"),
+    show_default=HELP_DEFAULTS["intruder_epsilon"],
     help="Intruder below this similarity.",
 )
 @click.option(
@@ -79,7 +97,7 @@ def spectrum(
     With one argument, ADAPTER's Δ = s·B·A (exact, factored: never the d×k product). With two,
     the full ΔW = W_ft − W_base of a fine-tune (top-k by randomized SVD, exact ‖ΔW‖_F).
     """
-    from loratools.commands.spectrum import open_spectrum
+    from loratools.commands.spectrum import SpectrumOptions, open_spectrum
 
     if len(paths) not in (1, 2):
         raise click.UsageError(f"expected ADAPTER or BASE FINETUNED, got {len(paths)} arguments")

@@ -76,3 +76,14 @@ def test_bad_epsilon_is_an_error(run_cli, fixtures_dir: Path) -> None:
     )
     assert result.exit_code == 1
     assert "--intruder-epsilon" in result.stderr
+
+
+def test_help_shows_the_options_defaults() -> None:
+    """spectrum reads its defaults from the options dataclass lazily (no torch on --help); the
+    values its help shows must be those defaults."""
+    from loratools.cli.spectrum import spectrum
+
+    lazy = [p for p in spectrum.params if callable(p.default)]
+    assert {p.name for p in lazy} == {"top", "intruder_k", "intruder_epsilon"}
+    for param in lazy:
+        assert param.show_default == str(param.default()), param.name
