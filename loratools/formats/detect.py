@@ -169,7 +169,8 @@ def looks_like_adapter(keys: Sequence[str], metadata: Mapping[str, str] | None =
     return _algorithm_of_keys(keys) is not None or any(CLONEOFSIMO_KEY.match(k) for k in keys)
 
 
-def _network_args(metadata: Mapping[str, str]) -> dict[str, Any]:
+def network_args(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """kohya's ``ss_network_args`` metadata (a JSON object in a string), or ``{}`` when absent or malformed."""
     try:
         args = json.loads(metadata.get("ss_network_args", "{}"))
     except ValueError:
@@ -182,7 +183,7 @@ def _kohya_algorithm(
 ) -> str | None:
     """kohya/LyCORIS: the key parts decide; conv pairs or ``ss_network_args`` algo ``locon`` make
     LoRA LoCon; key parts loratools does not know are named by that algo (None if nothing does)."""
-    algo = LYCORIS_ALGOS.get(str(_network_args(metadata).get("algo", "")).lower())
+    algo = LYCORIS_ALGOS.get(str(network_args(metadata).get("algo", "")).lower())
     algorithm = _algorithm_of_keys(keys)
     if algorithm is None:
         return algo

@@ -32,7 +32,6 @@ LyCORIS's weight decomposition (``dora_scale``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
 from loratools.errors import InvalidAdapter, UnknownFormat, list_problems
+from loratools.formats.detect import network_args
 from loratools.formats.validate import scalar_alpha
 from loratools.kinds.loha import LohaWeight
 from loratools.kinds.lokr import LokrWeight
@@ -274,18 +274,10 @@ def kohya_to_weights(tensors: Mapping[str, torch.Tensor], where: str = "adapter"
     return weights
 
 
-def _network_args(metadata: Mapping[str, str]) -> dict[str, Any]:
-    try:
-        args = json.loads(metadata.get("ss_network_args", "{}"))
-    except ValueError:
-        return {}
-    return args if isinstance(args, dict) else {}
-
-
 def network_summary(metadata: Mapping[str, str]) -> dict[str, Any]:
     """What sd-scripts recorded about training: the algorithm (``ss_network_module`` +
     ``ss_network_args.algo``), dims, and the ``ss_*`` training fields that are present."""
-    args = _network_args(metadata)
+    args = network_args(metadata)
     module = metadata.get("ss_network_module", "")
     algo = str(args.get("algo", "")).lower() or ("lora" if module == "networks.lora" else "")
     summary: dict[str, Any] = {"network_module": module or None, "algo": algo or None}

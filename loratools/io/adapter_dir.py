@@ -10,7 +10,6 @@ import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -19,7 +18,7 @@ from loratools.adapter import Adapter
 from loratools.errors import CheckpointError, UnknownFormat
 from loratools.formats import kohya, peft
 from loratools.formats.detect import is_kohya_stem
-from loratools.io.filekind import detect_path
+from loratools.io.filekind import detect_path, read_adapter_config
 from loratools.io.resolve import resolve_path
 from loratools.io.safetensors_file import SafetensorsFile
 from loratools.io.writer import atomic_output
@@ -40,16 +39,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     """All tensors of a (small) .safetensors file and its metadata."""
     st = SafetensorsFile(path)
     return {name: st.read(name) for name in st.infos}, st.metadata
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable adapter_config.json ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: adapter_config.json must hold a JSON object")
-    return config
 
 
 def _weights_file(folder: Path) -> Path:
@@ -109,7 +98,7 @@ def load_adapter(
                 f"{path}: PEFT weights without {peft.CONFIG_NAME} beside them; alpha and scaling are unknown"
             )
         tensors, metadata = read_safetensors(weights)
-        config = _read_config(folder / peft.CONFIG_NAME)
+        config = read_adapter_config(folder / peft.CONFIG_NAME, missing_ok=False)
         return peft.to_adapter(tensors, config, metadata, source=str(path), base_shapes=base_shapes)
     tensors, metadata = read_safetensors(path)
     if fmt == "kohya":  # without a base, module names stay the file's kohya stems

@@ -73,7 +73,7 @@ def detect_path(path: Path) -> FileKind:
         return _detect_safetensors(path)
     if path.suffix in (".bin", ".pt", ".pth"):
         if path.name == "adapter_model.bin":
-            return adapter_kind([], config=_read_config(path.parent / peft.CONFIG_NAME))
+            return adapter_kind([], config=read_adapter_config(path.parent / peft.CONFIG_NAME))
         return checkpoint_kind("pytorch")
     if path.name.endswith(".index.json"):
         from loratools.io.checkpoint import open_checkpoint
@@ -93,8 +93,13 @@ def _magic(path: Path) -> bytes:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from exc
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+def read_adapter_config(path: Path, *, missing_ok: bool = True) -> dict[str, Any]:
+    """An ``adapter_config.json`` as a dict; ``{}`` when it is absent and ``missing_ok``.
+
+    Raises:
+        CheckpointError: unreadable, not JSON, or not a JSON object (or absent, unless missing_ok).
+    """
+    if missing_ok and not path.is_file():
         return {}
     try:
         config = json.loads(path.read_text())
@@ -111,7 +116,7 @@ def _detect_folder(path: Path) -> FileKind:
     if (path / peft.CONFIG_NAME).is_file():
         weights = path / peft.WEIGHTS_NAME
         keys = _safetensors_keys(weights) if weights.is_file() else []
-        return adapter_kind(keys, config=_read_config(path / peft.CONFIG_NAME))
+        return adapter_kind(keys, config=read_adapter_config(path / peft.CONFIG_NAME))
     pickled = _pytorch_folder(path)
     if pickled is not None:
         return pickled
@@ -157,7 +162,7 @@ def _detect_safetensors(path: Path) -> FileKind:
         return checkpoint_kind("safetensors")
     config_file = path.parent / peft.CONFIG_NAME
     peft_keys = any(".lora_A." in k or k.startswith("base_model.model.") for k in keys)
-    config = _read_config(config_file) if peft_keys and config_file.is_file() else None
+    config = read_adapter_config(config_file) if peft_keys and config_file.is_file() else None
     shapes = {name: info.shape for name, info in st.infos.items()}
     try:
         return adapter_kind(keys, shapes=shapes, metadata=st.metadata, config=config)
