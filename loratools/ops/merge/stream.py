@@ -120,7 +120,7 @@ def merged_tensors(
             w0 = update.replacement if update.replacement is not None else data
             out_dtype = options.dtype or data.dtype
             if plan.dora is not None and plan.dora.handles(update):  # DoRA: not an added L @ R
-                out, record = plan.dora.apply(name, w0, update, out_dtype, device)
+                out, record = plan.dora.apply(name, w0, update, out_dtype, device, scratch)
                 stats.append(record)
                 yield name, out.cpu()
             elif is_fused(update):  # fused (E, p, q) experts: one L @ R per touched slice
