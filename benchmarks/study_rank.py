@@ -114,6 +114,17 @@ def geometry(work: Path, model: Path, targets: str, rank: int) -> dict[str, Any]
     }
 
 
+def rounded(value: Any) -> Any:
+    """Floats to 4 decimals, so the per-module φ matrices keep the results file small."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return value
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -187,7 +198,9 @@ def main() -> None:
         loratools("convert", gguf_path(), "--to", "safetensors", "-o", model, "--force")
     make_data(data, args.documents)
     ranks = [int(r) for r in args.ranks.split(",")]
-    results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    machine_paths = ("work", "results", "figures", "tables")
+    settings = {k: str(v) for k, v in vars(args).items() if k not in machine_paths}
+    results: dict[str, Any] = {"settings": settings, "runs": {}}
     for targets in args.targets.split(","):
         runs = {str(r): train(args.work, model, data, targets, r, args) for r in ranks}
         results["runs"][targets] = {"eval_loss": runs}
@@ -196,7 +209,7 @@ def main() -> None:
                 args.work, targets, args.figures / f"phi-{targets}.png"
             )
         results["runs"][targets]["geometry"] = {str(r): geometry(args.work, model, targets, r) for r in ranks}
-        args.results.write_text(json.dumps(results, indent=1))
+        args.results.write_text(json.dumps(rounded(results), separators=(",", ":")) + "\n")
     args.results.with_suffix(".md").write_text(tables(results))
     print(f"results: {args.results} and {args.results.with_suffix('.md')}")
 
