@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loratools.io.checkpoint import open_checkpoint
-from tests.io.test_writer import leftovers, sentence_transformers_folder
+from tests.io.test_writer import SENTENCE_TRANSFORMERS_CARRIED, leftovers, sentence_transformers_folder
 
 
 def refused(result, *fragments: str) -> str:
@@ -131,16 +131,7 @@ def test_merge_keeps_a_sentence_transformers_folder_whole(
         ok(run_cli("merge", model, fixtures_dir / "adapter", "-o", tmp_path / "out", "--json")).stdout
     )
     out = tmp_path / "out"
-    carried = [
-        "1_Pooling/config.json",
-        "2_Dense/config.json",
-        "2_Dense/model.safetensors",
-        "README.md",
-        "config.json",
-        "modules.json",
-        "sentence_bert_config.json",
-        "tokenizer.json",
-    ]
+    carried = SENTENCE_TRANSFORMERS_CARRIED
     assert sorted(report["files"]) == carried
     for name in carried:
         assert (out / name).read_bytes() == (model / name).read_bytes()

@@ -260,6 +260,19 @@ def test_a_killed_writer_leaves_a_temporary_that_the_next_run_removes(tmp_path: 
 # -- what a model folder carries (issue 12 §5) -----------------------------------------------------
 
 
+# what a merge carries of sentence_transformers_folder(): every non-weight file and sub-folder
+SENTENCE_TRANSFORMERS_CARRIED = [
+    "1_Pooling/config.json",
+    "2_Dense/config.json",
+    "2_Dense/model.safetensors",
+    "README.md",
+    "config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "tokenizer.json",
+]
+
+
 def sentence_transformers_folder(root: Path) -> Path:
     """The shape of a sentence-transformers model: weights at the top, modules in sub-folders."""
     model = root / "st-model"
@@ -293,20 +306,10 @@ def test_copy_model_files_copies_every_file_and_folder_but_the_weights(tmp_path:
     out = tmp_path / "out"
     out.mkdir()
     copied = copy_model_files(model, out)
-    expected = [
-        "1_Pooling/config.json",
-        "2_Dense/config.json",
-        "2_Dense/model.safetensors",
-        "README.md",
-        "config.json",
-        "modules.json",
-        "sentence_bert_config.json",
-        "tokenizer.json",
-    ]
-    assert sorted(copied) == expected
+    assert sorted(copied) == SENTENCE_TRANSFORMERS_CARRIED
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert on_disk == expected
-    for name in expected:
+    assert on_disk == SENTENCE_TRANSFORMERS_CARRIED
+    for name in SENTENCE_TRANSFORMERS_CARRIED:
         assert (out / name).read_bytes() == (model / name).read_bytes()
     assert model_files(model) == [
         "1_Pooling/",
