@@ -361,20 +361,9 @@ def describe(weight: ModuleWeight) -> dict[str, Any]:
         "weight_shape": list(weight.weight_shape) if weight.weight_shape is not None else None,
         "rank": weight.rank,
     }
-    if isinstance(weight, LohaWeight):
-        info |= {
-            "dim": weight.dim,
-            "alpha": weight.alpha,
-            "scale": weight.scale,
-            "tucker": weight.t1 is not None,
-        }
-    elif isinstance(weight, LokrWeight):
-        info |= {
-            "dim": weight.dim,
-            "alpha": weight.alpha,
-            "scale": weight.scale,
-            "tucker": weight.t2 is not None,
-        }
+    if isinstance(weight, LohaWeight | LokrWeight):
+        core = weight.t1 if isinstance(weight, LohaWeight) else weight.t2  # the Tucker core, if any
+        info |= {"dim": weight.dim, "alpha": weight.alpha, "scale": weight.scale, "tucker": core is not None}
     elif isinstance(weight, LoraWeight):
         info |= {"dim": weight.rank, "alpha": weight.alpha, "scale": weight.scale}
     tensors = weight.tensors() if isinstance(weight, LohaWeight | LokrWeight) else {}
