@@ -495,3 +495,35 @@ def test_a_sentence_transformers_base_from_the_hub_merges_whole(hub, run_cli, fi
     for name in ("1_Pooling/config.json", "2_Dense/model.safetensors", "modules.json", "chat_template.jinja"):
         assert (tmp_path / "out" / name).read_bytes() == (model / name).read_bytes()
     assert (tmp_path / "out" / "modeling_custom.py").is_file()
+
+
+def test_gguf_repo_downloads_only_the_named_file(hub, run_cli, fixtures_dir, tmp_path):
+    """A GGUF repository holds one file per quantization: a bare repo id must not pull them all.
+
+    The bare id is refused naming the files; ``org/name/FILE.gguf`` downloads that file alone."""
+    from huggingface_hub import HfApi
+
+    from tests.io.test_gguf_io import write_gguf_model
+
+    api = HfApi(token=hub.token)
+    api.create_repo("tester/tiny-gguf")
+    for qtype in ("F32", "Q8_0"):
+        write_gguf_model(fixtures_dir / "base", tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
+        api.upload_file(
+            path_or_fileobj=tmp_path / f"tiny-{qtype}.gguf",
+            path_in_repo=f"tiny-{qtype}.gguf",
+            repo_id="tester/tiny-gguf",
+        )
+    refused = run_cli("inspect", "tester/tiny-gguf")
+    assert refused.exit_code == 1, refused.output
+    # huggingface_hub draws its own "Fetching 0 files" bar first; loratools' part is one error line
+    ours = [line for line in refused.stderr.splitlines() if line.strip() and "Fetching" not in line]
+    assert len(ours) == 1 and "GGUF files only (2)" in ours[0], refused.stderr
+    assert "tester/tiny-gguf/tiny-Q8_0.gguf" in ours[0]
+
+    result = run_cli("inspect", "tester/tiny-gguf/tiny-Q8_0.gguf", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["kind"] == "checkpoint"
+    downloaded = [r.path for r in hub.requests("GET", r"\.gguf$")]
+    assert downloaded and all(path.endswith("/tiny-Q8_0.gguf") for path in downloaded)
+    assert "no such file" in _error_line(run_cli("inspect", "tester/tiny-gguf/tiny-Q4_0.gguf"))
