@@ -109,6 +109,12 @@ def _lycoris_modules(adapter: Adapter) -> dict[str, Any]:
     return {n: describe(w) for n, w in adapter.weights.items() if w.kind in ("loha", "lokr")}
 
 
+def _factor_count(weight: Any) -> int:
+    """The factor tensors one module stores: LoRA's A and B, or each LoHa/LoKr part (Tucker cores too)."""
+    tensors = getattr(weight, "tensors", None)
+    return len(tensors()) if callable(tensors) else 2
+
+
 def summarize_adapter(adapter: Adapter, fmt: str) -> dict[str, Any]:
     """Format, kinds, ranks, alphas, scales, targets and parameter count of an adapter.
 
@@ -125,7 +131,7 @@ def summarize_adapter(adapter: Adapter, fmt: str) -> dict[str, Any]:
         "kinds": dict(Counter(getattr(w, "kind", "lora") for w in weights)),
         "lycoris_modules": _lycoris_modules(adapter),
         "modules": len(adapter.weights),
-        "tensors": 2 * len(adapter.weights) + len(adapter.saved_modules) + len(dora_modules(adapter)),
+        "tensors": sum(map(_factor_count, weights)) + len(adapter.saved_modules) + len(dora_modules(adapter)),
         "parameters": adapter.num_parameters,
         "ranks": {str(r): n for r, n in sorted(ranks.items())},
         "rank": max(ranks) if ranks else 0,

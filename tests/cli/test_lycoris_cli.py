@@ -56,6 +56,7 @@ def test_inspect_names_the_kind_and_the_training(run_cli, lokr_file: Path) -> No
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["kinds"] == {"lokr": 3}
+    assert report["tensors"] == 3 + 2 + 2  # the factor tensors stored: PROJ w1, w2_a, w2_b; Q and CONV w1, w2
     conv = report["lycoris_modules"][CONV]
     assert conv["factors"] == {"lokr_w1": [2, 2], "lokr_w2": [4, 2, 3, 3]} and conv["weight_shape"] == [
         8,
