@@ -23,7 +23,7 @@ from pathlib import Path
 
 from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError
-from loratools.hub.card import CardFacts, render_card
+from loratools.hub.card import CardFacts, hub_model_id, render_card
 from loratools.hub.check import check_adapter_folder
 from loratools.hub.errors import HubError, hub_errors
 from loratools.io.resolve import HUB_ID
@@ -173,8 +173,8 @@ def _upload_files(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
 
 
 def _is_hub_model(name: str) -> bool:
-    """``org/name`` that is not also a local path (``models/base`` may be either)."""
-    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+    """``org/name[@rev]`` that is not also a local path (``models/base`` may be either)."""
+    return hub_model_id(name) is not None
 
 
 def _card_facts(adapter: Adapter, options: PushOptions, repo_id: str) -> tuple[CardFacts, list[str]]:

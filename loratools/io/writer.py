@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointWriter",
     "atomic_output",
     "check_not_an_input",
+    "check_output_free",
     "checkpoint_output_is_file",
     "copy_model_files",
     "model_files",
@@ -236,6 +237,17 @@ def check_not_an_input(output: Path, inputs: Sequence[Path | None]) -> None:
             raise LoratoolsError(f"output {output} overlaps the input {item}; write somewhere else")
 
 
+def check_output_free(path: str | Path, *, force: bool = False) -> None:
+    """Refuse an existing output before any work (:func:`atomic_output` checks again when it
+    publishes, so a run that started first cannot be overwritten either).
+
+    Raises:
+        OutputExists: ``path`` exists (a dangling symlink too) and ``force`` is False.
+    """
+    if _occupied(Path(path)) and not force:
+        raise OutputExists(f"{path} already exists; pass --force to replace it")
+
+
 @contextmanager
 def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success publish it as ``path``.
@@ -253,8 +265,7 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         OutputExists: ``path`` exists (before or at publishing) and ``force`` is False.
     """
     path = Path(path)
-    if _occupied(path) and not force:
-        raise OutputExists(f"{path} already exists; pass --force to replace it")
+    check_output_free(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     temporary = _temporary_name(path, "tmp")

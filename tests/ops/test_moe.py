@@ -75,7 +75,7 @@ def test_names_experts_and_routers() -> None:
 def test_extract_factors_every_expert_and_carries_routers(moe_pair: tuple[Path, Path]) -> None:
     base, ft = moe_pair
     result = extract(open_checkpoint(base), open_checkpoint(ft), ExtractOptions(rank=2))
-    experts = result.summary("out")["experts"]
+    experts = result.summary()["experts"]
     assert experts == {
         "base": 2 * EXPERTS * 3,
         "experts": 2 * EXPERTS,
