@@ -15,9 +15,12 @@ import shutil
 import socket
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Queue
+from threading import Thread
+from typing import Any
 
 import torch
 
@@ -35,6 +38,8 @@ __all__ = [
     "model_files",
     "plan_shards",
     "remove_stale_temporaries",
+    "write_behind",
+    "write_checkpoint",
 ]
 
 DEFAULT_METADATA = {"format": "pt"}
@@ -123,6 +128,47 @@ class CheckpointWriter:
         total = sum(spec.nbytes for shard in self.layout for spec in shard.specs)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.folder / str(self.index_name)).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_checkpoint(
+    folder: Path,
+    layout: list[ShardLayout],
+    metadata: Mapping[str, str] | None,
+    index_name: str | None,
+    tensors: Iterator[tuple[str, Any]],
+) -> None:
+    """Write ``tensors`` (name, tensor or stored bytes, in layout order) into ``folder`` as the
+    shards of ``layout`` (plus ``index_name`` when given), on a writer thread (:func:`write_behind`)."""
+    with CheckpointWriter(folder, layout, metadata or {"format": "pt"}, index_name) as writer:
+        write_behind(tensors, writer.write)
+
+
+def write_behind(items: Iterator[tuple[str, Any]], write: Callable[[str, Any], None]) -> None:
+    """Call ``write`` on each item in a second thread, so computing the next tensor overlaps
+    writing this one (reads already run ahead in another). At most one item waits in between."""
+    pending: Queue[tuple[str, Any] | None] = Queue(maxsize=1)
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        while (item := pending.get()) is not None:
+            if not failures:
+                try:
+                    write(*item)
+                except BaseException as exc:  # handed to the producer below
+                    failures.append(exc)
+
+    thread = Thread(target=consume, name="loratools-write", daemon=True)
+    thread.start()
+    try:
+        for item in items:
+            if failures:
+                break
+            pending.put(item)
+    finally:
+        pending.put(None)
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 # Top-level files that are the model's weights in another form: copying them next to rewritten

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from loratools.adapter import Adapter, LoraWeight
+from loratools.commands.merge import merge_paths
 from loratools.errors import LoratoolsError, UnknownFormat
 from loratools.formats import gguf as gguf_names
 from loratools.formats import peft
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.kinds import embedding
 from loratools.ops.combine import CombineOptions, combine_adapters
-from loratools.ops.merge import merge_paths
 from loratools.ops.resize import ResizeOptions, resize_adapter
 from loratools.ops.spectrum import adapter_spectrum
 from tests._tolerances import LOGITS_FP32, TOL
