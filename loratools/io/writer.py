@@ -40,6 +40,7 @@ __all__ = [
     "remove_stale_temporaries",
     "write_behind",
     "write_checkpoint",
+    "write_tensors",
 ]
 
 DEFAULT_METADATA = {"format": "pt"}
@@ -141,6 +142,28 @@ def write_checkpoint(
     shards of ``layout`` (plus ``index_name`` when given), on a writer thread (:func:`write_behind`)."""
     with CheckpointWriter(folder, layout, metadata or {"format": "pt"}, index_name) as writer:
         write_behind(tensors, writer.write)
+
+
+def write_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    output: str | Path,
+    *,
+    force: bool = False,
+) -> Path:
+    """One ``.safetensors`` file of ``tensors`` (in their order), atomically, through the streaming
+    writer (:class:`~loratools.io.safetensors_file.SafetensorsWriter`)."""
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    with atomic_output(output, force=force) as path:
+        writer = SafetensorsWriter(path, specs, dict(metadata))
+        try:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+        except BaseException:
+            writer.abort()  # atomic_output removes the partial file
+            raise
+        writer.close()
+    return Path(output)
 
 
 def write_behind(items: Iterator[tuple[str, Any]], write: Callable[[str, Any], None]) -> None:
