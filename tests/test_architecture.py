@@ -71,16 +71,6 @@ ALLOWED = {
     "commands": {"core", "ops", "io", "train", "hub"},
     "cli": {"core", "ops", "io", "train", "hub", "commands", "cli"},
 }
-# Allowed for now, to be moved into commands/ and io/ (issue 13): ops modules that still open,
-# write or type against io. Each entry must still be needed; remove it when the import goes.
-EXCEPTIONS = {
-    ("ops/convert.py", "io"),  # convert resolves, opens and writes files itself
-    ("ops/merge/api.py", "io"),  # merge_paths: paths, output checks, the DoRA record file
-    ("ops/merge/growth.py", "io"),  # ShardLayout / TensorSpec types
-    ("ops/merge/plan.py", "io"),  # TensorSpec type
-    ("ops/merge/requant.py", "io"),  # quantizers and the GGUF writer
-    ("ops/merge/stream.py", "io"),  # CheckpointWriter, config.json and model-file copies
-}
 
 
 def _top(module: str) -> str | None:
@@ -122,19 +112,14 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_imports_between_packages_follow_the_layer_table() -> None:
-    used, violations = set(), []
+    """No exceptions: ops opens no file (commands/ does, through io/)."""
+    violations = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel, layer = path.relative_to(PACKAGE).as_posix(), _layer(path)
         for target in sorted({LAYER_OF[name] for name in own_imports(path)}):
-            if target == layer or target in ALLOWED[layer]:
-                continue
-            if (rel, target) in EXCEPTIONS:
-                used.add((rel, target))
-            else:
+            if target != layer and target not in ALLOWED[layer]:
                 violations.append(f"{rel} ({layer}) imports {target}")
     assert violations == [], "see the layer table in docs/design.md"
-    stale = {(rel, target) for rel, target in EXCEPTIONS if (PACKAGE / rel).exists()} - used
-    assert stale == set(), "no longer needed: remove from EXCEPTIONS"
 
 
 def test_nothing_below_the_cli_reads_the_environment() -> None:

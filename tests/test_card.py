@@ -171,8 +171,9 @@ def test_usage_snippets_name_the_repo_base_and_auto_class():
     [("org/base", "org/base"), ("org/base@v1", "org/base"), ("/models/base", None), ("./base", None)],
 )
 def test_extract_card_names_only_a_hub_id_as_base_model(fixtures_dir, base, expected):
+    from loratools.commands.extract import model_card
     from loratools.io.checkpoint import open_checkpoint
-    from loratools.ops.extract import ExtractOptions, extract, model_card
+    from loratools.ops.extract import ExtractOptions, extract
 
     ckpts = [open_checkpoint(fixtures_dir / name) for name in ("base", "finetuned")]
     result = extract(*ckpts, ExtractOptions(rank=2), base_model=base, finetuned_model="org/ft")

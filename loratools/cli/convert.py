@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 import click
 
@@ -18,27 +18,6 @@ TARGETS = {
 }
 
 
-def check_source(source: str, to: str) -> Any:
-    """What SOURCE is, refusing a target of the other kind (a model --to peft, an adapter
-    --to safetensors) with the call that fits."""
-    from loratools.errors import LoratoolsError
-    from loratools.io.filekind import detect_path
-    from loratools.io.resolve import resolve_path
-
-    kind = detect_path(resolve_path(source))
-    if kind.kind == "adapter" and to == "safetensors":
-        raise LoratoolsError(
-            f"{source}: {kind.label}; --to safetensors converts models (.bin, .pt, .gguf), for an "
-            f"adapter use --to peft, --to kohya or --to gguf"
-        )
-    if kind.kind == "checkpoint" and to != "safetensors":
-        raise LoratoolsError(
-            f"{source}: {kind.label}, not an adapter; --to {to} converts adapters, a model converts "
-            "with --to safetensors"
-        )
-    return kind
-
-
 @click.command()
 @click.argument("source")
 @click.option(
@@ -49,7 +28,11 @@ def check_source(source: str, to: str) -> Any:
     help="peft/kohya/gguf for adapters; safetensors for models (.bin, .pt, .gguf).",
 )
 @click.option(
-    "-o", "--output", required=True, help="Output folder (peft, safetensors) or file (kohya, gguf)."
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder (peft, safetensors) or file (kohya, gguf).",
 )
 @click.option(
     "--base", default=None, help="Base model: resolves kohya names; its config.json is needed for gguf."
@@ -74,7 +57,7 @@ def check_source(source: str, to: str) -> Any:
 def convert(
     source: str,
     to: str,
-    output: str,
+    output: Path,
     base: str | None,
     prefix: str,
     dtype: str | None,
@@ -96,17 +79,16 @@ def convert(
       loratools convert DORA --to gguf -o lora.gguf --base BASE -r 16   # DoRA → plain LoRA
       loratools convert LOKR --to kohya -o lora.safetensors --energy 0.99  # LoHa/LoKr → LoRA
     """
-    from loratools.ops.convert import ConvertOptions, prepare
+    from loratools.commands.convert import ConvertOptions, open_convert
 
     options = ConvertOptions(
         source, to, output, base, prefix, dtype, max_shard_size, force, rank, energy, budget=budget
     )
-    kind = check_source(source, to)
-    conversion = prepare(options)
-    with render.progress(conversion.total, f"convert → {to}", quiet=quiet or as_json) as advance:
-        report = conversion.run(advance)
+    opened = open_convert(options)
+    with render.progress(opened.total, f"convert → {to}", quiet=quiet or as_json) as advance:
+        report = opened.run(advance).to_dict()
     if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
-        render.note(f"{source}: {kind.label} → {TARGETS[to]}")
+        render.note(f"{source}: {opened.source_kind} → {TARGETS[to]}")
     if as_json:
         render.emit_json(report)
         return

@@ -8,12 +8,15 @@ loratools swap MERGED --remove ADAPTER --add ADAPTER -o OUT   both, in one pass
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, dtype_option, force_flag, reporting
+
+if TYPE_CHECKING:
+    from loratools.ops.merge import MergeReport
 
 TABLE_ROWS = 24  # beyond this many modules the table shows the ones losing most to rounding
 
@@ -34,27 +37,13 @@ def _run(
     settings: dict[str, Any],
 ) -> None:
     """Build the options, make the one library call, render the report."""
-    import torch
+    from loratools.commands.merge import MergeOptions, open_merge
 
-    from loratools.device import resolve_device
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.resolve import resolve_path
-    from loratools.ops.merge import MergeOptions, merge_paths
-
-    dtype = getattr(torch, settings["dtype"]) if settings["dtype"] else None
-    options = MergeOptions(
-        dtype=dtype,
-        device=str(resolve_device(settings["device"])),
-        keep_quantization=settings["keep_quantization"],
-        tokenizer=settings.get("tokenizer"),
-    )
-    quiet, as_json = settings["quiet"], settings["as_json"]
-    total = len(open_checkpoint(resolve_path(base)))
+    quiet, as_json = settings.pop("quiet"), settings.pop("as_json")
+    opened = open_merge(MergeOptions(base, output, tuple(add), tuple(remove), **settings))  # type: ignore[arg-type]
     label = "swapping" if add and remove else "merging" if add else "unmerging"
-    with render.progress(total, label, quiet=quiet) as advance:
-        report = merge_paths(
-            base, output, add=add, remove=remove, options=options, force=settings["force"], progress=advance
-        )
+    with render.progress(opened.total, label, quiet=quiet) as advance:
+        report = opened.run(advance)
     for warning in report.warnings:
         render.warn(warning)
     if as_json:
@@ -63,7 +52,7 @@ def _run(
     _summary(report, quiet)
 
 
-def _summary(report: Any, quiet: bool) -> None:
+def _summary(report: MergeReport, quiet: bool) -> None:
     modules = sorted(
         report.modules, key=lambda m: -(m.lost_fraction if m.lost_fraction == m.lost_fraction else 0)
     )

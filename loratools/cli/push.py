@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -59,14 +58,15 @@ def push(
     The folder is validated before anything is sent; a model card is generated when it has no
     README.md (the folder itself is never modified). Prints the repository URL.
     """
+    from loratools.commands.push import open_push
     from loratools.hub import PushOptions
-    from loratools.hub import push as push_adapter
 
     options = PushOptions(repo_id, private, revision, message, token, license_, base_model, card=not no_card)
+    opened = open_push(adapter_dir, options)  # validated before any network call
     _quiet_hub_bars(quiet)
-    result = push_adapter(adapter_dir, options)
+    result = opened.run()
     if as_json:
-        render.emit_json(asdict(result))
+        render.emit_json(result.to_dict())
         return
     for warning in result.warnings:
         render.warn(warning)
@@ -89,15 +89,15 @@ def pull(repo: str, output: Path, force: bool, token: str | None, as_json: bool,
 
     All files of one commit are fetched, except pickled weights (*.bin, *.pt, *.pth, *.pkl, *.ckpt).
     """
+    from loratools.commands.push import pull as pull_repo
     from loratools.hub import PullOptions, parse_repo_ref
-    from loratools.hub import pull as pull_repo
 
     repo_id, revision = parse_repo_ref(repo)
     options = PullOptions(repo_id, output, revision, force, token)
     _quiet_hub_bars(quiet)
     result = pull_repo(options)
     if as_json:
-        render.emit_json(asdict(result))
+        render.emit_json(result.to_dict())
         return
     if result.skipped:
         render.warn(f"not downloaded (pickled weights): {', '.join(result.skipped)}")

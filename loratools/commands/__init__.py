@@ -2,5 +2,5 @@
 
 A command module resolves its inputs (paths, Hub ids), checks them, opens them through
 :mod:`loratools.io`, runs the pure operation from :mod:`loratools.ops`, and returns the report the
-CLI renders. (Commands written before this layer existed still do this in their cli/ module.)
+CLI renders; every command does (docs/design.md, "Where each kind of change goes").
 """

@@ -21,14 +21,16 @@ import json
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from loratools.adapter import Adapter
+from loratools.io.resolve import HUB_ID
 from loratools.linalg import factored_svd, rank_for_energy, stable_rank
 
-__all__ = ["PIPELINE_TAGS", "CardFacts", "ModuleSpectrum", "module_spectra", "render_card"]
+__all__ = ["PIPELINE_TAGS", "CardFacts", "ModuleSpectrum", "hub_model_id", "module_spectra", "render_card"]
 
 # PEFT task_type → the Hub's pipeline_tag and the transformers Auto class that loads the base.
 PIPELINE_TAGS: dict[str, tuple[str, str]] = {
@@ -61,6 +63,8 @@ class CardFacts:
         license: an SPDX-like license id for the front matter (``apache-2.0``, ``mit``, …).
         pipeline_tag: overrides the tag derived from the adapter's task type.
         extra_tags: more front-matter tags.
+        measured: more (label, value) rows for the facts table: what the command that made the
+            adapter measured (extract: energy kept, relative error).
     """
 
     repo_id: str | None = None
@@ -68,6 +72,17 @@ class CardFacts:
     license: str | None = None
     pipeline_tag: str | None = None
     extra_tags: Sequence[str] = field(default_factory=tuple)
+    measured: Sequence[tuple[str, str]] = field(default_factory=tuple)
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``org/name`` when ``name`` is a Hub model id (``org/name[@revision]``, the revision
+    dropped) that is not also a local path; else None. Only a Hub id may be a card's
+    ``base_model``: the Hub links it to a model page and refuses a value that names none."""
+    match = HUB_ID.match(name or "")
+    if match is None or Path(str(name)).expanduser().exists():
+        return None
+    return match["repo"]
 
 
 @dataclass(frozen=True)
@@ -156,7 +171,7 @@ def _num(value: float | int) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
 
 
-def _facts_table(adapter: Adapter) -> list[str]:
+def _facts_table(adapter: Adapter, measured: Sequence[tuple[str, str]] = ()) -> list[str]:
     weights = list(adapter.weights.values())
     lora_params = sum(w.num_parameters for w in weights)
     saved = adapter.num_parameters - lora_params
@@ -173,6 +188,7 @@ def _facts_table(adapter: Adapter) -> list[str]:
     ]  # fmt: skip
     if saved:
         rows.insert(6, ("fully trained parameters (modules_to_save)", f"{saved:,}"))
+    rows += measured
     return ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows)]
 
 
@@ -299,7 +315,7 @@ def render_card(adapter: Adapter, facts: CardFacts, spectra: Sequence[ModuleSpec
         "",
         "## Adapter",
         "",
-        *_facts_table(adapter),
+        *_facts_table(adapter, facts.measured),
         "",
         "## How it was made",
         "",

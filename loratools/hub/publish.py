@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError
-from loratools.hub.card import CardFacts, render_card
+from loratools.hub.card import CardFacts, hub_model_id, render_card
 from loratools.hub.check import check_adapter_folder
 from loratools.hub.errors import HubError, hub_errors
 from loratools.io.resolve import HUB_ID
@@ -126,6 +127,10 @@ class PushResult:
     skipped: list[str]
     warnings: list[str]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document: every field."""
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class PullOptions:
@@ -148,12 +153,18 @@ class PullOptions:
 
 @dataclass(frozen=True)
 class PullResult:
+    """What was downloaded: every file of ``commit`` into ``output``, less the pickles (``skipped``)."""
+
     repo_id: str
     revision: str
     commit: str
     output: str
     files: list[str]
     skipped: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document: every field."""
+        return asdict(self)
 
 
 # -- what push uploads (no network; the folder itself is checked in loratools.hub.check) ---------
@@ -173,8 +184,8 @@ def _upload_files(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
 
 
 def _is_hub_model(name: str) -> bool:
-    """``org/name`` that is not also a local path (``models/base`` may be either)."""
-    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+    """``org/name[@rev]`` that is not also a local path (``models/base`` may be either)."""
+    return hub_model_id(name) is not None
 
 
 def _card_facts(adapter: Adapter, options: PushOptions, repo_id: str) -> tuple[CardFacts, list[str]]:
@@ -224,13 +235,21 @@ def _kept_card(readme: bytes) -> tuple[bytes, list[str]]:
 # -- push ---------------------------------------------------------------------------------------
 
 
-def push(folder: str | Path, options: PushOptions, progress: Progress = no_progress) -> PushResult:
+def push(
+    folder: str | Path,
+    options: PushOptions,
+    progress: Progress = no_progress,
+    *,
+    checked: Adapter | None = None,
+) -> PushResult:
     """Validate ``folder`` (no network), then publish it to ``options.repo_id`` in one commit.
 
     Args:
         folder: a local PEFT adapter folder; it is only read.
         options: repository, visibility, branch, message, token, card facts.
         progress: called after each step ("validated", "repository", "uploaded").
+        checked: the adapter :func:`check_adapter_folder` already returned for ``folder``
+            (validated again when None).
 
     Returns:
         The repository URL, the commit and the uploaded file list.
@@ -240,7 +259,7 @@ def push(folder: str | Path, options: PushOptions, progress: Progress = no_progr
         HubError: the Hub refused or could not be reached.
     """
     folder = Path(folder)
-    adapter = check_adapter_folder(folder)
+    adapter = checked if checked is not None else check_adapter_folder(folder)
     files, skipped = _upload_files(folder)
     progress("validated")
     from huggingface_hub import CommitOperationAdd, HfApi

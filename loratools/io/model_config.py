@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_model_config", "tied_embeddings"]
+__all__ = ["read_model_config", "task_type", "tied_embeddings"]
 
 
 def read_model_config(checkpoint: Path) -> dict[str, Any]:
@@ -28,3 +28,11 @@ def tied_embeddings(config: dict[str, Any]) -> bool:
     if value is None and isinstance(text_config, dict):
         value = text_config.get("tie_word_embeddings")
     return value is True
+
+
+def task_type(config: dict[str, Any]) -> str | None:
+    """PEFT's task type for a model: ``CAUSAL_LM`` when ``architectures`` names a ``…ForCausalLM``."""
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list):
+        return None
+    return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None

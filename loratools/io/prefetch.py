@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-__all__ = ["prefetched"]
+from loratools.io.buffers import BufferRing
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.io.checkpoint import Checkpoint
+
+__all__ = ["prefetched", "read_ahead"]
 
 T = TypeVar("T")
 
@@ -29,3 +36,18 @@ def prefetched(
             if position + 1 < len(names):
                 pending = pool.submit(load, names[position + 1])
             yield name, item
+
+
+def read_ahead(
+    ckpt: Checkpoint, order: Sequence[tuple[str, bool]]
+) -> Iterator[tuple[str, torch.Tensor | bytes]]:
+    """Yield (name, tensor) in ``order`` — or the stored bytes where its flag is True — reading the
+    next one on a thread meanwhile, into reused buffers (a tensor still held, by a writer thread
+    say, is never read into: :class:`~loratools.io.buffers.BufferRing`)."""
+    buffers = BufferRing()
+    raw = dict(order)
+
+    def read(name: str) -> torch.Tensor | bytes:
+        return ckpt.get_raw(name) if raw[name] else ckpt.get_buffered(name, buffers)
+
+    yield from prefetched([name for name, _ in order], read)

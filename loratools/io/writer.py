@@ -15,9 +15,12 @@ import shutil
 import socket
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Queue
+from threading import Thread
+from typing import Any
 
 import torch
 
@@ -29,11 +32,15 @@ __all__ = [
     "CheckpointWriter",
     "atomic_output",
     "check_not_an_input",
+    "check_output_free",
     "checkpoint_output_is_file",
     "copy_model_files",
     "model_files",
     "plan_shards",
     "remove_stale_temporaries",
+    "write_behind",
+    "write_checkpoint",
+    "write_tensors",
 ]
 
 DEFAULT_METADATA = {"format": "pt"}
@@ -122,6 +129,69 @@ class CheckpointWriter:
         total = sum(spec.nbytes for shard in self.layout for spec in shard.specs)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.folder / str(self.index_name)).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_checkpoint(
+    folder: Path,
+    layout: list[ShardLayout],
+    metadata: Mapping[str, str] | None,
+    index_name: str | None,
+    tensors: Iterator[tuple[str, Any]],
+) -> None:
+    """Write ``tensors`` (name, tensor or stored bytes, in layout order) into ``folder`` as the
+    shards of ``layout`` (plus ``index_name`` when given), on a writer thread (:func:`write_behind`)."""
+    with CheckpointWriter(folder, layout, metadata or {"format": "pt"}, index_name) as writer:
+        write_behind(tensors, writer.write)
+
+
+def write_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    output: str | Path,
+    *,
+    force: bool = False,
+) -> Path:
+    """One ``.safetensors`` file of ``tensors`` (in their order), atomically, through the streaming
+    writer (:class:`~loratools.io.safetensors_file.SafetensorsWriter`)."""
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    with atomic_output(output, force=force) as path:
+        writer = SafetensorsWriter(path, specs, dict(metadata))
+        try:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+        except BaseException:
+            writer.abort()  # atomic_output removes the partial file
+            raise
+        writer.close()
+    return Path(output)
+
+
+def write_behind(items: Iterator[tuple[str, Any]], write: Callable[[str, Any], None]) -> None:
+    """Call ``write`` on each item in a second thread, so computing the next tensor overlaps
+    writing this one (reads already run ahead in another). At most one item waits in between."""
+    pending: Queue[tuple[str, Any] | None] = Queue(maxsize=1)
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        while (item := pending.get()) is not None:
+            if not failures:
+                try:
+                    write(*item)
+                except BaseException as exc:  # handed to the producer below
+                    failures.append(exc)
+
+    thread = Thread(target=consume, name="loratools-write", daemon=True)
+    thread.start()
+    try:
+        for item in items:
+            if failures:
+                break
+            pending.put(item)
+    finally:
+        pending.put(None)
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 # Top-level files that are the model's weights in another form: copying them next to rewritten
@@ -236,6 +306,17 @@ def check_not_an_input(output: Path, inputs: Sequence[Path | None]) -> None:
             raise LoratoolsError(f"output {output} overlaps the input {item}; write somewhere else")
 
 
+def check_output_free(path: str | Path, *, force: bool = False) -> None:
+    """Refuse an existing output before any work (:func:`atomic_output` checks again when it
+    publishes, so a run that started first cannot be overwritten either).
+
+    Raises:
+        OutputExists: ``path`` exists (a dangling symlink too) and ``force`` is False.
+    """
+    if _occupied(Path(path)) and not force:
+        raise OutputExists(f"{path} already exists; pass --force to replace it")
+
+
 @contextmanager
 def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success publish it as ``path``.
@@ -253,8 +334,7 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         OutputExists: ``path`` exists (before or at publishing) and ``force`` is False.
     """
     path = Path(path)
-    if _occupied(path) and not force:
-        raise OutputExists(f"{path} already exists; pass --force to replace it")
+    check_output_free(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     temporary = _temporary_name(path, "tmp")

@@ -20,9 +20,9 @@ _EXPORTS = {
     "load_model": "loratools.train.model",
     "read_examples": "loratools.train.data",
     "pack": "loratools.train.data",
-    "LoopOptions": "loratools.train.loop",
+    "LoopOptions": "loratools.train.options",
     "fit": "loratools.train.loop",
-    "TrainOptions": "loratools.train.run",
+    "TrainOptions": "loratools.train.options",
     "TrainReport": "loratools.train.run",
     "train_adapter": "loratools.train.run",
 }

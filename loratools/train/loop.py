@@ -25,55 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from loratools.errors import InvalidOptions
 from loratools.progress import Progress, no_progress
 from loratools.train.data import IGNORE, Packed
 from loratools.train.distributed import Workers, all_reduce_sum, wrap_model
 from loratools.train.inject import lora_parameters
+from loratools.train.options import LoopOptions
 
 __all__ = ["FitResult", "LoopOptions", "batch_rows", "evaluate", "fit", "lr_at"]
 
 SaveHook = Callable[[int, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class LoopOptions:
-    """The knobs of :func:`fit`. ``warmup_steps=None`` means 5% of ``steps``."""
-
-    steps: int = 100
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    eval_every: int = 0
-    save_every: int = 0
-    seed: int = 0
-    autocast_bf16: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise InvalidOptions(
-                    f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})"
-                )
-        checks = [
-            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number (got {self.lr})"),
-            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be ≥ 0"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup must be ≥ 0"),
-            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0, "--max-grad-norm must be positive"),
-            (self.eval_every >= 0 and self.save_every >= 0, "--eval-every/--save-every must be ≥ 0"),
-        ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise InvalidOptions("; ".join(problems))
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
 
 
 @dataclass

@@ -17,77 +17,22 @@ from typing import Any
 
 import torch
 
-from loratools.errors import CheckpointError, LoratoolsError, OutputExists
+from loratools.errors import CheckpointError
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.io.resolve import resolve_path
-from loratools.io.writer import atomic_output, check_not_an_input
+from loratools.io.writer import atomic_output, check_not_an_input, check_output_free
 from loratools.progress import Progress, no_progress
 from loratools.train.data import Packed, check_vocab, pack, read_examples, split_examples
 from loratools.train.distributed import Workers, barrier, init_distributed, shutdown
 from loratools.train.inject import inject_lora, load_lora_adapter, lora_layers, to_adapter
-from loratools.train.layers import INITS
-from loratools.train.loop import FitResult, LoopOptions, fit
+from loratools.train.loop import FitResult, fit
 from loratools.train.model import LlamaForCausalLM, load_model
+from loratools.train.options import TrainOptions
 
-__all__ = ["TrainOptions", "TrainReport", "checkpoint_dir", "train_adapter"]
+__all__ = ["TrainOptions", "TrainReport", "check_paths", "checkpoint_dir", "train_adapter"]
 
 STATE_NAME = "trainer_state.pt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything ``loratools train`` can set; defaults follow the paper (r = 8 on W_q and W_v)."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] | str = ("q_proj", "v_proj")
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: str = "kaiming"
-    steps: int = 100
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    max_grad_norm: float | None = 1.0
-    eval_every: int = 0
-    eval_fraction: float = 0.1
-    save_every: int = 0
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"--rank must be at least 1 (got {self.rank})")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if not 0 <= self.eval_fraction < 1:
-            problems.append(f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
-        if self.seq_len < 2:
-            problems.append(f"--seq-len must be at least 2 (got {self.seq_len})")
-        if self.init not in INITS:
-            problems.append(f"--init must be one of {', '.join(INITS)} (got {self.init})")
-        if self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype})")
-        if not self.targets:
-            problems.append("--targets must name at least one module")
-        try:
-            self.loop_options()
-        except ValueError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise LoratoolsError("; ".join(problems))
-
-    def loop_options(self, bf16_autocast: bool = False) -> LoopOptions:
-        names = {f.name for f in dataclasses.fields(LoopOptions)}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
-        return LoopOptions(**values, autocast_bf16=bf16_autocast)
 
 
 @dataclass(frozen=True)
@@ -105,6 +50,11 @@ class TrainReport:
     modules: list[str]
     world_size: int
     rank: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document: every field, the last training loss and the last eval loss."""
+        final_eval = self.eval_losses[max(self.eval_losses)] if self.eval_losses else None
+        return {**dataclasses.asdict(self), "final_loss": self.losses[-1], "eval_loss": final_eval}
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -178,6 +128,22 @@ def _build(
     return net, None, None
 
 
+def check_paths(
+    model: str | Path, data: str | Path, output: Path, resume: str | Path | None, *, force: bool
+) -> Path:
+    """Refuse an existing ``output`` (unless ``force``) or one overlapping an input, before any
+    work; returns the model's local folder.
+
+    Raises:
+        OutputExists: ``output`` exists and ``force`` is False.
+        LoratoolsError: a missing model, an output overlapping the model, the data or ``resume``.
+    """
+    check_output_free(output, force=force)
+    model_dir = resolve_path(model, what="model")
+    check_not_an_input(output, [model_dir, Path(data), Path(resume) if resume else None])
+    return model_dir
+
+
 def train_adapter(
     model: str | Path,
     data: str | Path,
@@ -210,10 +176,7 @@ def train_adapter(
         OutputExists: ``output`` exists and ``force`` is False (checked before training).
     """
     output = Path(output)
-    if output.exists() and not force:
-        raise OutputExists(f"{output} already exists; pass --force to replace it")
-    model_dir = resolve_path(model, what="model")
-    check_not_an_input(output, [model_dir, Path(data), Path(resume) if resume else None])
+    model_dir = check_paths(model, data, output, resume, force=force)
     info = init_distributed(opts.device, env)
     try:
         net, state, resumed = _build(model_dir, opts, info, init_adapter, resume)
@@ -230,9 +193,16 @@ def train_adapter(
                     torch.save(trainer_state, folder / STATE_NAME)
             barrier(info)
 
-        bf16 = info.device.type == "cuda" and opts.dtype == "float32"  # fp32 master weights, bf16 math
+        autocast = info.device.type == "cuda" and opts.dtype == "float32"  # fp32 master weights, bf16 math
         result = fit(
-            net, train, held, opts.loop_options(bf16), info=info, state=state, progress=progress, save=save
+            net,
+            train,
+            held,
+            opts.loop_options(autocast),
+            info=info,
+            state=state,
+            progress=progress,
+            save=save,
         )
         if info.is_main:
             record = _provenance(str(model), str(data), opts, info, result, resumed)

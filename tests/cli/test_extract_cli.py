@@ -199,3 +199,21 @@ def test_peft_loads_carried_modules(run_cli, fixtures_dir, tmp_path):
     merged = model.merge_and_unload().state_dict()
     torch.testing.assert_close(merged["model.norm.weight"], tensors["model.norm.weight"])
     torch.testing.assert_close(merged["lm_head.weight"], tensors["lm_head.weight"])
+
+
+def test_card_is_the_hub_card_and_never_names_a_local_base(run_cli, fixtures_dir, tmp_path, monkeypatch):
+    """One card generator (loratools.hub.card): a base given as a relative local path that looks like
+    an ``org/name`` Hub id (``fixtures/base``) is not written as base_model — the Hub would refuse it."""
+    import re
+
+    import yaml
+
+    monkeypatch.chdir(fixtures_dir.parent)
+    local = f"{fixtures_dir.name}/base"
+    out = tmp_path / "adapter"
+    result = run_cli("extract", local, fixtures_dir / "finetuned", "-r", "2", "-o", out)
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", card, re.DOTALL)[1])
+    assert "base_model" not in front and front["library_name"] == "peft"
+    assert "## Spectrum" in card and "relative error ‖ΔW − sBA‖/‖ΔW‖" in card

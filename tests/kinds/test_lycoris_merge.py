@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loratools.ops.merge import merge_paths
+from loratools.commands.merge import merge_paths
 from tests.peft_helpers import load_llama
 
 # merged float32 weights: W0 + ΔW rounded once (loratools) vs PEFT's own float32 sum

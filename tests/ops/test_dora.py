@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from loratools.adapter import Adapter, LoraWeight
+from loratools.commands.merge import merge_paths
 from loratools.errors import LoratoolsError, UnknownFormat
 from loratools.formats import kohya, peft
 from loratools.io.adapter_dir import load_adapter, read_safetensors, save_adapter
 from loratools.io.dora_record import read_record_file
 from loratools.ops.dora import dora_weight, effective_delta, row_norms
-from loratools.ops.merge import merge_paths
 from loratools.ops.merge.dora import DoraRecord
 from tests._tolerances import EPS, TOL
 

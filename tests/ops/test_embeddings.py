@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from loratools.adapter import Adapter, LoraWeight
+from loratools.commands.merge import merge_paths
 from loratools.errors import LoratoolsError, UnknownFormat
 from loratools.formats import gguf as gguf_names
 from loratools.formats import peft
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.kinds import embedding
 from loratools.ops.combine import CombineOptions, combine_adapters
-from loratools.ops.merge import merge_paths
 from loratools.ops.resize import ResizeOptions, resize_adapter
 from loratools.ops.spectrum import adapter_spectrum
 from tests._tolerances import LOGITS_FP32, TOL
@@ -283,7 +283,7 @@ def test_extract_embeddings_skip_full_or_lora(fixtures_dir: Path, embedding_fine
     assert lora.adapter.weights[EMBED].embedding and not lora.adapter.weights["lm_head"].embedding
     errors = {m.name: m.relative_error for m in lora.modules}
     assert max(errors.values()) < 1e-5  # rank-3 ΔW at rank 4: exact up to float32 rounding
-    assert lora.summary("out")["tied_embeddings"] == []
+    assert lora.summary()["tied_embeddings"] == []
     with pytest.raises(LoratoolsError, match="--include-embeddings"):
         ExtractOptions(rank=4, embeddings="lora", include_embeddings=True)
 
@@ -329,7 +329,7 @@ def test_tied_embeddings_are_reported_and_tied_in_peft(fixtures_dir: Path, tmp_p
     result = extract(
         open_checkpoint(tmp_path / "base"), open_checkpoint(ft), ExtractOptions(rank=4, embeddings="lora")
     )
-    assert result.summary("out")["tied_embeddings"] == [EMBED]
+    assert result.summary()["tied_embeddings"] == [EMBED]
     assert result.adapter.extra_config["ensure_weight_tying"] is True
     save_adapter(result.adapter, tmp_path / "a")
     ids = tokens()

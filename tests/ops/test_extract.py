@@ -10,11 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loratools.commands.extract import model_card
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError, ShapeMismatch
 from loratools.io.checkpoint import open_checkpoint
 from loratools.linalg import allocate_budget, rank_for_energy
-from loratools.ops.extract import ExtractOptions, extract, model_card, plan_extraction
+from loratools.ops.extract import ExtractOptions, extract, plan_extraction
 from tests._tolerances import TOL
 
 
@@ -312,9 +313,12 @@ def test_provenance_and_model_card(fixtures_dir):
     )
     assert 0.99 < p["energy_kept"] <= 1
     card = model_card(result)
-    assert "base_model: org/base" in card and "`org/ft`" in card and "| rank | 4 |" in card
-    summary = result.summary("out")
-    assert summary["output"] == "out"
+    assert (
+        'base_model: "org/base"' in card and "| `finetuned` | org/ft |" in card and "| rank r | 4 |" in card
+    )
+    assert "| energy kept (Σ kept σ² / Σ ‖ΔW‖²) |" in card
+    summary = result.summary()
+    assert "output" not in summary  # the command's report puts it first
     assert {"name", "rank", "relative_error"} <= set(summary["modules"][0])
 
 

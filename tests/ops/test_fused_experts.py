@@ -230,8 +230,8 @@ def _saved(tmp_path: Path, make: Any = _gpt_oss) -> tuple[Path, Path, torch.nn.M
 
 
 def test_merge_command_path_equals_peft_logits(tmp_path: Path) -> None:
+    from loratools.commands.merge import merge_paths
     from loratools.io.adapter_dir import load_adapter
-    from loratools.ops.merge import merge_paths
 
     base, adapter, model = _saved(tmp_path)
     with pytest.raises(LoratoolsError, match="needs the base model"):
@@ -326,7 +326,7 @@ def test_spectrum_with_base_reads_fused_experts(tmp_path: Path) -> None:
 def test_unmerge_gives_back_the_base_and_a_missing_fused_tensor_is_refused(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from loratools.ops.merge import merge_paths
+    from loratools.commands.merge import merge_paths
 
     base, adapter, _ = _saved(tmp_path)
     merge_paths(str(base), tmp_path / "merged", add=[(str(adapter), 1.0)])
@@ -345,7 +345,7 @@ def test_unmerge_gives_back_the_base_and_a_missing_fused_tensor_is_refused(tmp_p
 
 
 def test_square_expert_slices_take_the_layout_from_the_model_class(tmp_path: Path) -> None:
-    from loratools.ops.merge import merge_paths
+    from loratools.commands.merge import merge_paths
 
     # hidden = intermediate (as in gpt-oss-20b, 2880): down_proj (E, 16, 16) fits both layouts
     base, adapter, model = _saved(tmp_path, lambda: _gpt_oss(intermediate=16))

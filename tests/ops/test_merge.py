@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.adapter import Adapter, LoraWeight
+from loratools.commands.merge import merge_checkpoint, merge_paths
 from loratools.errors import MissingKeys, OutputExists, ShapeMismatch
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.io.checkpoint import open_checkpoint
@@ -30,8 +31,6 @@ from loratools.ops.merge import (
     TensorUpdate,
     apply_update,
     delta_norm,
-    merge_checkpoint,
-    merge_paths,
     plan_merge,
     stacked_factors,
 )
@@ -460,7 +459,7 @@ def test_cuda_merge_matches_cpu(fixtures_dir: Path, tmp_path: Path) -> None:
 
 
 def test_write_behind_hands_writer_errors_back_and_never_hangs() -> None:
-    from loratools.ops.merge import _write_behind
+    from loratools.io.writer import write_behind as _write_behind
 
     written = []
 

@@ -75,7 +75,7 @@ def test_names_experts_and_routers() -> None:
 def test_extract_factors_every_expert_and_carries_routers(moe_pair: tuple[Path, Path]) -> None:
     base, ft = moe_pair
     result = extract(open_checkpoint(base), open_checkpoint(ft), ExtractOptions(rank=2))
-    experts = result.summary("out")["experts"]
+    experts = result.summary()["experts"]
     assert experts == {
         "base": 2 * EXPERTS * 3,
         "experts": 2 * EXPERTS,
@@ -116,8 +116,8 @@ def test_cli_reports_expert_counts_and_refuses_to_drop(
 def test_mixtral_extract_then_merge_gives_the_finetune_logits(tmp_path: Path) -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    from loratools.commands.merge import merge_paths
     from loratools.io.adapter_dir import save_adapter
-    from loratools.ops.merge import merge_paths
     from tests.peft_helpers import logits, tokens
 
     config = MixtralConfig(
@@ -149,8 +149,8 @@ def test_mixtral_extract_then_merge_gives_the_finetune_logits(tmp_path: Path) ->
 def test_merge_reports_expert_weights_touched_against_the_base(
     moe_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    from loratools.commands.merge import merge_paths
     from loratools.io.adapter_dir import save_adapter
-    from loratools.ops.merge import merge_paths
 
     base, ft = moe_pair
     result = extract(open_checkpoint(base), open_checkpoint(ft), ExtractOptions(rank=2))

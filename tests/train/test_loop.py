@@ -140,6 +140,7 @@ def test_cli_trains_and_records_provenance(run_cli, fixtures_dir: Path, tmp_path
     adapter = load_adapter(out)
     assert adapter.ranks == dict.fromkeys(report["modules"], 2)
     assert adapter.provenance["method"] == "train" and adapter.provenance["rank"] == 2
+    assert adapter.provenance["min_lr_ratio"] == 0.0  # the default, read by click from TrainOptions
     assert adapter.provenance["targets"] == ["q_proj", "o_proj"]
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "o_proj"]
 
@@ -147,9 +148,29 @@ def test_cli_trains_and_records_provenance(run_cli, fixtures_dir: Path, tmp_path
     assert again.exit_code == 1 and "already exists" in again.stderr and "Traceback" not in again.output
 
 
+def test_train_options_hand_every_loop_option_to_the_loop() -> None:
+    """TrainOptions inherits LoopOptions' fields (one definition), so none is dropped on the way."""
+    from dataclasses import fields
+
+    values = dict(steps=7, lr=1e-3, weight_decay=0.1, warmup_steps=2, min_lr_ratio=0.25, batch_size=3,
+                  grad_accum=2, max_grad_norm=0.5, eval_every=3, save_every=4, seed=9, autocast_bf16=True)  # fmt: skip
+    assert set(values) == {f.name for f in fields(LoopOptions)}  # a new loop option: add it here too
+    assert TrainOptions(**values).loop_options() == LoopOptions(**values)
+    assert TrainOptions().loop_options(autocast_bf16=True).autocast_bf16
+
+
+def test_cli_sets_min_lr_ratio(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    args = ["train", fixtures_dir / "base", "--data", fixtures_dir / "train" / "ids.jsonl", "-o", out]
+    result = run_cli(*args, "--steps", "2", "--seq-len", "32", "--min-lr-ratio", "0.5", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert load_adapter(out).provenance["min_lr_ratio"] == 0.5
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--min-lr-ratio", "2"], "min_lr_ratio must be in [0, 1]"),
         (["--steps", "0"], "steps must be at least 1"),
         (["--dropout", "1.5"], "--dropout must be in"),
         (["--targets", "qkv"], "matches no linear layer"),

@@ -24,13 +24,14 @@ The package, in the order data flows through it:
 - :mod:`.factor`: the math on one module (ΔW buffer, truncated SVD, rank, factors, residual).
 - :mod:`.stream`: the pass(es) over both checkpoints, shared among torchrun processes.
 - :mod:`.result`: :class:`ExtractResult`, its ``--json`` summary and the provenance.
-- :mod:`.card`: :func:`model_card`, the adapter's README.md.
-- :mod:`.api`: :func:`extract`.
+- :mod:`.api`: :func:`extract`, and :func:`with_dora` for a DoRA adapter.
+
+The adapter's README.md is written by :mod:`loratools.hub.card` (one card generator), from the
+command :mod:`loratools.commands.extract`.
 """
 
 from loratools.ops.delta import DeltaBuffer
-from loratools.ops.extract.api import extract
-from loratools.ops.extract.card import model_card
+from loratools.ops.extract.api import extract, with_dora
 from loratools.ops.extract.factor import (
     ModuleReport,
     choose_rank,
@@ -56,8 +57,8 @@ __all__ = [
     "choose_rank",
     "extract",
     "lora_from_svd",
-    "model_card",
     "plan_extraction",
     "residual_norm",
     "truncated_spectrum",
+    "with_dora",
 ]

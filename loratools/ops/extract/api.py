@@ -1,4 +1,5 @@
-""":func:`extract`: plan, share the items among processes, run the pass(es), assemble the result."""
+""":func:`extract`: plan, share the items among processes, run the pass(es), assemble the result;
+:func:`with_dora`: the same adapter as DoRA (a second pass over both checkpoints)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
 from loratools.linalg import allocate_budget
 from loratools.ops.delta import DeltaBuffer
+from loratools.ops.extract.dora import DoraExtractReport
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import ExtractPlan, TensorSource, plan_extraction, size_warnings
 from loratools.ops.extract.result import ExtractResult, build_result
@@ -84,3 +86,33 @@ def extract(
             warnings.simplefilter("always")
             warnings.warn(message, UserWarning, stacklevel=2)
     return result
+
+
+def with_dora(
+    base: TensorSource, finetuned: TensorSource, result: ExtractResult, progress: Progress = no_progress
+) -> tuple[ExtractResult, list[DoraExtractReport]]:
+    """The extracted LoRA turned into DoRA (:mod:`.dora`), streaming both checkpoints again.
+
+    Each module's ``relative_error`` becomes ``‖W' − W_ft‖_F / ‖ΔW‖_F``; the LoRA's stays in the
+    per-module DoRA reports (``lora_relative_error``).
+
+    Returns:
+        The result with the DoRA adapter, and one report per module.
+    """
+    from dataclasses import replace
+
+    from loratools.ops.extract.dora import add_dora
+
+    weights = dict(result.adapter.weights)
+    names = [f"{m}.weight" for m in weights]
+    pairs = (
+        (b_name.removesuffix(".weight"), w0, w_ft)
+        for (b_name, w0), (_, w_ft) in zip(
+            base.iter_tensors(names), finetuned.iter_tensors(names), strict=True
+        )
+    )
+    dora, reports = add_dora(pairs, weights, progress=progress)
+    errors = {r.name: r.relative_error for r in reports}
+    modules = [replace(m, relative_error=errors.get(m.name, m.relative_error)) for m in result.modules]
+    adapter = result.adapter.with_weights({**weights, **dora}, dora=True)
+    return replace(result, adapter=adapter, modules=modules), reports

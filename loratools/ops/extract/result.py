@@ -44,11 +44,11 @@ class ExtractResult:
         kept = sum(m.energy_kept * m.delta_norm**2 for m in self.modules)
         return kept / total if total > 0 else 1.0
 
-    def summary(self, output: str) -> dict[str, Any]:
-        """The ``--json`` document (DESIGN.md: output, modules[name, rank, relative_error], …)."""
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` document less ``output`` (which the command's report puts first):
+        modules[name, rank, relative_error], … (DESIGN.md)."""
         errors = [m.relative_error for m in self.modules]
         return {
-            "output": output,
             "base": self.adapter.provenance.get("base"),
             "finetuned": self.adapter.provenance.get("finetuned"),
             "rule": self.adapter.provenance.get("rule"),

@@ -32,16 +32,19 @@ The package, in the order data flows through it:
 - :mod:`.terms`: what to do — MergeTerm, MergeOptions, TensorUpdate.
 - :mod:`.plan`: match every adapter to the base and check it fits, before anything is written.
 - :mod:`.update`: the math on one tensor (stacked factors, one ``addmm``, the precision stats).
-- :mod:`.stream`: the pass over the checkpoint, with its reader and writer threads.
+- :mod:`.stream`: the pass over the base's tensors (the caller reads ahead and writes behind).
 - :mod:`.precision`: the per-tensor records and the report with its warnings.
-- :mod:`.api`: :func:`merge_checkpoint` and :func:`merge_paths`.
+- :mod:`.requant`: ``--keep-quantization``'s math (requantized update, what survives).
+- :mod:`.dora`, :mod:`.fused`, :mod:`.growth`: DoRA, fused experts, a grown vocabulary.
+
+Nothing here opens a file: :mod:`loratools.commands.merge` resolves the paths, opens the base and
+the adapters and writes the output (:func:`~loratools.commands.merge.merge_paths`).
 """
 
-from loratools.ops.merge.api import merge_checkpoint, merge_paths
 from loratools.ops.merge.plan import MergePlan as MergePlan  # what plan_merge returns
 from loratools.ops.merge.plan import plan_merge
 from loratools.ops.merge.precision import MergeReport, ModuleStats
-from loratools.ops.merge.stream import _write_behind as _write_behind  # tests drive the writer thread
+from loratools.ops.merge.stream import merged_tensors, storage_order
 from loratools.ops.merge.terms import MergeOptions, MergeTerm, TensorUpdate
 from loratools.ops.merge.update import apply_update, delta_norm, stacked_factors
 
@@ -53,8 +56,8 @@ __all__ = [
     "TensorUpdate",
     "apply_update",
     "delta_norm",
-    "merge_checkpoint",
-    "merge_paths",
+    "merged_tensors",
     "plan_merge",
     "stacked_factors",
+    "storage_order",
 ]

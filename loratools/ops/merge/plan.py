@@ -22,10 +22,9 @@ from loratools.errors import (
 )
 from loratools.formats.detect import FileKind
 from loratools.formats.names import resolve_modules, resolve_tensor_names
-from loratools.io.safetensors_file import TensorSpec
 from loratools.kinds.fused import ExpertLora
 from loratools.ops.merge.growth import grows, lora_on_grown, restore_base_layer
-from loratools.ops.merge.terms import FLOAT_DTYPES, MergeTerm, TensorUpdate
+from loratools.ops.merge.terms import FLOAT_DTYPES, MergeTerm, TensorInfo, TensorUpdate
 
 if TYPE_CHECKING:
     from loratools.ops.merge.dora import DoraPlan
@@ -72,7 +71,7 @@ def _fits(weight_shape: tuple[int, ...] | None, shape: tuple[int, ...], expected
 
 
 def _plan_loras(
-    term: MergeTerm, infos: Mapping[str, TensorSpec], updates: dict[str, TensorUpdate], problems: Problems
+    term: MergeTerm, infos: Mapping[str, TensorInfo], updates: dict[str, TensorUpdate], problems: Problems
 ) -> None:
     adapter, label = term.adapter, term.label
     base_names = list(infos)
@@ -105,7 +104,7 @@ def _plan_loras(
 def _plan_expert(
     term: MergeTerm,
     module: str,
-    infos: Mapping[str, TensorSpec],
+    infos: Mapping[str, TensorInfo],
     updates: dict[str, TensorUpdate],
     problems: Problems,
 ) -> bool:
@@ -127,7 +126,7 @@ def _plan_expert(
 
 def _plan_saved(
     terms: Sequence[MergeTerm],
-    infos: Mapping[str, TensorSpec],
+    infos: Mapping[str, TensorInfo],
     updates: dict[str, TensorUpdate],
     problems: Problems,
 ) -> list[str]:
@@ -247,7 +246,7 @@ def check_argument_order(
 
 
 def plan_merge(
-    infos: Mapping[str, TensorSpec], terms: Sequence[MergeTerm], base_ids: Sequence[str] = ()
+    infos: Mapping[str, TensorInfo], terms: Sequence[MergeTerm], base_ids: Sequence[str] = ()
 ) -> MergePlan:
     """Match every adapter to the base and check it fits, listing every problem at once.
 

@@ -4,6 +4,7 @@ make to one base tensor (``Σᵢ wᵢ·sᵢ·Bᵢ@Aᵢ``, or a whole ``modules_t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -11,6 +12,20 @@ from loratools.adapter import Adapter, ModuleWeight
 from loratools.errors import LoratoolsError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class TensorInfo(Protocol):
+    """What the merge plan needs to know of a base tensor, from the header alone
+    (:class:`loratools.io.safetensors_file.TensorSpec` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
 
 @dataclass(frozen=True)

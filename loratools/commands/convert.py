@@ -1,16 +1,18 @@
-"""Conversions: adapters between PEFT, kohya and llama.cpp GGUF; models from .bin/.pt/GGUF to safetensors.
+"""``loratools convert SOURCE --to peft|kohya|gguf|safetensors -o OUT``: adapters and models.
 
-The key tables and the scale folding are pure functions in :mod:`loratools.formats.kohya` and
-:mod:`loratools.formats.gguf`; this module only wires readers to writers, one tensor at a time
-for models, and reports what it did. Every output is written atomically and inputs are never
-touched.
+Adapters go between PEFT, kohya and llama.cpp GGUF (the key tables and the scale folding are the
+pure functions of :mod:`loratools.formats.kohya` and :mod:`loratools.formats.gguf`; DoRA and
+LoHa/LoKr become plain LoRA through :mod:`loratools.ops.dora_bake` and
+:mod:`loratools.ops.resize`); models go from .bin/.pt/GGUF to safetensors shards
+(:mod:`loratools.io.model_copy`). Two steps, so the CLI can size its progress bar between them:
+:func:`open_convert` checks the options against the source, resolves and opens it (every refusal
+happens here, before any output exists), :meth:`OpenConvert.run` writes atomically and returns the
+:class:`ConvertReport`. :func:`convert` does both. Inputs are never touched.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,14 +23,13 @@ from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError
 from loratools.formats import gguf as gguf_names
 from loratools.formats import kohya
-from loratools.io.safetensors_file import TensorSpec
 from loratools.kinds import embedding
 from loratools.progress import Progress, no_progress
 
 if TYPE_CHECKING:
-    from loratools.io.checkpoint import ShardLayout
+    from loratools.formats.detect import FileKind
 
-__all__ = ["ADAPTER_TARGETS", "Conversion", "ConvertOptions", "convert", "parse_size", "prepare"]
+__all__ = ["ADAPTER_TARGETS", "ConvertOptions", "ConvertReport", "OpenConvert", "convert", "open_convert"]
 
 ADAPTER_TARGETS = ("peft", "kohya", "gguf")
 TARGETS = (*ADAPTER_TARGETS, "safetensors")
@@ -37,22 +38,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
 }  # fmt: skip
-SIZE = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?I?B?)?\s*$", re.IGNORECASE)
-DEFAULT_SHARD = "5GB"
-
-
-def parse_size(text: str) -> int:
-    """``"5GB"`` → 5·10⁹ bytes, ``"500MiB"`` → 500·2²⁰, ``"1000"`` → 1000.
-
-    Raises:
-        LoratoolsError: not a size.
-    """
-    match = SIZE.match(text)
-    if not match:
-        raise LoratoolsError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
-    unit = (match["unit"] or "B").upper()
-    power = "BKMGT".index(unit[0])
-    return int(float(match["n"]) * (1024 if "I" in unit else 1000) ** power)
 
 
 @dataclass(frozen=True)
@@ -77,7 +62,7 @@ class ConvertOptions:
 
     source: str
     to: str
-    output: str
+    output: Path
     base: str | None = None
     prefix: str = kohya.DEFAULT_PREFIX
     dtype: str | None = None
@@ -88,6 +73,9 @@ class ConvertOptions:
     budget: int | None = None
 
     def __post_init__(self) -> None:
+        from loratools.io.model_copy import parse_size
+
+        object.__setattr__(self, "output", Path(self.output))
         _check_bake_rule(self)
         if self.to not in TARGETS:
             raise LoratoolsError(f"--to {self.to!r}: choose one of {', '.join(TARGETS)}")
@@ -102,11 +90,11 @@ class ConvertOptions:
             raise LoratoolsError(
                 f"--prefix {self.prefix!r}: expected 'lora_' plus letters/digits, e.g. lora_te1"
             )
-        if self.to == "kohya" and not self.output.endswith(".safetensors"):
+        if self.to == "kohya" and not str(self.output).endswith(".safetensors"):
             raise LoratoolsError(
                 f"-o {self.output}: a kohya adapter is one .safetensors file; name it *.safetensors"
             )
-        if self.to == "gguf" and not self.output.endswith(".gguf"):
+        if self.to == "gguf" and not str(self.output).endswith(".gguf"):
             raise LoratoolsError(f"-o {self.output}: a llama.cpp adapter is one .gguf file; name it *.gguf")
         if self.max_shard_size is not None:
             parse_size(self.max_shard_size)
@@ -117,36 +105,84 @@ class ConvertOptions:
 
 
 @dataclass(frozen=True)
-class Conversion:
-    """A conversion whose inputs are open and checked: ``total`` units of work, then :meth:`run`.
+class ConvertReport:
+    """What was written; ``to_dict()`` is the ``--json`` document: ``output``, then ``from``/``to``
+    and what the conversion did (per target: kohya prefix, GGUF architecture and alpha, a model's
+    tensors and files; modules with their rank, alpha and scale for adapters).
 
     Attributes:
-        total: modules (adapters) or tensors (models) that ``run`` will report progress for.
-        run: writes the output and returns the JSON-able report.
+        output: the path written.
+        source_kind: what the source was, in words (``a kohya LoRA adapter``).
+        details: the rest of the document, in order.
     """
 
+    output: Path
+    source_kind: str
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": str(self.output), **self.details}
+
+
+@dataclass(frozen=True)
+class OpenConvert:
+    """A conversion whose inputs are open and checked: ``total`` units of work (modules for
+    adapters, tensors for models), then :meth:`run`."""
+
+    options: ConvertOptions
+    source_kind: str
     total: int
-    run: Callable[[Progress], dict[str, Any]]
+    write: Callable[[Progress], dict[str, Any]]
+
+    def run(self, progress: Progress = no_progress) -> ConvertReport:
+        """Write the output atomically and report."""
+        return ConvertReport(self.options.output, self.source_kind, self.write(progress))
 
 
-def prepare(options: ConvertOptions) -> Conversion:
-    """Open and check the inputs (every input error is raised here, before any output exists)."""
-    from loratools.errors import OutputExists
-    from loratools.io.writer import check_not_an_input
+def open_convert(options: ConvertOptions) -> OpenConvert:
+    """Check the source fits the target, the output is free and no input; open and check the inputs
+    (every input error is raised here, before any output exists).
 
-    check_not_an_input(
-        Path(options.output), [Path(options.source), Path(options.base) if options.base else None]
-    )
-    if Path(options.output).exists() and not options.force:  # fail before reading anything big
-        raise OutputExists(f"{options.output} already exists; pass --force to replace it")
+    Raises:
+        LoratoolsError: a model with an adapter target or the reverse, a missing input, an output
+            that exists (without ``force``) or overlaps an input, an adapter that cannot be
+            written as the target.
+    """
+    from loratools.io.writer import check_not_an_input, check_output_free
+
+    kind = check_source(options.source, options.to)
+    check_not_an_input(options.output, [Path(options.source), Path(options.base) if options.base else None])
+    check_output_free(options.output, force=options.force)  # fail before reading anything big
     if options.to == "safetensors":
-        return _prepare_model(options)
-    return _prepare_adapter(options)
+        total, write = _open_model(options)
+    else:
+        total, write = _open_adapter(options)
+    return OpenConvert(options, kind.label, total, write)
 
 
-def convert(options: ConvertOptions, progress: Progress = no_progress) -> dict[str, Any]:
-    """Run one conversion; returns a JSON-able report (``output``, ``from``, ``to``, …)."""
-    return prepare(options).run(progress)
+def convert(options: ConvertOptions, progress: Progress = no_progress) -> ConvertReport:
+    """Open and run in one call (for library use)."""
+    return open_convert(options).run(progress)
+
+
+def check_source(source: str, to: str) -> FileKind:
+    """What SOURCE is, refusing a target of the other kind (a model --to peft, an adapter
+    --to safetensors) with the call that fits."""
+    from loratools.io.filekind import detect_path
+    from loratools.io.resolve import resolve_path
+
+    kind = detect_path(resolve_path(source))
+    if kind.kind == "adapter" and to == "safetensors":
+        raise LoratoolsError(
+            f"{source}: {kind.label}; --to safetensors converts models (.bin, .pt, .gguf), for an "
+            f"adapter use --to peft, --to kohya or --to gguf"
+        )
+    if kind.kind == "checkpoint" and to != "safetensors":
+        raise LoratoolsError(
+            f"{source}: {kind.label}, not an adapter; --to {to} converts adapters, a model converts "
+            "with --to safetensors"
+        )
+    return kind
 
 
 # -- DoRA → plain LoRA (-r R | --energy F, with --base) ------------------------------------------------
@@ -241,6 +277,7 @@ class BaseModel:
 def _open_base(base: str | None) -> BaseModel | None:
     """``--base`` as a checkpoint (file, folder, Hub id) or a GGUF model file (names mapped to HF)."""
     from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.model_config import read_model_config
     from loratools.io.resolve import resolve_path
 
     if base is None:
@@ -252,8 +289,7 @@ def _open_base(base: str | None) -> BaseModel | None:
         model = GgufModel(path)
         return BaseModel(base, {s.name: s.shape for s in model.specs()}, model.config)
     ckpt = open_checkpoint(path)
-    config_file = ckpt.model_dir / "config.json" if ckpt.model_dir is not None else None
-    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else None
+    config = read_model_config(ckpt.model_dir) or None if ckpt.model_dir is not None else None
     return BaseModel(base, {i.name: tuple(i.shape) for i in ckpt.infos()}, config)
 
 
@@ -263,7 +299,7 @@ def _record(adapter: Adapter, source_format: str, target: str) -> Adapter:
     return adapter.with_weights(adapter.weights, conversions=history)
 
 
-def _prepare_adapter(options: ConvertOptions) -> Conversion:
+def _open_adapter(options: ConvertOptions) -> tuple[int, Callable[[Progress], dict[str, Any]]]:
     from loratools.io.adapter_dir import adapter_format, load_adapter
     from loratools.io.resolve import resolve_path
 
@@ -281,7 +317,7 @@ def _prepare_adapter(options: ConvertOptions) -> Conversion:
     write = _adapter_writer(adapter, base, options)
 
     def run(progress: Progress) -> dict[str, Any]:
-        report: dict[str, Any] = {"output": options.output, "from": fmt, "to": options.to, **write()}
+        report: dict[str, Any] = {"from": fmt, "to": options.to, **write()}
         if converted:
             report["lycoris_converted"] = converted
         if baked:
@@ -294,7 +330,7 @@ def _prepare_adapter(options: ConvertOptions) -> Conversion:
         ]
         return report
 
-    return Conversion(len(adapter.weights), run)
+    return len(adapter.weights), run
 
 
 def _adapter_writer(
@@ -315,19 +351,9 @@ def _adapter_writer(
 def _write_kohya(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], options: ConvertOptions
 ) -> dict[str, Any]:
-    from loratools.io.safetensors_file import SafetensorsWriter
-    from loratools.io.writer import atomic_output
+    from loratools.io.writer import write_tensors
 
-    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
-    with atomic_output(options.output, force=options.force) as path:
-        writer = SafetensorsWriter(path, specs, metadata)
-        try:
-            for name, tensor in tensors.items():
-                writer.write(name, tensor)
-        except BaseException:
-            writer.abort()  # atomic_output removes the partial file
-            raise
-        writer.close()
+    write_tensors(tensors, metadata, options.output, force=options.force)
     return {"prefix": options.prefix, "tensors": len(tensors)}
 
 
@@ -373,101 +399,18 @@ def _check_shapes(adapter: Adapter, base: BaseModel, base_tensor_of: dict[str, s
 
 
 # -- models ------------------------------------------------------------------------------------------
-def _prepare_model(options: ConvertOptions) -> Conversion:
-    from loratools.io.checkpoint import open_checkpoint
+def _open_model(options: ConvertOptions) -> tuple[int, Callable[[Progress], dict[str, Any]]]:
+    from loratools.io.model_copy import open_model_copy, write_model_copy
     from loratools.io.resolve import resolve_path
 
     source = resolve_path(options.source)
-    dtype = options.torch_dtype
-    if source.suffix == ".gguf":
-        from loratools.io.gguf_io import GgufModel
-
-        model = GgufModel(source, dtype)
-        specs = model.specs()
-        tensors = model.iter_tensors()
-        files = model.model_files()
-        report: dict[str, Any] = {"from": "gguf", "skipped": model.skipped, "notes": model.notes}
-        report["config"] = model.config
-        copy_from = None
-    else:
-        ckpt = open_checkpoint(source)
-        specs = [_cast_spec(i, dtype) for i in ckpt.infos()]
-        tensors = _cast(ckpt.iter_tensors(), dtype)
-        files, copy_from = {}, ckpt.model_dir
-        report = {"from": ckpt.kind}
-
-    layout, as_file = _model_layout(options, specs, copy_from, files, report)
+    copy = open_model_copy(
+        source, options.output, options.torch_dtype, options.max_shard_size, options.source
+    )
 
     def run(progress: Progress) -> dict[str, Any]:
-        out = _write_model(options, layout, as_file, tensors, files, copy_from, progress)
+        out = write_model_copy(copy, options.output, force=options.force, progress=progress)
         files_out = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
-        return {"output": str(out), "to": "safetensors", **report, "tensors": len(specs), "files": files_out}
+        return {"to": "safetensors", **copy.facts, "tensors": len(copy.specs), "files": files_out}
 
-    return Conversion(len(specs), run)
-
-
-def _cast_spec(info: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
-    cast = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
-    return TensorSpec(info.name, tuple(info.shape), cast)
-
-
-def _cast(
-    tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, tensor in tensors:
-        yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-
-def _model_layout(
-    options: ConvertOptions,
-    specs: list[TensorSpec],
-    copy_from: Path | None,
-    files: dict[str, str],
-    report: dict[str, Any],
-) -> tuple[list[ShardLayout], bool]:
-    """The output shards, and whether the output is the single file ``NAME.safetensors`` (then
-    the model's other files cannot come along: a note says which). Refuses a sharded model named
-    ``.safetensors``."""
-    from loratools.io.writer import checkpoint_output_is_file, model_files, plan_shards
-
-    layout = plan_shards(specs, parse_size(options.max_shard_size or DEFAULT_SHARD))
-    shards = len(layout) if len(layout) > 1 else None
-    if not checkpoint_output_is_file(options.output, source=options.source, shards=shards):
-        return layout, False
-    left = (model_files(copy_from) if copy_from is not None else []) + sorted(files)
-    if left:
-        report["notes"] = [
-            *report.get("notes", []),
-            f"{options.output} is a single weights file: {', '.join(left)} not written "
-            f"(convert to a folder, -o {Path(options.output).stem}, to keep them)",
-        ]
-    return layout, True
-
-
-def _write_model(
-    options: ConvertOptions,
-    layout: list[ShardLayout],
-    as_file: bool,
-    tensors: Iterator[tuple[str, torch.Tensor]],
-    files: dict[str, str],
-    copy_from: Path | None,
-    progress: Progress,
-) -> Path:
-    """Stream ``tensors`` into HF-style safetensors shards under ``options.output`` (or into the
-    single file ``options.output`` when ``as_file``), atomically."""
-    from loratools.io.writer import CheckpointWriter, atomic_output, copy_model_files
-
-    with atomic_output(options.output, force=options.force) as path:
-        folder, shards = (
-            (path.parent, [replace(layout[0], filename=path.name)]) if as_file else (path, layout)
-        )
-        with CheckpointWriter(folder, shards, {"format": "pt"}) as writer:
-            for name, tensor in tensors:
-                writer.write(name, tensor)
-                progress(name)
-        if not as_file:
-            if copy_from is not None:
-                copy_model_files(copy_from, path)
-            for name, text in files.items():
-                (path / name).write_text(text)
-    return Path(options.output)
+    return len(copy.specs), run
