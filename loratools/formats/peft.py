@@ -27,6 +27,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
 from loratools.formats import lycoris, validate
+from loratools.formats.targets import matches_target
 from loratools.kinds import embedding, fused
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "to_adapter"]
@@ -235,12 +236,10 @@ def _most_common(values: list[Any], fallback: Any) -> Any:
 
 
 def _covers(target_modules: Any, modules: list[str]) -> bool:
-    """Whether PEFT's ``target_modules`` selects every one of ``modules``."""
-    if isinstance(target_modules, str):
-        return all(re.fullmatch(target_modules, m) for m in modules)
-    if isinstance(target_modules, list):
-        return all(m in target_modules or m.rsplit(".", 1)[-1] in target_modules for m in modules)
-    return False
+    """Whether PEFT's ``target_modules`` (a regex or a list of names) selects every one of ``modules``."""
+    if not isinstance(target_modules, (str, list)):
+        return False
+    return all(matches_target(m, target_modules) for m in modules)
 
 
 def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:

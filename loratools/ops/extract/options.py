@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from loratools.errors import InvalidOptions
+from loratools.formats.targets import matches_target
 from loratools.linalg import Split
 
 DEFAULT_MAX_RANK = 64  # SVD width for --energy/--sv-threshold/--budget when --max-rank is not given
@@ -114,5 +115,5 @@ class ExtractOptions:
         if self.targets is None:
             return True
         if len(self.targets) == 1 and REGEX_CHARS & set(self.targets[0]):
-            return re.fullmatch(self.targets[0], module) is not None
-        return any(module == t or module.endswith("." + t) for t in self.targets)
+            return matches_target(module, self.targets[0])
+        return matches_target(module, self.targets)
