@@ -33,6 +33,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight, lora_scale
 from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems, name_summary
 from loratools.formats import lycoris, validate
+from loratools.formats.names import suffix_matches
 
 __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohya_stem", "to_adapter"]
 
@@ -152,9 +153,7 @@ def resolve_stems(stems: Iterable[str], base_names: Iterable[str], where: str = 
     problems: list[str] = []
     for stem in stems:
         flat = _split_stem(stem)[1]
-        matches = by_flat.get(flat) or [
-            m for f, ms in by_flat.items() if f.endswith("_" + flat) or flat.endswith("_" + f) for m in ms
-        ]
+        matches = [m for f in suffix_matches(flat, by_flat, sep="_") for m in by_flat[f]]
         if len(matches) == 1:
             resolved[stem] = matches[0]
         else:
