@@ -34,6 +34,7 @@ from loratools.adapter import Adapter, LoraWeight, lora_scale
 from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems, name_summary
 from loratools.formats import lycoris, validate
 from loratools.formats.names import suffix_matches
+from loratools.formats.patterns import most_common
 
 __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohya_stem", "to_adapter"]
 
@@ -286,12 +287,6 @@ def _provenance(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 
 # -- Adapter → kohya -------------------------------------------------------------------------------
-def _most_common(values: list[Any], fallback: Any) -> Any:
-    """The most frequent value, ties to the largest (independent of module order)."""
-    counts = Counter(values)
-    return max(counts, key=lambda value: (counts[value], value)) if counts else fallback
-
-
 def _plain(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
@@ -346,8 +341,8 @@ def from_adapter(
 def _metadata(adapter: Adapter, prefix: str) -> dict[str, str]:
     """sd-scripts' ``ss_*`` fields (the most common rank/alpha) plus the loratools record."""
     plain = [w.with_plain_scaling() for w in adapter.lora_weights.values()]
-    rank = _most_common([w.rank for w in plain], 0)
-    alpha = _most_common([w.alpha for w in plain if w.rank == rank], 0.0)
+    rank = most_common([w.rank for w in plain], 0)
+    alpha = most_common([w.alpha for w in plain if w.rank == rank], 0.0)
     record = {
         "prefix": prefix,
         "modules": [[m, w.alpha, w.use_rslora] for m, w in adapter.lora_weights.items()],

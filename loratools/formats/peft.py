@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
 from loratools.formats import lycoris, validate
+from loratools.formats.patterns import most_common
 from loratools.formats.targets import matches_target
 from loratools.kinds import embedding, fused
 
@@ -227,14 +227,6 @@ def _saved_key(name: str, adapted: Mapping[str, Any]) -> str:
     return f"{PREFIX}{module}.base_layer{dot}{suffix}" if module in adapted else f"{PREFIX}{name}"
 
 
-def _most_common(values: list[Any], fallback: Any) -> Any:
-    """The most frequent value; ties go to the largest, so the result does not depend on module order."""
-    if not values:
-        return fallback
-    counts = Counter(values)
-    return max(counts, key=lambda value: (counts[value], value))
-
-
 def _covers(target_modules: Any, modules: list[str]) -> bool:
     """Whether PEFT's ``target_modules`` (a regex or a list of names) selects every one of ``modules``."""
     if not isinstance(target_modules, (str, list)):
@@ -252,8 +244,8 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
     loras = adapter.lora_weights
     rslora = bool(loras) and all(w.use_rslora for w in loras.values())
     weights = {m: w if rslora else w.with_plain_scaling() for m, w in loras.items()}
-    r = _most_common([w.rank for w in weights.values()], 8)
-    alpha = _most_common([w.alpha for w in weights.values() if w.rank == r], float(r))
+    r = most_common([w.rank for w in weights.values()], 8)
+    alpha = most_common([w.alpha for w in weights.values() if w.rank == r], float(r))
     rank_pattern = {m: w.rank for m, w in weights.items() if w.rank != r}
     alpha_pattern = {m: w.alpha for m, w in weights.items() if w.alpha != alpha}
 

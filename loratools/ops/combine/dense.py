@@ -12,9 +12,8 @@ import zlib
 import torch
 
 from loratools.adapter import LoraWeight
-from loratools.linalg import exact_svd, randomized_svd
-from loratools.ops.combine.options import CombineOptions, Pair, pick_rank
-from loratools.ops.resize import lora_from_svd
+from loratools.linalg import energy_kept, exact_svd, lora_from_svd, randomized_svd
+from loratools.ops.combine.options import CombineOptions, Pair
 
 
 def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -72,10 +71,10 @@ def dense_module(
     total = float(merged.double().square().sum())
     if options.energy is not None:  # needs the whole spectrum
         svd = exact_svd(merged)
-        rank = pick_rank(svd.s, options)
+        rank = options.rank_rule.choose(svd.s, at_least=1)
     else:
         assert options.rank is not None
         rank = min(options.rank, *merged.shape)
         svd = randomized_svd(merged, rank, seed=options.seed)
-    kept = float(svd.s[:rank].double().square().sum()) / total if total > 0 else 1.0
+    kept = energy_kept(svd.s, rank, total)
     return lora_from_svd(svd, rank, options.split, dtype), kept

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 import torch
 
 from loratools.adapter import LoraWeight, ModuleWeight
-from loratools.linalg import factored_svd_sum
+from loratools.linalg import energy_kept, factored_svd_sum, lora_from_svd
 from loratools.ops.combine.dense import dense_module
-from loratools.ops.combine.options import CombineOptions, Pair, pick_rank
-from loratools.ops.resize import energy_kept, lora_from_svd
+from loratools.ops.combine.options import CombineOptions, Pair
 
 
 def folded(
@@ -36,6 +35,6 @@ def combine_module(
         return LoraWeight(a.to("cpu", dtype), b.to("cpu", dtype), float(a.shape[0])), 1.0
     if options.method == "svd":
         svd = factored_svd_sum(pairs)
-        rank = pick_rank(svd.s, options)
+        rank = options.rank_rule.choose(svd.s, at_least=1)
         return lora_from_svd(svd, rank, options.split, dtype), energy_kept(svd.s, rank)
     return dense_module(name, pairs, options, dtype)

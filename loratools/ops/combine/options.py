@@ -12,7 +12,7 @@ import torch
 
 from loratools.adapter import Adapter
 from loratools.errors import InvalidOptions
-from loratools.linalg import Split, rank_for_energy
+from loratools.linalg import RankRule, Split
 
 Method = Literal["exact", "svd", "ties", "dare"]
 SavedPolicy = Literal["auto", "drop", "first"]
@@ -56,17 +56,15 @@ class CombineOptions:
         truncating = self.rank is not None or self.energy is not None
         method = self.method or ("svd" if truncating else "exact")
         object.__setattr__(self, "method", method)  # resolve the default once
+        self.rank_rule.check(("rank", "energy"), required=False)
         problem = self._problem(method, truncating)
         if problem:
             raise InvalidOptions(problem)
 
     def _problem(self, method: str, truncating: bool) -> str | None:
-        rank, energy, density = self.rank, self.energy, self.density
+        density = self.density
         checks = [
             (method not in METHODS, f"unknown method {method!r}: use one of {', '.join(METHODS)}"),
-            (rank is not None and energy is not None, "give -r/--rank or --energy, not both"),
-            (rank is not None and rank < 1, f"rank must be at least 1, got {rank}"),
-            (energy is not None and not 0 < energy <= 1, f"energy must be in (0, 1], got {energy}"),
             (method == "exact" and truncating, "the exact method keeps every rank; drop -r/--energy"),
             (method != "exact" and not truncating, f"--method {method} needs -r RANK or --energy F"),
             (method in ("ties", "dare") and density is None, f"--method {method} needs --density D"),
@@ -77,6 +75,11 @@ class CombineOptions:
             (self.split not in ("sqrt", "b"), f"split must be 'sqrt' or 'b', got {self.split!r}"),
         ]
         return next((message for failed, message in checks if failed), None)
+
+    @property
+    def rank_rule(self) -> RankRule:
+        """The output rank rule: ``rank`` or ``energy`` (validated: raises ``InvalidOptions``)."""
+        return RankRule(rank=self.rank, energy=self.energy)
 
     def record(self, weights: Sequence[float]) -> dict[str, Any]:
         """The choices that changed the numbers, for the output's provenance."""
@@ -129,12 +132,3 @@ class CombineResult:
             "saved_modules": {"kept": self.saved_kept, "dropped": self.saved_dropped},
             "parameters": self.adapter.num_parameters,
         }
-
-
-def pick_rank(s: torch.Tensor, options: CombineOptions) -> int:
-    """The output rank for singular values ``s`` (descending): ``options.rank`` capped by len(s),
-    or the fewest that keep ``options.energy`` of Σs² (at least 1)."""
-    if options.energy is not None:
-        return max(1, rank_for_energy(s, options.energy))
-    assert options.rank is not None  # guaranteed by CombineOptions.__post_init__
-    return min(options.rank, int(s.numel()))
