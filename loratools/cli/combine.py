@@ -9,6 +9,7 @@ import click
 from loratools.cli import render
 from loratools.cli.options import device_option, dtype_option, force_flag, reporting, split_option
 from loratools.commands.combine import CombineOptions, CombineReport
+from loratools.ops.combine.methods import METHODS
 
 
 @click.command()
@@ -34,8 +35,8 @@ from loratools.commands.combine import CombineOptions, CombineReport
 )
 @click.option(
     "--method",
-    type=click.Choice(["exact", "svd", "ties", "dare"]),
-    help="exact (concatenate; default), svd (default with -r/--energy), ties or dare.",
+    type=click.Choice(list(METHODS)),
+    help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + ".",
 )
 @click.option("--density", type=float, help="ties: fraction of entries kept; dare: keep probability.")
 @click.option(

@@ -13,10 +13,9 @@ import torch
 from loratools.adapter import Adapter
 from loratools.errors import InvalidOptions
 from loratools.linalg import RankRule, Split
+from loratools.ops.combine.methods import METHODS
 
-Method = Literal["exact", "svd", "ties", "dare"]
 SavedPolicy = Literal["auto", "drop", "first"]
-METHODS = ("exact", "svd", "ties", "dare")
 Pair = tuple[torch.Tensor, torch.Tensor]  # one adapter's folded factors (wᵢ·sᵢ·Bᵢ, Aᵢ): (d, rᵢ), (rᵢ, k)
 
 
@@ -26,8 +25,9 @@ class CombineOptions:
 
     Attributes:
         weights: one weight per adapter (negative negates, 0.5 halves); ``None`` means all 1.
-        method: ``exact`` (default), ``svd`` (default when ``rank``/``energy`` is given), ``ties``
-            or ``dare``. Resolved in ``__post_init__``.
+        method: a name in :data:`loratools.ops.combine.methods.METHODS`: ``exact`` (default),
+            ``svd`` (default when ``rank``/``energy`` is given), ``ties`` or ``dare``. Resolved in
+            ``__post_init__``; the method checks the options it takes.
         rank: the output rank per module (svd, ties, dare); capped by what the sum has.
         energy: instead of ``rank``, keep at least this fraction of each module's ‖ΔW‖²_F.
         density: ties: fraction of each delta's entries kept (largest magnitudes);
@@ -42,7 +42,7 @@ class CombineOptions:
     """
 
     weights: tuple[float, ...] | None = None
-    method: Method | None = None
+    method: str | None = None
     rank: int | None = None
     energy: float | None = None
     density: float | None = None
@@ -57,24 +57,23 @@ class CombineOptions:
         method = self.method or ("svd" if truncating else "exact")
         object.__setattr__(self, "method", method)  # resolve the default once
         self.rank_rule.check(("rank", "energy"), required=False)
-        problem = self._problem(method, truncating)
+        problem = self._problem(method)
         if problem:
             raise InvalidOptions(problem)
 
-    def _problem(self, method: str, truncating: bool) -> str | None:
+    def _problem(self, method: str) -> str | None:
+        if method not in METHODS:
+            return f"unknown method {method!r}: use one of {', '.join(METHODS)}"
         density = self.density
+        takers = [m.name for m in METHODS.values() if m.density]
         checks = [
-            (method not in METHODS, f"unknown method {method!r}: use one of {', '.join(METHODS)}"),
-            (method == "exact" and truncating, "the exact method keeps every rank; drop -r/--energy"),
-            (method != "exact" and not truncating, f"--method {method} needs -r RANK or --energy F"),
-            (method in ("ties", "dare") and density is None, f"--method {method} needs --density D"),
-            (method in ("exact", "svd") and density is not None, "--density applies to ties and dare"),
+            (not METHODS[method].density and density is not None, f"--density applies to {_listed(takers)}"),
             (density is not None and not 0 < density <= 1, f"density must be in (0, 1], got {density}"),
             (not all(map(math.isfinite, self.weights or ())), "weights must be finite numbers"),
             (self.saved_modules not in ("auto", "drop", "first"), "saved_modules: auto, drop or first"),
             (self.split not in ("sqrt", "b"), f"split must be 'sqrt' or 'b', got {self.split!r}"),
         ]
-        return next((message for failed, message in checks if failed), None)
+        return METHODS[method].problem(self) or next((message for failed, message in checks if failed), None)
 
     @property
     def rank_rule(self) -> RankRule:
@@ -132,3 +131,8 @@ class CombineResult:
             "saved_modules": {"kept": self.saved_kept, "dropped": self.saved_dropped},
             "parameters": self.adapter.num_parameters,
         }
+
+
+def _listed(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
