@@ -25,7 +25,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
-from loratools.formats import lycoris, validate
+from loratools.formats import LoadContext, lycoris, validate
 from loratools.formats.patterns import most_common
 from loratools.formats.targets import matches_target
 from loratools.kinds import embedding, fused
@@ -71,16 +71,16 @@ def _refuse_unsupported(keys: list[str], config: Mapping[str, Any]) -> None:
 
 def to_adapter(
     tensors: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
-    source: str = "adapter",
-    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    context: LoadContext | None = None,
 ) -> Adapter:
-    """Build an Adapter from a PEFT state dict and its adapter_config.json contents.
+    """Build an Adapter from a PEFT state dict and its adapter_config.json contents (``context.config``).
 
-    ``source`` (the path the user named) is how error messages name the adapter. ``base_shapes``
-    (the base's tensor name → shape) is needed only for ``target_parameters`` LoRA on fused expert
-    tensors, which become one module per (parameter, expert) (:mod:`loratools.kinds.fused`).
+    ``context.source`` (the path the user named) is how error messages name the adapter.
+    ``context.base_shapes`` (the base's tensor name → shape) is needed only for
+    ``target_parameters`` LoRA on fused expert tensors, which become one module per
+    (parameter, expert) (:mod:`loratools.kinds.fused`).
 
     Raises:
         UnknownFormat: not LoRA, or a variant whose delta is not ``scale · B @ A`` (DoRA, …).
@@ -88,6 +88,8 @@ def to_adapter(
         InvalidAdapter: a config or tensors that PEFT would refuse or misapply (see
             :mod:`loratools.formats.validate`).
     """
+    context = context or LoadContext()
+    config, source, base_shapes = context.config, context.source, context.base_shapes
     keys = list(tensors)
     if str(config.get("peft_type", "LORA")).upper() in lycoris.PEFT_LYCORIS_TYPES:  # LoHa, LoKr
         return lycoris.peft_adapter(tensors, config, _provenance(metadata), source)
