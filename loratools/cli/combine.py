@@ -78,18 +78,11 @@ def combine(
     """
     from loratools.commands.combine import open_combine
 
-    if weights and len(weights) != len(adapters):
-        raise click.UsageError(
-            f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
-        )
-    try:
-        options = CombineOptions(
-            adapters, output, weights=weights or None, method=method, rank=rank, energy=energy,
-            density=density, seed=seed, split=split, saved_modules=saved_modules, base=base,
-            dtype=dtype, device=device, force=force,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    options = CombineOptions(
+        adapters, output, weights=weights or None, method=method, rank=rank, energy=energy,
+        density=density, seed=seed, split=split, saved_modules=saved_modules, base=base,
+        dtype=dtype, device=device, force=force,
+    )  # fmt: skip
     opened = open_combine(options)
     with render.progress(opened.total, "combine", quiet=quiet or as_json) as advance:
         report = opened.run(advance)

@@ -313,7 +313,7 @@ def test_options_refuse_bad_combinations(kwargs: dict, message: str) -> None:
 
 def test_default_method_and_weight_count() -> None:
     assert CombineOptions().method == "exact" and CombineOptions(rank=4).method == "svd"
-    with pytest.raises(ValueError, match="2 weights for 1 adapters"):
+    with pytest.raises(LoratoolsError, match="2 weights for 1 adapters"):
         combine_adapters([random_adapter(2, 2)], CombineOptions(weights=(1.0, 2.0)))
 
 
