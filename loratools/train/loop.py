@@ -28,7 +28,7 @@ from torch import nn
 from loratools.errors import InvalidOptions
 from loratools.progress import Progress, no_progress
 from loratools.train.data import IGNORE, Packed
-from loratools.train.distributed import Workers, all_reduce_sum, wrap_model
+from loratools.train.ddp import Workers, all_reduce_sum, wrap_model
 from loratools.train.inject import lora_parameters
 
 __all__ = ["FitResult", "LoopOptions", "batch_rows", "evaluate", "fit", "lr_at"]
