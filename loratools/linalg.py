@@ -9,24 +9,37 @@ never forms a dense d×k matrix where a factored form works:
 - :func:`factored_svd` — the SVD of ``B @ A`` (B: d×r, A: r×k) from QR(B), QR(Aᵀ) and the SVD of
   an r×r core: O((d + k)·r²).
 - energy helpers: ``‖M‖²_F = Σ σᵢ²``; the best rank-r error is ``Σ_{i>r} σᵢ²`` (Eckart–Young).
+- :func:`lora_from_svd` — the LoRA module of a truncated SVD (the one place factors are cut).
+- :class:`RankRule` — how each module's rank is chosen from its singular values (a fixed rank,
+  an energy fraction, a singular-value threshold, or a rank budget over all modules), validated
+  once for extract, resize, combine and convert.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from loratools.adapter import LoraWeight
+from loratools.errors import InvalidOptions, LoratoolsError
+
 __all__ = [
+    "RULES",
+    "RankRule",
+    "RuleName",
     "Split",
     "Svd",
     "allocate_budget",
     "energy_curve",
+    "energy_kept",
     "exact_svd",
     "factored_svd",
     "factored_svd_sum",
+    "lora_from_svd",
     "randomized_svd",
     "rank_for_energy",
     "stable_rank",
@@ -51,22 +64,48 @@ class Svd:
         """The leading ``rank`` triplets."""
         return Svd(self.u[:, :rank], self.s[:rank], self.vh[:rank])
 
-    def factors(self, split: Split = "sqrt") -> tuple[torch.Tensor, torch.Tensor]:
-        """LoRA factors ``(B, A)`` with ``B @ A = u diag(s) vh``.
+    def factors(self, split: Split = "sqrt", scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA factors ``(B, A)`` with ``scale · B @ A = u diag(s) vh``.
 
         Args:
             split: ``"sqrt"`` puts √S on both sides (B = U√S, A = √S Vᵀ — balanced norms, what
                 training would find); ``"b"`` puts S in B (B = U S, A = Vᵀ with orthonormal rows).
+            scale: the LoRA scale the factors will be multiplied by (alpha / r); 1/scale is
+                folded in, as √ on both sides for ``"sqrt"``, all into B for ``"b"``.
 
         Returns:
             B (d, r) and A (r, k).
         """
         if split == "sqrt":
             root = self.s.sqrt()
-            return self.u * root, root[:, None] * self.vh  # (d, r), (r, k)
+            b, a = self.u * root, root[:, None] * self.vh  # (d, r), (r, k)
+            if scale != 1.0:
+                b, a = b / math.sqrt(scale), a / math.sqrt(scale)
+            return b, a
         if split == "b":
-            return self.u * self.s, self.vh
+            return (self.u * self.s if scale == 1.0 else self.u * self.s / scale), self.vh
         raise ValueError(f"unknown split {split!r}: use 'sqrt' or 'b'")
+
+
+def lora_from_svd(
+    svd: Svd, rank: int, split: Split, dtype: torch.dtype, alpha: float | None = None
+) -> LoraWeight:
+    """A LoRA module for the top ``rank`` triplets of ``svd``: ``scale · B @ A = U_r S_r V_rᵀ``.
+
+    Args:
+        svd: u (d, R), s (R,), vh (R, k), any device.
+        rank: how many triplets to keep (≤ R).
+        split: how S is shared between B and A (:meth:`Svd.factors`).
+        dtype: dtype of the factors, which are returned on the CPU.
+        alpha: the module's LoRA alpha; None means alpha = rank (scale 1). Otherwise 1/scale
+            goes into the factors.
+
+    Returns:
+        LoraWeight with A (rank, k), B (d, rank).
+    """
+    alpha = float(rank) if alpha is None else alpha
+    b, a = svd.truncate(rank).factors(split, alpha / rank)  # (d, rank), (rank, k)
+    return LoraWeight(a.to("cpu", dtype).contiguous(), b.to("cpu", dtype).contiguous(), alpha)
 
 
 def exact_svd(m: torch.Tensor) -> Svd:
@@ -203,6 +242,22 @@ def rank_for_energy(s: torch.Tensor, fraction: float, total: float | None = None
     return int(reached[0]) + 1 if reached.numel() else int(s.numel())
 
 
+def energy_kept(s: torch.Tensor, rank: int, total: float | None = None) -> float:
+    """``Σ_{i≤rank} σᵢ² / ‖M‖²_F`` (at most 1), summed in float64.
+
+    Args:
+        s: singular values, descending.
+        rank: how many of them are kept.
+        total: ``‖M‖²_F`` when ``s`` is only the top of the spectrum; defaults to ``Σ σᵢ²``.
+
+    Returns:
+        The fraction of the energy kept; 1.0 for a zero matrix (nothing to lose).
+    """
+    energy = s.double().square()
+    total = float(energy.sum()) if total is None else total
+    return min(float(energy[:rank].sum()) / total, 1.0) if total > 0 else 1.0
+
+
 def stable_rank(s: torch.Tensor, total: float | None = None) -> float:
     """``‖M‖²_F / ‖M‖²₂ = Σ σᵢ² / σ₁²``; between 1 and rank(M). 0 for a zero matrix."""
     top = float(s[0]) if s.numel() else 0.0
@@ -248,3 +303,115 @@ def allocate_budget(
     for _, name in candidates[:left]:
         ranks[name] += 1
     return ranks
+
+
+# -- rank rules ---------------------------------------------------------------------------------------
+RuleName = Literal["rank", "energy", "sv_threshold", "budget"]
+RULES: tuple[RuleName, ...] = ("rank", "energy", "sv_threshold", "budget")
+_FLAGS = {"rank": "-r/--rank", "energy": "--energy", "sv_threshold": "--sv-threshold", "budget": "--budget"}
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How each module's rank r is chosen from its singular values σ (descending); one field set.
+
+    - ``rank``: r = min(rank, len(σ)) for every module;
+    - ``energy`` F in (0, 1]: the smallest r with ``Σ_{i≤r} σᵢ² ≥ F·‖ΔW‖²_F`` (Eckart–Young: the
+      best rank-r approximation keeps exactly that energy);
+    - ``sv_threshold`` t ≥ 0: every σᵢ ≥ t;
+    - ``budget`` N: Σ r ≤ N over all modules, each at least ``min_rank``, the rest given to the
+      largest σᵢ² model-wide (:func:`allocate_budget`).
+
+    Each command says which rules it offers and whether one is required (:meth:`check`); the
+    values are checked here, with the flag names the CLI uses, raising ``InvalidOptions``.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    sv_threshold: float | None = None
+    budget: int | None = None
+    min_rank: int = 1
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise InvalidOptions("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every out-of-range value, one message each (NaN is out of every range)."""
+        checks = [
+            (self.rank is None or self.rank >= 1, f"-r/--rank {self.rank}: must be at least 1"),
+            (self.energy is None or 0 < self.energy <= 1, f"--energy {self.energy}: must be in (0, 1], e.g. 0.9"),
+            (self.sv_threshold is None or self.sv_threshold >= 0, f"--sv-threshold {self.sv_threshold}: must be ≥ 0"),
+            (self.budget is None or self.budget >= 1, f"--budget {self.budget}: must be at least 1"),
+            (self.min_rank >= 1, f"--min-rank {self.min_rank}: must be at least 1"),
+        ]  # fmt: skip
+        return [message for ok, message in checks if not ok]
+
+    @property
+    def given(self) -> list[RuleName]:
+        """The rules set, in :data:`RULES` order."""
+        return [name for name in RULES if getattr(self, name) is not None]
+
+    @property
+    def name(self) -> RuleName | None:
+        """The one rule set (None when none is)."""
+        given = self.given
+        return given[0] if len(given) == 1 else None
+
+    def check(self, offered: Sequence[RuleName], *, required: bool = True) -> None:
+        """Refuse anything but one rule out of ``offered`` (or none, when not ``required``).
+
+        Raises:
+            InvalidOptions: two rules, a rule the command does not offer, or none when required.
+        """
+        given = self.given
+        if set(given) <= set(offered) and (len(given) == 1 or (not required and not given)):
+            return
+        flags = [_FLAGS[name] for name in offered]
+        listed = ", ".join(flags[:-1]) + " or " + flags[-1] if len(flags) > 1 else flags[0]
+        got = ", ".join(f"--{name.replace('_', '-')}" for name in given) or "none"
+        if required:
+            raise InvalidOptions(f"give exactly one of {listed} (got {got})")
+        raise InvalidOptions(f"give {listed}, not both (got {got})")
+
+    def choose(self, s: torch.Tensor, total: float | None = None, *, at_least: int = 0) -> int:
+        """One module's rank from its singular values ``s`` (descending).
+
+        Args:
+            s: singular values, descending (the top of the spectrum is enough for ``rank``,
+                and for ``energy`` when ``total`` is given).
+            total: ``‖ΔW‖²_F`` when ``s`` is only the top of the spectrum.
+            at_least: the smallest rank to give (1 where a module cannot be dropped; with 0, a
+                threshold above every σ drops the module).
+
+        A budget is shared between modules (:meth:`ranks`); alone, it keeps all of ``s``.
+        """
+        if self.energy is not None:
+            rank = rank_for_energy(s, self.energy, total)
+        elif self.sv_threshold is not None:
+            rank = int((s >= self.sv_threshold).sum())
+        elif self.rank is not None:
+            rank = min(self.rank, int(s.numel()))
+        else:
+            rank = int(s.numel())
+        return max(at_least, rank)
+
+    def ranks(self, spectra: Mapping[str, torch.Tensor], *, at_least: int = 0) -> dict[str, int]:
+        """Every module's rank: the budget split (:func:`allocate_budget`), or :meth:`choose` each.
+
+        Args:
+            spectra: module → its singular values (descending, complete).
+            at_least: the smallest rank :meth:`choose` may give (1 where a module cannot be dropped).
+
+        Raises:
+            LoratoolsError: a budget smaller than ``min_rank`` for every module.
+        """
+        if self.budget is None:
+            return {name: self.choose(s, at_least=at_least) for name, s in spectra.items()}
+        if self.budget < self.min_rank * len(spectra):
+            raise LoratoolsError(
+                f"a budget of {self.budget} cannot give {len(spectra)} modules rank "
+                f"{self.min_rank} each; raise --budget or lower --min-rank"
+            )
+        return allocate_budget(spectra, self.budget, min_rank=self.min_rank)

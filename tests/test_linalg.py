@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools import linalg
+from loratools.errors import InvalidOptions, LoratoolsError
+from loratools.linalg import RankRule, energy_kept, exact_svd, lora_from_svd
 from tests._tolerances import TOL
 
 F64 = TOL[torch.float64]
@@ -142,3 +144,62 @@ def test_budget_allocation_keeps_the_most_energy(spectra, extra) -> None:
 def test_budget_too_small_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot give"):
         linalg.allocate_budget({"a": torch.ones(3), "b": torch.ones(3)}, 1)
+
+
+# -- rank rules and energy ------------------------------------------------------------------------
+def test_rank_rule_chooses_each_way() -> None:
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5])  # energies 16, 4, 1, 0.25 of 21.25
+    assert RankRule(rank=2).choose(s) == 2 and RankRule(rank=9).choose(s) == 4
+    assert RankRule(energy=16 / 21.25).choose(s) == 1 and RankRule(energy=0.98).choose(s) == 3
+    assert RankRule(energy=0.9).choose(s[:2], total=100.0) == 2  # a truncated spectrum: all it has
+    assert RankRule(sv_threshold=1.0).choose(s) == 3
+    assert RankRule(sv_threshold=5.0).choose(s) == 0 and RankRule(sv_threshold=5.0).choose(s, at_least=1) == 1
+    spectra = {"a": s, "b": s / 4}
+    assert RankRule(budget=4).ranks(spectra) == {"a": 3, "b": 1}  # σ² 16, 4, 1 | 1 → the top four
+    assert RankRule(budget=4, min_rank=2).ranks(spectra) == {"a": 2, "b": 2}
+    with pytest.raises(LoratoolsError, match="budget of 3 cannot give 2 modules rank 2"):
+        RankRule(budget=3, min_rank=2).ranks(spectra)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rank": 0}, "-r/--rank 0: must be at least 1"),
+        ({"energy": float("nan")}, r"--energy nan: must be in \(0, 1\]"),
+        ({"sv_threshold": -1.0}, "--sv-threshold -1.0"),
+        ({"budget": 0}, "--budget 0"),
+        ({"budget": 4, "min_rank": 0}, "--min-rank 0"),
+    ],
+)
+def test_rank_rule_refuses_values_out_of_range(values: dict, message: str) -> None:
+    with pytest.raises(InvalidOptions, match=message):
+        RankRule(**values)
+
+
+def test_rank_rule_check_names_what_the_command_offers() -> None:
+    with pytest.raises(InvalidOptions, match=r"exactly one of -r/--rank, --energy or --budget \(got none\)"):
+        RankRule().check(("rank", "energy", "budget"))
+    with pytest.raises(InvalidOptions, match=r"got --sv-threshold"):
+        RankRule(sv_threshold=1.0).check(("rank", "energy", "budget"))  # not offered
+    with pytest.raises(InvalidOptions, match=r"-r/--rank or --energy, not both \(got --rank, --energy\)"):
+        RankRule(rank=2, energy=0.5).check(("rank", "energy"), required=False)
+    RankRule().check(("rank", "energy"), required=False)
+    assert RankRule(energy=0.5).name == "energy" and RankRule().name is None
+
+
+def test_energy_kept_and_lora_from_svd_fold_alpha() -> None:
+    m = torch.randn(12, 9, generator=torch.Generator().manual_seed(3))
+    svd = exact_svd(m)
+    total = float(m.double().square().sum())
+    kept = energy_kept(svd.s, 3)
+    assert kept == pytest.approx(float(svd.s[:3].double().square().sum()) / total, rel=1e-6)  # float32 SVD
+    assert energy_kept(svd.s, 9) == 1.0 and energy_kept(torch.zeros(3), 1) == 1.0
+    best = svd.truncate(3)
+    target = best.u @ torch.diag(best.s) @ best.vh
+    for split in ("sqrt", "b"):
+        for alpha in (None, 16.0):
+            weight = lora_from_svd(svd, 3, split, torch.float32, alpha)
+            assert weight.alpha == (3.0 if alpha is None else alpha)
+            b, a = weight.scaled_factors()
+            # float32 products of O(1) entries, 9-term sums: 1e-5 is ~100 ulps
+            torch.testing.assert_close(b @ a, target, rtol=1e-5, atol=1e-5)

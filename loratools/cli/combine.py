@@ -9,6 +9,7 @@ import click
 from loratools.cli import render
 from loratools.cli.options import device_option, dtype_option, force_flag, reporting, split_option
 from loratools.commands.combine import CombineOptions, CombineReport
+from loratools.ops.combine.methods import METHODS
 
 
 @click.command()
@@ -34,8 +35,8 @@ from loratools.commands.combine import CombineOptions, CombineReport
 )
 @click.option(
     "--method",
-    type=click.Choice(["exact", "svd", "ties", "dare"]),
-    help="exact (concatenate; default), svd (default with -r/--energy), ties or dare.",
+    type=click.Choice(list(METHODS)),
+    help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + ".",
 )
 @click.option("--density", type=float, help="ties: fraction of entries kept; dare: keep probability.")
 @click.option(
@@ -77,18 +78,11 @@ def combine(
     """
     from loratools.commands.combine import open_combine
 
-    if weights and len(weights) != len(adapters):
-        raise click.UsageError(
-            f"got {len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
-        )
-    try:
-        options = CombineOptions(
-            adapters, output, weights=weights or None, method=method, rank=rank, energy=energy,
-            density=density, seed=seed, split=split, saved_modules=saved_modules, base=base,
-            dtype=dtype, device=device, force=force,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    options = CombineOptions(
+        adapters, output, weights=weights or None, method=method, rank=rank, energy=energy,
+        density=density, seed=seed, split=split, saved_modules=saved_modules, base=base,
+        dtype=dtype, device=device, force=force,
+    )  # fmt: skip
     opened = open_combine(options)
     with render.progress(opened.total, "combine", quiet=quiet or as_json) as advance:
         report = opened.run(advance)

@@ -53,13 +53,10 @@ def resize(
     """
     from loratools.commands.resize import open_resize
 
-    try:
-        options = ResizeOptions(
-            adapter, output, rank=rank, energy=energy, budget=budget, min_rank=min_rank, split=split,
-            base=base, dtype=dtype, device=device, force=force,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    options = ResizeOptions(
+        adapter, output, rank=rank, energy=energy, budget=budget, min_rank=min_rank, split=split,
+        base=base, dtype=dtype, device=device, force=force,
+    )  # fmt: skip
     opened = open_resize(options)
     with render.progress(opened.total, "resize", quiet=quiet or as_json) as advance:
         report = opened.run(advance)

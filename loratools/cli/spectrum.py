@@ -9,6 +9,7 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, reporting
+from loratools.errors import InvalidOptions
 
 SPARK_VALUES = 24  # singular values drawn in each module's sparkline
 
@@ -99,18 +100,12 @@ def spectrum(
     """
     from loratools.commands.spectrum import SpectrumOptions, open_spectrum
 
-    if len(paths) not in (1, 2):
-        raise click.UsageError(f"expected ADAPTER or BASE FINETUNED, got {len(paths)} arguments")
-    if base_path and len(paths) == 2:
-        raise click.UsageError("--base goes with the ADAPTER form; BASE FINETUNED already names the base")
     options = SpectrumOptions(
         paths, base=base_path, top=top, exact=exact, include=include, geometry=geometry, intruders=intruders,
         intruder_k=intruder_k, intruder_epsilon=intruder_epsilon, device=device,
     )  # fmt: skip
     if geometry_plot_path and not options.measure.geometry.enabled:
-        raise click.UsageError(
-            "--geometry-plot draws what --geometry or --intruders measure: add one of them"
-        )
+        raise InvalidOptions("--geometry-plot draws what --geometry or --intruders measure: add one of them")
     plot_path = check_plot_output(plot_path, force, [*paths, base_path])
     geometry_plot_path = check_plot_output(geometry_plot_path, force, [*paths, base_path])
     opened = open_spectrum(options)

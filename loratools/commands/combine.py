@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratools.errors import LoratoolsError
+from loratools.errors import InvalidOptions, LoratoolsError
 from loratools.progress import Progress, no_progress
 
 if TYPE_CHECKING:  # torch loads only when a command runs: --help stays instant
@@ -39,7 +39,8 @@ class CombineOptions:
         combining: the validated options of the pure operation (built here).
 
     Raises:
-        InvalidOptions: a method and its options that do not fit together.
+        InvalidOptions: a method and its options that do not fit together, or a weight count
+            other than the adapter count.
         LoratoolsError: a CUDA device asked for but not available.
     """
 
@@ -61,6 +62,11 @@ class CombineOptions:
 
     def __post_init__(self) -> None:
         import torch
+
+        if self.weights and len(self.weights) != len(self.adapters):
+            raise InvalidOptions(
+                f"got {len(self.weights)} --weight values for {len(self.adapters)} adapters; give one per adapter"
+            )
 
         from loratools.device import resolve_device
         from loratools.ops.combine import CombineOptions as Sum

@@ -26,7 +26,6 @@ scale ``s`` is folded into B: ``B' = B · s · r / alpha`` gives ``alpha/r · B'
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 
 from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError, UnknownFormat, list_problems
+from loratools.formats.patterns import most_common
 from loratools.kinds import embedding
 
 __all__ = [
@@ -182,8 +182,7 @@ def gguf_alpha(adapter: Adapter) -> float:
     """The one ``adapter.lora.alpha`` to write: the most common plain (``alpha/r``) alpha, so
     that a uniform adapter keeps its factors bit for bit; rounded to float32 as the file stores it,
     so the folding below is relative to the value llama.cpp will read."""
-    counts = Counter(w.with_plain_scaling().alpha for w in adapter.lora_weights.values())
-    alpha = max(counts, key=lambda value: (counts[value], value)) if counts else 1.0  # ties: the largest
+    alpha = most_common((w.with_plain_scaling().alpha for w in adapter.lora_weights.values()), 1.0)
     return float(torch.tensor(alpha if alpha != 0 else 1.0, dtype=torch.float32))
 
 

@@ -32,7 +32,9 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight, lora_scale
 from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems, name_summary
-from loratools.formats import lycoris, validate
+from loratools.formats import LoadContext, lycoris, validate
+from loratools.formats.names import suffix_matches
+from loratools.formats.patterns import most_common
 
 __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohya_stem", "to_adapter"]
 
@@ -152,9 +154,7 @@ def resolve_stems(stems: Iterable[str], base_names: Iterable[str], where: str = 
     problems: list[str] = []
     for stem in stems:
         flat = _split_stem(stem)[1]
-        matches = by_flat.get(flat) or [
-            m for f, ms in by_flat.items() if f.endswith("_" + flat) or flat.endswith("_" + f) for m in ms
-        ]
+        matches = [m for f in suffix_matches(flat, by_flat, sep="_") for m in by_flat[f]]
         if len(matches) == 1:
             resolved[stem] = matches[0]
         else:
@@ -190,22 +190,25 @@ def _alpha(parts: Mapping[str, torch.Tensor], rank: int, stored: list[Any] | Non
 def to_adapter(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    *,
+    context: LoadContext | None = None,
     base_names: Iterable[str] | None = None,
     keep_stems: bool = False,
     source: str = "adapter",
 ) -> Adapter:
-    """Build an Adapter from a kohya state dict (``source``, the file, names it in errors).
+    """Build an Adapter from a kohya state dict (``context.source``, the file, names it in errors).
 
     Args:
         tensors: ``<stem>.lora_down.weight`` (r, in), ``<stem>.lora_up.weight`` (out, r),
             optional ``<stem>.alpha`` (0-d).
         metadata: the file's safetensors metadata (``ss_*``, and ``loratools_adapter`` if
             loratools wrote it).
-        base_names: the base checkpoint's tensor names; needed to turn stems into dotted
-            module paths unless the file carries them.
-        keep_stems: without base names or a loratools record, name modules by their kohya
-            stems (``lora_unet_…``) instead of refusing: enough for everything that needs no
-            base (inspect, spectrum, similarity, resize, combine, kohya output).
+        context: ``base_names`` — the base checkpoint's tensor names, needed to turn stems into
+            dotted module paths unless the file carries them; ``keep_stems`` — without base
+            names or a loratools record, name modules by their kohya stems (``lora_unet_…``)
+            instead of refusing: enough for everything that needs no base (inspect, spectrum,
+            similarity, resize, combine, kohya output).
+        base_names, keep_stems, source: the same, for callers that pass no ``context``.
 
     Returns:
         The adapter, each module with ``scale = alpha / r`` as the file states it (or the
@@ -215,6 +218,8 @@ def to_adapter(
         UnknownFormat: non-LoRA variants (LoHa, LoKr, DoRA, …), conv LoRA, broken pairs.
         MissingKeys: names that do not resolve, or no base to resolve them against.
     """
+    if context is not None:
+        base_names, keep_stems, source = context.base_names, context.keep_stems, context.source
     metadata = metadata or {}
     base_names = list(base_names) if base_names is not None else None
     if lycoris.is_lycoris_kohya(tensors):  # LoHa, LoKr, conv LoRA (LoCon): formats/lycoris.py
@@ -287,12 +292,6 @@ def _provenance(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 
 # -- Adapter → kohya -------------------------------------------------------------------------------
-def _most_common(values: list[Any], fallback: Any) -> Any:
-    """The most frequent value, ties to the largest (independent of module order)."""
-    counts = Counter(values)
-    return max(counts, key=lambda value: (counts[value], value)) if counts else fallback
-
-
 def _plain(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
@@ -347,8 +346,8 @@ def from_adapter(
 def _metadata(adapter: Adapter, prefix: str) -> dict[str, str]:
     """sd-scripts' ``ss_*`` fields (the most common rank/alpha) plus the loratools record."""
     plain = [w.with_plain_scaling() for w in adapter.lora_weights.values()]
-    rank = _most_common([w.rank for w in plain], 0)
-    alpha = _most_common([w.alpha for w in plain if w.rank == rank], 0.0)
+    rank = most_common([w.rank for w in plain], 0)
+    alpha = most_common([w.alpha for w in plain if w.rank == rank], 0.0)
     record = {
         "prefix": prefix,
         "modules": [[m, w.alpha, w.use_rslora] for m, w in adapter.lora_weights.items()],

@@ -7,11 +7,26 @@ An adapter module ``model.layers.0.self_attn.q_proj`` adapts the base tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from loratools.errors import MissingKeys, list_problems
 
-__all__ = ["resolve_modules", "resolve_tensor_names"]
+__all__ = ["resolve_modules", "resolve_tensor_names", "suffix_matches"]
+
+
+def suffix_matches(name: str, known: Collection[str], sep: str = ".") -> list[str]:
+    """The known names ``name`` refers to: itself when known, else every known name that ends
+    with ``sep + name`` or that ``name`` ends with after a ``sep``.
+
+    ``layers.0.q_proj.weight`` finds ``model.layers.0.q_proj.weight`` and
+    ``base_model.model.layers.0.q_proj`` finds ``layers.0.q_proj``: the wrapper prefixes (``model.``,
+    ``base_model.model.``) differ between a model class and its checkpoint, the path below does not.
+    Matches keep ``known``'s order; pass a dict (``dict.fromkeys(names)``) for an O(1) exact test.
+    The caller decides what zero or several matches mean.
+    """
+    if name in known:
+        return [name]
+    return [k for k in known if k.endswith(sep + name) or name.endswith(sep + k)]
 
 
 def resolve_tensor_names(
@@ -30,15 +45,11 @@ def resolve_tensor_names(
     Raises:
         MissingKeys: every name that matches nothing or several base tensors, listed at once.
     """
-    base = list(base_names)
-    base_set = set(base)
+    base = dict.fromkeys(base_names)
     resolved: dict[str, str] = {}
     problems: list[str] = []
     for name in names:
-        if name in base_set:
-            resolved[name] = name
-            continue
-        matches = [b for b in base if b.endswith("." + name) or name.endswith("." + b)]
+        matches = suffix_matches(name, base)
         if len(matches) == 1:
             resolved[name] = matches[0]
         elif matches:

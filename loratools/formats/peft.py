@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +25,9 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
-from loratools.formats import lycoris, validate
+from loratools.formats import LoadContext, lycoris, validate
+from loratools.formats.patterns import most_common
+from loratools.formats.targets import matches_target
 from loratools.kinds import embedding, fused
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_adapter", "to_adapter"]
@@ -70,16 +71,16 @@ def _refuse_unsupported(keys: list[str], config: Mapping[str, Any]) -> None:
 
 def to_adapter(
     tensors: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
-    source: str = "adapter",
-    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    context: LoadContext | None = None,
 ) -> Adapter:
-    """Build an Adapter from a PEFT state dict and its adapter_config.json contents.
+    """Build an Adapter from a PEFT state dict and its adapter_config.json contents (``context.config``).
 
-    ``source`` (the path the user named) is how error messages name the adapter. ``base_shapes``
-    (the base's tensor name → shape) is needed only for ``target_parameters`` LoRA on fused expert
-    tensors, which become one module per (parameter, expert) (:mod:`loratools.kinds.fused`).
+    ``context.source`` (the path the user named) is how error messages name the adapter.
+    ``context.base_shapes`` (the base's tensor name → shape) is needed only for
+    ``target_parameters`` LoRA on fused expert tensors, which become one module per
+    (parameter, expert) (:mod:`loratools.kinds.fused`).
 
     Raises:
         UnknownFormat: not LoRA, or a variant whose delta is not ``scale · B @ A`` (DoRA, …).
@@ -87,6 +88,8 @@ def to_adapter(
         InvalidAdapter: a config or tensors that PEFT would refuse or misapply (see
             :mod:`loratools.formats.validate`).
     """
+    context = context or LoadContext()
+    config, source, base_shapes = context.config, context.source, context.base_shapes
     keys = list(tensors)
     if str(config.get("peft_type", "LORA")).upper() in lycoris.PEFT_LYCORIS_TYPES:  # LoHa, LoKr
         return lycoris.peft_adapter(tensors, config, _provenance(metadata), source)
@@ -226,21 +229,11 @@ def _saved_key(name: str, adapted: Mapping[str, Any]) -> str:
     return f"{PREFIX}{module}.base_layer{dot}{suffix}" if module in adapted else f"{PREFIX}{name}"
 
 
-def _most_common(values: list[Any], fallback: Any) -> Any:
-    """The most frequent value; ties go to the largest, so the result does not depend on module order."""
-    if not values:
-        return fallback
-    counts = Counter(values)
-    return max(counts, key=lambda value: (counts[value], value))
-
-
 def _covers(target_modules: Any, modules: list[str]) -> bool:
-    """Whether PEFT's ``target_modules`` selects every one of ``modules``."""
-    if isinstance(target_modules, str):
-        return all(re.fullmatch(target_modules, m) for m in modules)
-    if isinstance(target_modules, list):
-        return all(m in target_modules or m.rsplit(".", 1)[-1] in target_modules for m in modules)
-    return False
+    """Whether PEFT's ``target_modules`` (a regex or a list of names) selects every one of ``modules``."""
+    if not isinstance(target_modules, (str, list)):
+        return False
+    return all(matches_target(m, target_modules) for m in modules)
 
 
 def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
@@ -253,8 +246,8 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
     loras = adapter.lora_weights
     rslora = bool(loras) and all(w.use_rslora for w in loras.values())
     weights = {m: w if rslora else w.with_plain_scaling() for m, w in loras.items()}
-    r = _most_common([w.rank for w in weights.values()], 8)
-    alpha = _most_common([w.alpha for w in weights.values() if w.rank == r], float(r))
+    r = most_common([w.rank for w in weights.values()], 8)
+    alpha = most_common([w.alpha for w in weights.values() if w.rank == r], float(r))
     rank_pattern = {m: w.rank for m, w in weights.items() if w.rank != r}
     alpha_pattern = {m: w.alpha for m, w in weights.items() if w.alpha != alpha}
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 
 from loratools.errors import InvalidAdapter, list_problems
+from loratools.formats.targets import peft_selects
 
 __all__ = [
     "check_adapter",
@@ -42,7 +43,6 @@ __all__ = [
     "config_patterns",
     "config_rank",
     "config_text",
-    "peft_selects",
     "scalar_alpha",
     "shown",
 ]
@@ -162,49 +162,6 @@ def scalar_alpha(tensor: torch.Tensor, name: str, where: str) -> float:
     if not math.isfinite(value):
         raise InvalidAdapter(f"{where}: {name} is {value}; {FIX_ALPHA} (the merged weights would be NaN/Inf)")
     return value
-
-
-def peft_selects(config: Mapping[str, Any], module: str) -> bool:
-    """Whether PEFT would wrap ``module`` with this config (``check_target_module_exists``).
-
-    ``target_modules``: a string is a full-match regex, a list matches a name exactly or as its
-    last dotted parts; ``exclude_modules`` the same way; modules under ``modules_to_save`` are
-    never wrapped; ``layers_to_transform`` keeps only those layer indices. Callers have already
-    checked that every value is of the right type.
-    """
-    exclude = config.get("exclude_modules")
-    if exclude and _matches(exclude, module):
-        return False
-    saved = config.get("modules_to_save") or []
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in saved):
-        return False
-    target = config.get("target_modules")
-    if isinstance(target, str):
-        return re.fullmatch(target, module) is not None
-    if module in (target or []):
-        return True  # named exactly: PEFT skips the layers_to_transform check
-    return _matches(target or [], module) and _in_layers(config, module)
-
-
-def _matches(names: str | list[str], module: str) -> bool:
-    if isinstance(names, str):
-        return re.fullmatch(names, module) is not None
-    return module in names or any(module.endswith(f".{name}") for name in names)
-
-
-def _in_layers(config: Mapping[str, Any], module: str) -> bool:
-    """PEFT's ``layers_to_transform``: the first numbered part after ``layers_pattern`` (or any part)."""
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    patterns = config.get("layers_pattern") or []
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-    match = next((m for m in (re.match(r, module) for r in regexes) if m), None)
-    if match is None:
-        return False
-    index = int(match["idx"])
-    return index == layers if isinstance(layers, int) else index in layers
 
 
 def check_targets(config: Mapping[str, Any], modules: Iterable[str], where: str) -> None:

@@ -1,12 +1,12 @@
 """The Hugging Face Hub: push / pull adapters (:mod:`.publish`), folder checks (:mod:`.check`),
-Hub failures as one-line errors (:mod:`.errors`) and model cards (:mod:`.card`).
+Hub failures as one-line errors (:mod:`.failures`) and model cards (:mod:`.card`).
 
 ``from loratools.hub import push, pull, PushOptions, …`` is the public surface; ``huggingface_hub``
 is imported only inside the functions that talk to the Hub.
 """
 
 from loratools.hub.check import check_adapter_folder
-from loratools.hub.errors import HubError, hub_errors
+from loratools.hub.failures import HubError, hub_errors
 from loratools.hub.publish import (
     PICKLES,
     PullOptions,

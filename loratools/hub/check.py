@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from loratools.adapter import Adapter
 from loratools.errors import CheckpointError, ShapeMismatch, list_problems
 from loratools.formats import peft
+from loratools.formats.targets import matches_target
 
 __all__ = ["check_adapter_folder"]
 
@@ -69,18 +69,9 @@ def _config_problems(adapter: Adapter, config: Mapping[str, Any]) -> list[str]:
         expected = peft.pattern_value(rank_pattern, name, r)
         if weight.rank != expected:
             problems.append(f"{name} has rank {weight.rank} but the config gives it r={expected}")
-        if not _targeted(targets, name):
+        if not (isinstance(targets, (str, list)) and matches_target(name, targets)):
             problems.append(f"{name} is not selected by target_modules={targets!r} (PEFT would ignore it)")
     return problems
-
-
-def _targeted(targets: Any, module: str) -> bool:
-    """PEFT's rule: a regex string must fullmatch; a list entry must equal the name or end it."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    if isinstance(targets, list):
-        return any(module == t or module.endswith(f".{t}") for t in targets)
-    return False
 
 
 def _value_problems(adapter: Adapter) -> list[str]:

@@ -11,7 +11,7 @@ revision of it) into a new folder, atomically.
 results. Every Hub failure becomes one :class:`HubError` line: what failed, where, how to fix it.
 
 The folder checks live in :mod:`loratools.hub.check` and the error mapping in
-:mod:`loratools.hub.errors`; :mod:`loratools.hub` re-exports the public names of all three.
+:mod:`loratools.hub.failures`; :mod:`loratools.hub` re-exports the public names of all three.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError
 from loratools.hub.card import CardFacts, hub_model_id, render_card
 from loratools.hub.check import check_adapter_folder
-from loratools.hub.errors import HubError, hub_errors
+from loratools.hub.failures import HubError, hub_errors
 from loratools.io.resolve import HUB_ID
 from loratools.progress import Progress, no_progress
 

@@ -6,18 +6,19 @@ An adapter argument is a PEFT directory, a PEFT ``adapter_model.safetensors`` (i
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from loratools.adapter import Adapter
 from loratools.errors import CheckpointError, UnknownFormat
-from loratools.formats import kohya, peft
+from loratools.formats import LoadContext, kohya, peft
 from loratools.formats.detect import is_kohya_stem
+from loratools.formats.registry import FORMATS
 from loratools.io.filekind import detect_path, read_adapter_config
 from loratools.io.resolve import resolve_path
 from loratools.io.safetensors_file import SafetensorsFile
@@ -90,7 +91,8 @@ def load_adapter(
     """
     path = resolve_path(argument, what="adapter")
     fmt = adapter_format(path)
-    if fmt == "peft":
+    config: dict[str, Any] = {}
+    if fmt == "peft":  # a folder, or its weights file: adapter_config.json lies beside them
         folder = path if path.is_dir() else path.parent
         weights = _weights_file(folder) if path.is_dir() else path
         if not (folder / peft.CONFIG_NAME).is_file():
@@ -99,14 +101,16 @@ def load_adapter(
             )
         tensors, metadata = read_safetensors(weights)
         config = read_adapter_config(folder / peft.CONFIG_NAME, missing_ok=False)
-        return peft.to_adapter(tensors, config, metadata, source=str(path), base_shapes=base_shapes)
-    tensors, metadata = read_safetensors(path)
-    if fmt == "kohya":  # without a base, module names stay the file's kohya stems
-        return kohya.to_adapter(
-            tensors, metadata, base_names=base_names, keep_stems=base_names is None, source=str(path)
-        )
-    module = importlib.import_module(f"loratools.formats.{fmt}")
-    return module.to_adapter(tensors, metadata, base_names=base_names, source=str(path))  # type: ignore[no-any-return]
+    else:
+        tensors, metadata = read_safetensors(path)
+    context = LoadContext(
+        source=str(path),
+        config=config,
+        base_names=base_names,
+        base_shapes=base_shapes,
+        keep_stems=base_names is None,  # kohya without a base: module names stay the file's stems
+    )
+    return FORMATS[fmt](tensors, metadata, context=context)
 
 
 def save_adapter(

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
-from loratools.errors import InvalidOptions, LoratoolsError
-from loratools.linalg import Split, Svd, allocate_budget, factored_svd, rank_for_energy
+from loratools.errors import InvalidOptions
+from loratools.linalg import RankRule, Split, Svd, energy_kept, factored_svd, lora_from_svd
 from loratools.ops.dora import DORA_HOW, refuse_dora
 from loratools.progress import Progress, no_progress
 
@@ -34,8 +34,6 @@ __all__ = [
     "ModuleResize",
     "ResizeOptions",
     "ResizeResult",
-    "energy_kept",
-    "lora_from_svd",
     "lycoris_to_lora",
     "resize_adapter",
 ]
@@ -64,19 +62,14 @@ class ResizeOptions:
     device: str | torch.device = "cpu"
 
     def __post_init__(self) -> None:
-        given = [n for n in ("rank", "energy", "budget") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise InvalidOptions("give exactly one of -r/--rank, --energy or --budget")
-        if self.rank is not None and self.rank < 1:
-            raise InvalidOptions(f"-r/--rank {self.rank}: must be at least 1")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise InvalidOptions(f"--energy {self.energy}: must be in (0, 1], e.g. 0.9")
-        if self.budget is not None and self.budget < 1:
-            raise InvalidOptions(f"--budget {self.budget}: must be at least 1")
-        if self.min_rank < 1:
-            raise InvalidOptions(f"--min-rank {self.min_rank}: must be at least 1")
+        self.rank_rule.check(("rank", "energy", "budget"))
         if self.split not in ("sqrt", "b"):
             raise InvalidOptions(f"--split {self.split!r}: use 'sqrt' or 'b'")
+
+    @property
+    def rank_rule(self) -> RankRule:
+        """The rank rule these options give (validated: raises ``InvalidOptions``)."""
+        return RankRule(rank=self.rank, energy=self.energy, budget=self.budget, min_rank=self.min_rank)
 
     def record(self) -> dict[str, Any]:
         """The choices that changed the numbers, for the output's provenance."""
@@ -119,46 +112,9 @@ class ResizeResult:
         }
 
 
-def energy_kept(s: torch.Tensor, rank: int) -> float:
-    """``Σ_{i≤rank} σᵢ² / Σᵢ σᵢ²`` of a complete spectrum ``s`` (1.0 for a zero matrix)."""
-    energy = s.double().square()
-    total = float(energy.sum())
-    return float(energy[:rank].sum()) / total if total > 0 else 1.0
-
-
-def lora_from_svd(svd: Svd, rank: int, split: Split, dtype: torch.dtype) -> LoraWeight:
-    """A LoRA module for the top ``rank`` triplets of ``svd``, with alpha = rank (scale 1).
-
-    Args:
-        svd: u (d, R), s (R,), vh (R, k), any device.
-        rank: how many triplets to keep (≤ R).
-        split: how S is shared between B and A.
-        dtype: dtype of the factors, which are returned on the CPU.
-
-    Returns:
-        LoraWeight with A (rank, k), B (d, rank), alpha = rank, so ``delta = B @ A``.
-    """
-    b, a = svd.truncate(rank).factors(split)  # (d, rank), (rank, k)
-    return LoraWeight(a.to("cpu", dtype).contiguous(), b.to("cpu", dtype).contiguous(), float(rank))
-
-
 def _module_svd(weight: ModuleWeight, device: torch.device) -> Svd:
     b, a = weight.scaled_factors()  # (d, r) with the scale folded in, (r, k)
     return factored_svd(b.to(device), a.to(device))
-
-
-def _choose_ranks(spectra: dict[str, torch.Tensor], options: ResizeOptions) -> dict[str, int]:
-    if options.budget is not None:
-        if options.budget < options.min_rank * len(spectra):
-            raise LoratoolsError(
-                f"a budget of {options.budget} cannot give {len(spectra)} modules rank "
-                f"{options.min_rank} each; raise --budget or lower --min-rank"
-            )
-        return allocate_budget(spectra, options.budget, min_rank=options.min_rank)
-    if options.energy is not None:
-        return {n: max(1, rank_for_energy(s, options.energy)) for n, s in spectra.items()}
-    assert options.rank is not None  # guaranteed by ResizeOptions.__post_init__
-    return {n: min(options.rank, len(s)) for n, s in spectra.items()}
 
 
 def resize_adapter(
@@ -188,7 +144,7 @@ def resize_adapter(
     for name, weight in adapter.weights.items():
         svds[name] = _module_svd(weight, device)
         progress(name)
-    ranks = _choose_ranks({n: svd.s.cpu() for n, svd in svds.items()}, options)
+    ranks = options.rank_rule.ranks({n: svd.s.cpu() for n, svd in svds.items()}, at_least=1)
     weights: dict[str, ModuleWeight] = {}
     report: list[ModuleResize] = []
     for name, weight in adapter.weights.items():
@@ -273,7 +229,7 @@ def _lycoris_to_lora(
     svds: dict[str, Svd | None] = {}
     for name, weight in adapter.weights.items():
         spectra[name], svds[name] = _singular_values(weight, device)
-    ranks = _choose_ranks(spectra, options)
+    ranks = options.rank_rule.ranks(spectra, at_least=1)
     weights: dict[str, ModuleWeight] = {}
     report: list[ModuleConversion] = []
     for name, weight in adapter.weights.items():

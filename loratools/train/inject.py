@@ -9,7 +9,6 @@ pairs with ``model.layers.0.self_attn.q_proj.weight`` and loads with PEFT unchan
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +16,8 @@ from torch import nn
 
 from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError, MissingKeys, ShapeMismatch, list_problems
+from loratools.formats.names import suffix_matches
+from loratools.formats.targets import matches_target
 from loratools.train.layers import LoRALinear
 
 __all__ = [
@@ -27,13 +28,6 @@ __all__ = [
     "matches_target",
     "to_adapter",
 ]
-
-
-def matches_target(name: str, targets: str | Sequence[str]) -> bool:
-    """PEFT's rule: regex full match for a string, exact name or ``.``-suffix match for a list."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -152,13 +146,11 @@ def load_lora_adapter(
             f"{len(dora)} DoRA module(s) ({list_problems(dora, 3)}); loratools train has no DoRA layer: "
             "bake it into a plain LoRA first (loratools convert ADAPTER --to peft -o DIR -r R --base BASE)"
         )
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = dict.fromkeys(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     mapping: dict[str, str] = {}
     problems: list[str] = []
     for name in adapter.weights:
-        found = [n for n in linears if n == name] or [
-            n for n in linears if n.endswith("." + name) or name.endswith("." + n)
-        ]
+        found = suffix_matches(name, linears)
         if len(found) == 1:
             mapping[name] = found[0]
         else:

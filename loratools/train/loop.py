@@ -27,7 +27,7 @@ from torch import nn
 
 from loratools.progress import Progress, no_progress
 from loratools.train.data import IGNORE, Packed
-from loratools.train.distributed import Workers, all_reduce_sum, wrap_model
+from loratools.train.ddp import Workers, all_reduce_sum, wrap_model
 from loratools.train.inject import lora_parameters
 from loratools.train.options import LoopOptions
 

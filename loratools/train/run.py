@@ -23,7 +23,7 @@ from loratools.io.resolve import resolve_path
 from loratools.io.writer import atomic_output, check_not_an_input, check_output_free
 from loratools.progress import Progress, no_progress
 from loratools.train.data import Packed, check_vocab, pack, read_examples, split_examples
-from loratools.train.distributed import Workers, barrier, init_distributed, shutdown
+from loratools.train.ddp import Workers, barrier, init_distributed, shutdown
 from loratools.train.inject import inject_lora, load_lora_adapter, lora_layers, to_adapter
 from loratools.train.loop import FitResult, fit
 from loratools.train.model import LlamaForCausalLM, load_model

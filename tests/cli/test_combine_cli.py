@@ -153,7 +153,11 @@ def test_shape_conflict_is_one_line_and_writes_nothing(run_cli, adapters, tmp_pa
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [
-        (["-w", "1", "-w", "2", "-w", "3"], "3 --weight values for 2 adapters", 2),
+        (
+            ["-w", "1", "-w", "2", "-w", "3"],
+            "3 --weight values for 2 adapters",
+            1,
+        ),  # parsed: not click's exit 2
         (["--method", "ties", "-r", "4"], "needs --density", 1),  # option values: a clear error, exit 1
         (["-r", "4", "--energy", "0.5"], "not both", 1),
     ],
@@ -161,6 +165,7 @@ def test_shape_conflict_is_one_line_and_writes_nothing(run_cli, adapters, tmp_pa
 def test_usage_errors(run_cli, adapters, tmp_path, args: list[str], message: str, code: int) -> None:
     result = run_cli("combine", adapters["peft"], adapters["rs"], "-o", tmp_path / "u", *args)
     assert result.exit_code == code and message in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1  # one LoratoolsError line
     assert not (tmp_path / "u").exists()
 
 

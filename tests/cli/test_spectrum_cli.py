@@ -116,13 +116,26 @@ def test_table_output_on_stderr(run_cli, fixtures_dir: Path, wide):
 
 
 @pytest.mark.parametrize(
-    "args",
-    [(), ("a", "b", "c"), ("fixtures/base", "fixtures/finetuned", "--base", "fixtures/base")],
+    ("args", "message"),
+    [
+        ((), "expected ADAPTER or BASE FINETUNED, got 0 arguments"),
+        (("a", "b", "c"), "expected ADAPTER or BASE FINETUNED, got 3 arguments"),
+        (
+            ("fixtures/base", "fixtures/finetuned", "--base", "fixtures/base"),
+            "--base goes with the ADAPTER form",
+        ),
+    ],
     ids=["none", "three", "base-with-pair"],
 )
-def test_usage_errors_exit_2(run_cli, args):
+def test_argument_count_errors_exit_1_with_one_line(run_cli, args, message):
+    """Arguments click parsed but that do not fit together: a LoratoolsError (exit 1), not click's exit 2."""
     result = run_cli("spectrum", *args)
-    assert result.exit_code == 2
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1
+
+
+def test_flags_click_cannot_parse_stay_exit_2(run_cli, fixtures_dir: Path):
+    assert run_cli("spectrum", fixtures_dir / "adapter", "--top", "many").exit_code == 2
 
 
 def test_a_checkpoint_alone_gets_a_clear_error(run_cli, fixtures_dir: Path):

@@ -55,13 +55,13 @@ def test_adapter_geometry_needs_the_base(run_cli, fixtures_dir: Path) -> None:
     assert "rotation" in json.loads(with_base.stdout)["modules"][0]
 
 
-def test_geometry_plot_without_a_measure_is_a_usage_error(
+def test_geometry_plot_without_a_measure_is_a_clear_error(
     run_cli, fixtures_dir: Path, tmp_path: Path
 ) -> None:
     result = run_cli(
         "spectrum", fixtures_dir / "base", fixtures_dir / "finetuned", "--geometry-plot", tmp_path / "g.png"
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "--geometry-plot" in result.stderr
     assert not (tmp_path / "g.png").exists()
 
 

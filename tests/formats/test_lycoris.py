@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from loratools.adapter import LoraWeight, base_weight_shape
 from loratools.errors import InvalidAdapter, UnknownFormat
-from loratools.formats import kohya, lycoris, peft
+from loratools.formats import LoadContext, kohya, lycoris, peft
 from loratools.kinds.loha import LohaWeight
 from loratools.kinds.lokr import LokrWeight
 
@@ -209,7 +209,7 @@ def test_peft_modules_equal_peft_get_delta_weight(case: str) -> None:
     init = {"init_lora_weights": False} if name == "LoraConfig" else {"init_weights": False}
     config = getattr(peft_lib, name)(target_modules=["conv", "lin"], **init, **kwargs)
     model, state, config_dict = _peft_adapter(config)
-    adapter = peft.to_adapter(state, _json(config_dict))
+    adapter = peft.to_adapter(state, context=LoadContext(config=_json(config_dict)))
     for module in ("conv", "lin"):
         layer = model.base_model.model.get_submodule(module)
         expected = layer.get_delta_weight("default").detach()

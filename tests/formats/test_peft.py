@@ -12,7 +12,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat
-from loratools.formats import peft
+from loratools.formats import LoadContext, peft
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from tests._tolerances import LOGITS_FP32
 from tests.peft_helpers import logits_through_peft, logits_with_merged_by_hand, tokens
@@ -67,7 +67,7 @@ def test_mixed_rslora_is_folded_into_alpha() -> None:
     }
     tensors, config, _ = peft.from_adapter(Adapter(weights))
     assert config["use_rslora"] is False
-    back = peft.to_adapter(tensors, config)
+    back = peft.to_adapter(tensors, context=LoadContext(config=config))
     for name, w in weights.items():
         assert back.weights[name].scale == pytest.approx(w.scale)
     assert back.weights["x.q_proj"].alpha == pytest.approx(8.0 * math.sqrt(4))
@@ -77,11 +77,13 @@ def test_unsupported_variants_are_refused() -> None:
     a, b = torch.zeros(2, 4), torch.zeros(4, 2)
     keys = {"base_model.model.m.lora_A.weight": a, "base_model.model.m.lora_B.weight": b}
     with pytest.raises(UnknownFormat, match="use_dora"):  # DoRA itself loads: tests/ops/test_dora.py
-        peft.to_adapter(keys, {"peft_type": "LORA", "use_dora": True})
+        peft.to_adapter(keys, context=LoadContext(config={"peft_type": "LORA", "use_dora": True}))
     with pytest.raises(UnknownFormat, match="IA3"):
-        peft.to_adapter(keys, {"peft_type": "IA3"})
+        peft.to_adapter(keys, context=LoadContext(config={"peft_type": "IA3"}))
     with pytest.raises(UnknownFormat, match="only lora_A"):
-        peft.to_adapter({"base_model.model.m.lora_A.weight": a}, {"peft_type": "LORA"})
+        peft.to_adapter(
+            {"base_model.model.m.lora_A.weight": a}, context=LoadContext(config={"peft_type": "LORA"})
+        )
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from loratools.adapter import Adapter
 from loratools.errors import InvalidAdapter
-from loratools.formats import kohya, peft, validate
+from loratools.formats import kohya, peft, targets, validate
 from loratools.io.adapter_dir import load_adapter
 from loratools.io.checkpoint import open_checkpoint
 
@@ -194,12 +194,12 @@ def test_peft_defaults_are_peft_defaults(fixtures_dir, tmp_path) -> None:
 
 def test_regex_targets_and_patterns_select_like_peft() -> None:
     config = {"target_modules": r".*\.(q|v)_proj", "layers_to_transform": [1]}
-    assert validate.peft_selects(config, Q0)  # a regex ignores layers_to_transform, as in PEFT
+    assert targets.peft_selects(config, Q0)  # a regex ignores layers_to_transform, as in PEFT
     config = {"target_modules": ["q_proj"], "layers_to_transform": [1]}
-    assert not validate.peft_selects(config, Q0)
-    assert validate.peft_selects(config, "model.layers.1.self_attn.q_proj")
+    assert not targets.peft_selects(config, Q0)
+    assert targets.peft_selects(config, "model.layers.1.self_attn.q_proj")
     config = {"target_modules": ["q_proj"], "modules_to_save": ["self_attn"]}
-    assert not validate.peft_selects(config, Q0)
+    assert not targets.peft_selects(config, Q0)
 
 
 def test_validation_works_for_any_kind_of_module() -> None:
@@ -273,4 +273,4 @@ def test_target_selection_agrees_with_peft() -> None:
             expected = bool(check_target_module_exists(peft_config, module)) and not type(
                 check_target_module_exists(peft_config, module)
             ).__name__.startswith("_Excluded")
-            assert validate.peft_selects(config, module) == expected, (config, module)
+            assert targets.peft_selects(config, module) == expected, (config, module)

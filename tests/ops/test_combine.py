@@ -313,7 +313,7 @@ def test_options_refuse_bad_combinations(kwargs: dict, message: str) -> None:
 
 def test_default_method_and_weight_count() -> None:
     assert CombineOptions().method == "exact" and CombineOptions(rank=4).method == "svd"
-    with pytest.raises(ValueError, match="2 weights for 1 adapters"):
+    with pytest.raises(LoratoolsError, match="2 weights for 1 adapters"):
         combine_adapters([random_adapter(2, 2)], CombineOptions(weights=(1.0, 2.0)))
 
 
@@ -380,3 +380,28 @@ def test_cuda_gives_the_cpu_result(method: str) -> None:
     for name, weight in cpu.weights.items():
         assert cuda.weights[name].a.device.type == "cpu"  # results come back to the CPU
         assert_rel_close(cuda.weights[name].delta(), weight.delta(), 1e-4)
+
+
+def test_a_registered_method_is_validated_dispatched_and_offered_by_the_cli() -> None:
+    """A method is one Method plus a registry entry: options check it, combine runs it, the CLI lists it."""
+    from loratools.cli.combine import combine as command
+    from loratools.ops.combine.methods import METHODS, Method, register_method
+
+    def first_only(name, pairs, options, dtype):  # keep the first adapter's module as it is
+        b, a = pairs[0]
+        return LoraWeight(a.to("cpu", dtype), b.to("cpu", dtype), float(a.shape[0])), 0.5
+
+    method = Method("first", "the first adapter only", truncates=False, density=False, combine=first_only)
+    register_method(method)
+    try:
+        with pytest.raises(LoratoolsError, match="--density applies to ties and dare"):
+            CombineOptions(method="first", density=0.5)
+        x, y = random_adapter(2, 2, seed=40), random_adapter(2, 2, seed=41)
+        result = combine_adapters([x, y], CombineOptions(method="first"))
+        assert result.summary()["min_energy_kept"] == 0.5
+        for name, weight in result.adapter.weights.items():
+            torch.testing.assert_close(weight.delta(), x.weights[name].delta())  # same factors: exact
+    finally:
+        del METHODS["first"]
+    choices = next(p for p in command.params if p.name == "method").type.choices  # type: ignore[attr-defined]
+    assert list(choices) == ["exact", "svd", "ties", "dare"] == list(METHODS)

@@ -10,7 +10,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.commands.merge import merge_paths
 from loratools.errors import LoratoolsError, UnknownFormat
-from loratools.formats import kohya, peft
+from loratools.formats import LoadContext, kohya, peft
 from loratools.io.adapter_dir import load_adapter, read_safetensors, save_adapter
 from loratools.io.dora_record import read_record_file
 from loratools.ops.dora import dora_weight, effective_delta, row_norms
@@ -93,7 +93,7 @@ def test_peft_round_trip_keeps_the_magnitude(tmp_path: Path) -> None:
     tensors, config, _ = peft.from_adapter(adapter)
     assert config["use_dora"] is True
     assert torch.equal(tensors["base_model.model.model.m.lora_magnitude_vector"], lora.magnitude)
-    back = peft.to_adapter(tensors, config)
+    back = peft.to_adapter(tensors, context=LoadContext(config=config))
     assert back.weights["model.m"].kind == "dora"
     assert torch.equal(back.weights["model.m"].magnitude, lora.magnitude)
 
@@ -102,14 +102,15 @@ def test_peft_refuses_inconsistent_or_unsupported_dora() -> None:
     a, b = torch.zeros(2, 4), torch.zeros(4, 2)
     keys = {"base_model.model.m.lora_A.weight": a, "base_model.model.m.lora_B.weight": b}
     with pytest.raises(UnknownFormat, match="use_dora true"):
-        peft.to_adapter(keys, {"peft_type": "LORA", "use_dora": True})
+        peft.to_adapter(keys, context=LoadContext(config={"peft_type": "LORA", "use_dora": True}))
     with pytest.raises(UnknownFormat, match="use_dora false"):
         peft.to_adapter(
-            {**keys, "base_model.model.m.lora_magnitude_vector": torch.ones(4)}, {"peft_type": "LORA"}
+            {**keys, "base_model.model.m.lora_magnitude_vector": torch.ones(4)},
+            context=LoadContext(config={"peft_type": "LORA"}),
         )
     conv = {**keys, "base_model.model.m.lora_magnitude_vector": torch.ones(1, 4, 1, 1)}
     with pytest.raises(UnknownFormat, match="DoRA on conv modules"):
-        peft.to_adapter(conv, {"peft_type": "LORA", "use_dora": True})
+        peft.to_adapter(conv, context=LoadContext(config={"peft_type": "LORA", "use_dora": True}))
     with pytest.raises(UnknownFormat, match="DoRA and 1 plain"):
         peft.from_adapter(Adapter({"x": _dora()[1], "y": LoraWeight(a, b, 1.0)}))
 
@@ -385,7 +386,10 @@ def test_dora_on_embeddings_and_conv_is_refused_by_name() -> None:
         "base_model.model.embed.lora_magnitude_vector": torch.ones(10),
     }
     with pytest.raises(UnknownFormat, match="DoRA on embedding modules"):
-        peft.to_adapter(embedding, {"peft_type": "LORA", "use_dora": True, "r": 2, "lora_alpha": 2})
+        peft.to_adapter(
+            embedding,
+            context=LoadContext(config={"peft_type": "LORA", "use_dora": True, "r": 2, "lora_alpha": 2}),
+        )
     conv = {
         "lora_unet_c.lora_down.weight": torch.zeros(2, 3, 3, 3),
         "lora_unet_c.lora_up.weight": torch.zeros(4, 2, 1, 1),

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from loratools.adapter import Adapter, LoraWeight
 from loratools.commands.merge import merge_paths
 from loratools.errors import LoratoolsError, UnknownFormat
+from loratools.formats import LoadContext, peft
 from loratools.formats import gguf as gguf_names
-from loratools.formats import peft
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.kinds import embedding
 from loratools.ops.combine import CombineOptions, combine_adapters
@@ -71,7 +71,7 @@ def test_peft_keys_round_trip_byte_exact_with_base_layer_copies() -> None:
         "base_model.model.lm_head.weight": torch.randn(VOCAB, DIM),  # modules_to_save
     }
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens"]}
-    adapter = peft.to_adapter(tensors, config)
+    adapter = peft.to_adapter(tensors, context=LoadContext(config=config))
     assert adapter.weights[EMBED].embedding
     assert set(adapter.saved_modules) == {f"{EMBED}.weight", "lm_head.weight"}  # the copy replaces the base
     out, out_config, _ = peft.from_adapter(adapter)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from loratools.errors import LoratoolsError
+from loratools.formats import LoadContext
 from loratools.io.checkpoint import open_checkpoint
 from loratools.ops.extract import ExtractOptions, extract
 from loratools.ops.moe import count_experts, is_expert, is_router
@@ -182,7 +183,7 @@ def test_peft_target_parameters_adapters_are_refused_by_name() -> None:
         "target_parameters": ["mlp.experts.gate_up_proj"],
     }
     with pytest.raises(UnknownFormat, match=r"target_parameters.*mlp\.experts\.gate_up_proj"):
-        peft.to_adapter(tensors, config)
+        peft.to_adapter(tensors, context=LoadContext(config=config))
 
 
 def test_spectrum_reports_expert_weights_against_the_base(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from loratools.errors import LoratoolsError
 from loratools.io.adapter_dir import load_adapter
 from loratools.train.data import Packed, pack, read_examples, split_examples
-from loratools.train.distributed import Workers
+from loratools.train.ddp import Workers
 from loratools.train.inject import inject_lora, lora_layers
 from loratools.train.loop import LoopOptions, batch_rows, evaluate, fit, lr_at
 from loratools.train.model import LlamaForCausalLM, load_model

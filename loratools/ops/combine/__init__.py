@@ -22,14 +22,32 @@ Modules present in only some adapters are summed over those adapters (kept with 
 ``saved_modules`` (PEFT's ``modules_to_save``) are whole replacement tensors, not deltas, so no
 weight can apply to them; see :class:`CombineOptions` ``saved_modules`` for the rule.
 
-The package: :mod:`.options` (CombineOptions and the result types), :mod:`.module` (one module:
-exact or svd), :mod:`.dense` (TIES and DARE on the dense deltas), :mod:`.saved`
-(``modules_to_save``), and :mod:`.api` (:func:`combine_adapters`, the whole adapter).
+The package: :mod:`.options` (CombineOptions and the result types), :mod:`.methods` (one file
+per method and the ``METHODS`` registry; :mod:`.method` says what a method is), :mod:`.module`
+(one module: fold the weights, dispatch), :mod:`.dense` (what TIES and DARE share),
+:mod:`.saved` (``modules_to_save``), and :mod:`.api` (:func:`combine_adapters`, the whole adapter).
+Exports load lazily, so the CLI reads ``METHODS`` without loading torch.
 """
 
-from loratools.ops.combine.api import combine_adapters
-from loratools.ops.combine.dense import dare_merge, ties_merge, trim_magnitude
-from loratools.ops.combine.options import CombineOptions, CombineResult, ModuleCombine
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loratools.ops.combine.api import combine_adapters
+    from loratools.ops.combine.methods.dare import dare_merge
+    from loratools.ops.combine.methods.ties import ties_merge, trim_magnitude
+    from loratools.ops.combine.options import CombineOptions, CombineResult, ModuleCombine
+
+_EXPORTS = {
+    "CombineOptions": "loratools.ops.combine.options",
+    "CombineResult": "loratools.ops.combine.options",
+    "ModuleCombine": "loratools.ops.combine.options",
+    "combine_adapters": "loratools.ops.combine.api",
+    "dare_merge": "loratools.ops.combine.methods.dare",
+    "ties_merge": "loratools.ops.combine.methods.ties",
+    "trim_magnitude": "loratools.ops.combine.methods.ties",
+}
 
 __all__ = [
     "CombineOptions",
@@ -40,3 +58,11 @@ __all__ = [
     "ties_merge",
     "trim_magnitude",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'loratools.ops.combine' has no attribute {name!r}")

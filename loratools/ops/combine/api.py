@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from loratools.adapter import Adapter, LoraWeight, ModuleWeight
-from loratools.errors import ShapeMismatch, list_problems
+from loratools.errors import InvalidOptions, ShapeMismatch, list_problems
 from loratools.ops.combine.module import combine_module, folded
 from loratools.ops.combine.options import CombineOptions, CombineResult, ModuleCombine
 from loratools.ops.combine.saved import combine_saved
@@ -83,7 +83,7 @@ def combine_adapters(
         input; provenance ``{"method": "combine", "combine_method", "weights", …, "inputs"}``).
 
     Raises:
-        ValueError: no adapters, or a weight count that does not match.
+        InvalidOptions: no adapters, or a weight count that does not match.
         ShapeMismatch: a module whose shape differs between adapters (all conflicts listed).
         LoratoolsError: modules_to_save that cannot be combined under ``options.saved_modules``.
 
@@ -92,12 +92,12 @@ def combine_adapters(
         >>> merged = combine_adapters([a1, a2], CombineOptions(rank=16)).adapter
     """
     if not adapters:
-        raise ValueError("combine needs at least one adapter")
+        raise InvalidOptions("combine needs at least one adapter")
     for i, adapter in enumerate(adapters):  # a DoRA update depends on W0: no sum of s·B·A
         refuse_dora(adapter, "combine", DORA_HOW, sources[i] if sources else f"adapter {i + 1}")
     weights = list(options.weights) if options.weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise ValueError(
+        raise InvalidOptions(
             f"got {len(weights)} weights for {len(adapters)} adapters; give one --weight per adapter"
         )
     labels = list(sources) if sources is not None else [f"adapter {i + 1}" for i in range(len(adapters))]

@@ -1,6 +1,5 @@
-"""One output module from the adapters that carry it: ``exact`` concatenates the folded factors,
-``svd`` truncates their sum's SVD without forming it, ``ties``/``dare`` go through the dense
-deltas (:mod:`loratools.ops.combine.dense`)."""
+"""One output module from the adapters that carry it: fold each adapter's weight and scale into
+its B, then the chosen method (:data:`loratools.ops.combine.methods.METHODS`) combines them."""
 
 from __future__ import annotations
 
@@ -9,10 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from loratools.adapter import LoraWeight, ModuleWeight
-from loratools.linalg import factored_svd_sum
-from loratools.ops.combine.dense import dense_module
-from loratools.ops.combine.options import CombineOptions, Pair, pick_rank
-from loratools.ops.resize import energy_kept, lora_from_svd
+from loratools.ops.combine.methods import METHODS
+from loratools.ops.combine.options import CombineOptions, Pair
 
 
 def folded(
@@ -30,12 +27,5 @@ def combine_module(
     name: str, pairs: list[Pair], options: CombineOptions, dtype: torch.dtype
 ) -> tuple[LoraWeight, float]:
     """The combined LoraWeight of one module and the fraction of the combined delta's energy it keeps."""
-    if options.method == "exact":
-        b = torch.cat([b for b, _ in pairs], dim=1)  # (d, R)
-        a = torch.cat([a for _, a in pairs], dim=0)  # (R, k)
-        return LoraWeight(a.to("cpu", dtype), b.to("cpu", dtype), float(a.shape[0])), 1.0
-    if options.method == "svd":
-        svd = factored_svd_sum(pairs)
-        rank = pick_rank(svd.s, options)
-        return lora_from_svd(svd, rank, options.split, dtype), energy_kept(svd.s, rank)
-    return dense_module(name, pairs, options, dtype)
+    assert options.method is not None  # resolved by CombineOptions.__post_init__
+    return METHODS[options.method].combine(name, pairs, options, dtype)

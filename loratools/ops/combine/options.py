@@ -12,11 +12,10 @@ import torch
 
 from loratools.adapter import Adapter
 from loratools.errors import InvalidOptions
-from loratools.linalg import Split, rank_for_energy
+from loratools.linalg import RankRule, Split
+from loratools.ops.combine.methods import METHODS
 
-Method = Literal["exact", "svd", "ties", "dare"]
 SavedPolicy = Literal["auto", "drop", "first"]
-METHODS = ("exact", "svd", "ties", "dare")
 Pair = tuple[torch.Tensor, torch.Tensor]  # one adapter's folded factors (wᵢ·sᵢ·Bᵢ, Aᵢ): (d, rᵢ), (rᵢ, k)
 
 
@@ -26,8 +25,9 @@ class CombineOptions:
 
     Attributes:
         weights: one weight per adapter (negative negates, 0.5 halves); ``None`` means all 1.
-        method: ``exact`` (default), ``svd`` (default when ``rank``/``energy`` is given), ``ties``
-            or ``dare``. Resolved in ``__post_init__``.
+        method: a name in :data:`loratools.ops.combine.methods.METHODS`: ``exact`` (default),
+            ``svd`` (default when ``rank``/``energy`` is given), ``ties`` or ``dare``. Resolved in
+            ``__post_init__``; the method checks the options it takes.
         rank: the output rank per module (svd, ties, dare); capped by what the sum has.
         energy: instead of ``rank``, keep at least this fraction of each module's ‖ΔW‖²_F.
         density: ties: fraction of each delta's entries kept (largest magnitudes);
@@ -42,7 +42,7 @@ class CombineOptions:
     """
 
     weights: tuple[float, ...] | None = None
-    method: Method | None = None
+    method: str | None = None
     rank: int | None = None
     energy: float | None = None
     density: float | None = None
@@ -56,27 +56,29 @@ class CombineOptions:
         truncating = self.rank is not None or self.energy is not None
         method = self.method or ("svd" if truncating else "exact")
         object.__setattr__(self, "method", method)  # resolve the default once
-        problem = self._problem(method, truncating)
+        self.rank_rule.check(("rank", "energy"), required=False)
+        problem = self._problem(method)
         if problem:
             raise InvalidOptions(problem)
 
-    def _problem(self, method: str, truncating: bool) -> str | None:
-        rank, energy, density = self.rank, self.energy, self.density
+    def _problem(self, method: str) -> str | None:
+        if method not in METHODS:
+            return f"unknown method {method!r}: use one of {', '.join(METHODS)}"
+        density = self.density
+        takers = [m.name for m in METHODS.values() if m.density]
         checks = [
-            (method not in METHODS, f"unknown method {method!r}: use one of {', '.join(METHODS)}"),
-            (rank is not None and energy is not None, "give -r/--rank or --energy, not both"),
-            (rank is not None and rank < 1, f"rank must be at least 1, got {rank}"),
-            (energy is not None and not 0 < energy <= 1, f"energy must be in (0, 1], got {energy}"),
-            (method == "exact" and truncating, "the exact method keeps every rank; drop -r/--energy"),
-            (method != "exact" and not truncating, f"--method {method} needs -r RANK or --energy F"),
-            (method in ("ties", "dare") and density is None, f"--method {method} needs --density D"),
-            (method in ("exact", "svd") and density is not None, "--density applies to ties and dare"),
+            (not METHODS[method].density and density is not None, f"--density applies to {_listed(takers)}"),
             (density is not None and not 0 < density <= 1, f"density must be in (0, 1], got {density}"),
             (not all(map(math.isfinite, self.weights or ())), "weights must be finite numbers"),
             (self.saved_modules not in ("auto", "drop", "first"), "saved_modules: auto, drop or first"),
             (self.split not in ("sqrt", "b"), f"split must be 'sqrt' or 'b', got {self.split!r}"),
         ]
-        return next((message for failed, message in checks if failed), None)
+        return METHODS[method].problem(self) or next((message for failed, message in checks if failed), None)
+
+    @property
+    def rank_rule(self) -> RankRule:
+        """The output rank rule: ``rank`` or ``energy`` (validated: raises ``InvalidOptions``)."""
+        return RankRule(rank=self.rank, energy=self.energy)
 
     def record(self, weights: Sequence[float]) -> dict[str, Any]:
         """The choices that changed the numbers, for the output's provenance."""
@@ -131,10 +133,6 @@ class CombineResult:
         }
 
 
-def pick_rank(s: torch.Tensor, options: CombineOptions) -> int:
-    """The output rank for singular values ``s`` (descending): ``options.rank`` capped by len(s),
-    or the fewest that keep ``options.energy`` of Σs² (at least 1)."""
-    if options.energy is not None:
-        return max(1, rank_for_energy(s, options.energy))
-    assert options.rank is not None  # guaranteed by CombineOptions.__post_init__
-    return min(options.rank, int(s.numel()))
+def _listed(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"

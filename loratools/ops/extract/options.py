@@ -10,7 +10,8 @@ from typing import Literal
 import torch
 
 from loratools.errors import InvalidOptions
-from loratools.linalg import Split
+from loratools.formats.targets import matches_target
+from loratools.linalg import RULES, RankRule, RuleName, Split
 
 DEFAULT_MAX_RANK = 64  # SVD width for --energy/--sv-threshold/--budget when --max-rank is not given
 REGEX_CHARS = set("*+?()[]{}|^$\\")
@@ -58,17 +59,8 @@ class ExtractOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        chosen = [f for f in ("rank", "energy", "sv_threshold", "budget") if getattr(self, f) is not None]
-        if len(chosen) != 1:
-            given = ", ".join(f"--{f.replace('_', '-')}" for f in chosen) or "none"
-            raise InvalidOptions(
-                f"choose exactly one of -r/--rank, --energy, --sv-threshold, --budget (got {given})"
-            )
+        self.rank_rule.check(RULES)
         checks = [
-            (self.rank is None or self.rank >= 1, "-r/--rank must be at least 1"),
-            (self.energy is None or 0 < self.energy <= 1, "--energy must be in (0, 1], e.g. 0.9"),
-            (self.sv_threshold is None or self.sv_threshold >= 0, "--sv-threshold must be ≥ 0"),
-            (self.budget is None or self.budget >= 1, "--budget must be at least 1"),
             (self.max_rank is None or self.max_rank >= 1, "--max-rank must be at least 1"),
             (
                 self.max_rank is None or self.rank is None,
@@ -93,11 +85,16 @@ class ExtractOptions:
             raise InvalidOptions("; ".join(problems))
 
     @property
-    def rule(self) -> Literal["rank", "energy", "sv_threshold", "budget"]:
-        for name in ("rank", "energy", "sv_threshold"):
-            if getattr(self, name) is not None:
-                return name  # type: ignore[return-value]
-        return "budget"
+    def rank_rule(self) -> RankRule:
+        """The rank rule these options give (validated: raises ``InvalidOptions``)."""
+        return RankRule(
+            rank=self.rank, energy=self.energy, sv_threshold=self.sv_threshold, budget=self.budget
+        )
+
+    @property
+    def rule(self) -> RuleName:
+        """The rank rule's name: ``rank``, ``energy``, ``sv_threshold`` or ``budget``."""
+        return self.rank_rule.name or "budget"
 
     @property
     def embedding_mode(self) -> Literal["skip", "full", "lora"]:
@@ -114,5 +111,5 @@ class ExtractOptions:
         if self.targets is None:
             return True
         if len(self.targets) == 1 and REGEX_CHARS & set(self.targets[0]):
-            return re.fullmatch(self.targets[0], module) is not None
-        return any(module == t or module.endswith("." + t) for t in self.targets)
+            return matches_target(module, self.targets[0])
+        return matches_target(module, self.targets)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loratools.io.adapter_dir import load_adapter
-from loratools.train.distributed import Workers, all_reduce_sum, init_distributed, wrap_model
+from loratools.train.ddp import Workers, all_reduce_sum, init_distributed, wrap_model
 from loratools.train.run import TrainOptions, checkpoint_dir, train_adapter
 
 COMMON = {"steps": 6, "lr": 1e-2, "seq_len": 32, "rank": 4, "eval_every": 3, "seed": 5}
