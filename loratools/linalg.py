@@ -340,11 +340,11 @@ class RankRule:
     def problems(self) -> list[str]:
         """Every out-of-range value, one message each (NaN is out of every range)."""
         checks = [
-            (self.rank is None or self.rank >= 1, f"-r/--rank {self.rank}: must be at least 1"),
-            (self.energy is None or 0 < self.energy <= 1, f"--energy {self.energy}: must be in (0, 1], e.g. 0.9"),
-            (self.sv_threshold is None or self.sv_threshold >= 0, f"--sv-threshold {self.sv_threshold}: must be ≥ 0"),
-            (self.budget is None or self.budget >= 1, f"--budget {self.budget}: must be at least 1"),
-            (self.min_rank >= 1, f"--min-rank {self.min_rank}: must be at least 1"),
+            (self.rank is None or self.rank >= 1, f"-r/--rank must be at least 1 (got {self.rank})"),
+            (self.energy is None or 0 < self.energy <= 1, f"--energy must be in (0, 1], e.g. 0.9 (got {self.energy})"),
+            (self.sv_threshold is None or self.sv_threshold >= 0, f"--sv-threshold must be ≥ 0 (got {self.sv_threshold})"),
+            (self.budget is None or self.budget >= 1, f"--budget must be at least 1 (got {self.budget})"),
+            (self.min_rank >= 1, f"--min-rank must be at least 1 (got {self.min_rank})"),
         ]  # fmt: skip
         return [message for ok, message in checks if not ok]
 
@@ -372,7 +372,7 @@ class RankRule:
         listed = ", ".join(flags[:-1]) + " or " + flags[-1] if len(flags) > 1 else flags[0]
         got = ", ".join(f"--{name.replace('_', '-')}" for name in given) or "none"
         if required:
-            raise InvalidOptions(f"give exactly one of {listed} (got {got})")
+            raise InvalidOptions(f"choose exactly one of {listed} (got {got})")
         raise InvalidOptions(f"give {listed}, not both (got {got})")
 
     def choose(self, s: torch.Tensor, total: float | None = None, *, at_least: int = 0) -> int:

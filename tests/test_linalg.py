@@ -164,11 +164,11 @@ def test_rank_rule_chooses_each_way() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"rank": 0}, "-r/--rank 0: must be at least 1"),
-        ({"energy": float("nan")}, r"--energy nan: must be in \(0, 1\]"),
-        ({"sv_threshold": -1.0}, "--sv-threshold -1.0"),
-        ({"budget": 0}, "--budget 0"),
-        ({"budget": 4, "min_rank": 0}, "--min-rank 0"),
+        ({"rank": 0}, r"-r/--rank must be at least 1 \(got 0\)"),
+        ({"energy": float("nan")}, r"--energy must be in \(0, 1\], e.g. 0.9 \(got nan\)"),
+        ({"sv_threshold": -1.0}, r"--sv-threshold must be ≥ 0 \(got -1.0\)"),
+        ({"budget": 0}, r"--budget must be at least 1 \(got 0\)"),
+        ({"budget": 4, "min_rank": 0}, r"--min-rank must be at least 1 \(got 0\)"),
     ],
 )
 def test_rank_rule_refuses_values_out_of_range(values: dict, message: str) -> None:
@@ -177,7 +177,9 @@ def test_rank_rule_refuses_values_out_of_range(values: dict, message: str) -> No
 
 
 def test_rank_rule_check_names_what_the_command_offers() -> None:
-    with pytest.raises(InvalidOptions, match=r"exactly one of -r/--rank, --energy or --budget \(got none\)"):
+    with pytest.raises(
+        InvalidOptions, match=r"choose exactly one of -r/--rank, --energy or --budget \(got none\)"
+    ):
         RankRule().check(("rank", "energy", "budget"))
     with pytest.raises(InvalidOptions, match=r"got --sv-threshold"):
         RankRule(sv_threshold=1.0).check(("rank", "energy", "budget"))  # not offered

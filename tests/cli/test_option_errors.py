@@ -33,8 +33,8 @@ def test_energy_out_of_range_exits_1_in_extract_and_resize(
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["resize", "{adapter}", "-r", "0", "-o", "{out}"], "-r/--rank 0: must be at least 1"),
-        (["resize", "{adapter}", "--budget", "0", "-o", "{out}"], "--budget 0"),
+        (["resize", "{adapter}", "-r", "0", "-o", "{out}"], "-r/--rank must be at least 1 (got 0)"),
+        (["resize", "{adapter}", "--budget", "0", "-o", "{out}"], "--budget must be at least 1 (got 0)"),
         (["resize", "{adapter}", "-r", "2", "--energy", "0.5", "-o", "{out}"], "exactly one"),
         (
             [
