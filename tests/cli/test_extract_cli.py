@@ -64,7 +64,7 @@ def test_existing_output_needs_force(run_cli, fixtures_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(("-r", "4", "--energy", "0.9"), "give exactly one of"), (("--energy", "2"), "--energy 2.0: must be in"),
+    [(("-r", "4", "--energy", "0.9"), "choose exactly one"), (("--energy", "2"), "--energy must be in"),
      (("-r", "4", "--targets", "nothing_here"), "no 2-D weight")],
 )  # fmt: skip
 def test_bad_flags_are_one_line_errors(run_cli, fixtures_dir, tmp_path, flags, message):
