@@ -14,6 +14,7 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, dtype_option, force_flag, reporting
+from loratools.errors import InvalidOptions
 
 if TYPE_CHECKING:
     from loratools.ops.merge import MergeReport
@@ -22,8 +23,8 @@ TABLE_ROWS = 24  # beyond this many modules the table shows the ones losing most
 
 
 def _weights(adapters: Sequence[str], weights: Sequence[float], flag: str) -> list[tuple[str, float]]:
-    if weights and len(weights) != len(adapters):
-        raise click.UsageError(
+    if weights and len(weights) != len(adapters):  # a value error, not a flag click cannot parse: exit 1
+        raise InvalidOptions(
             f"{len(weights)} {flag} value(s) for {len(adapters)} adapter(s); give one per adapter, or none"
         )
     return list(zip(adapters, weights or [1.0] * len(adapters), strict=True))
