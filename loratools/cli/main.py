@@ -6,6 +6,8 @@ A :class:`~loratools.errors.LoratoolsError` becomes one ``error: …`` line and 
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import importlib.util
 import signal
@@ -128,6 +130,10 @@ def cli(debug: bool) -> None:
 def main() -> None:
     """Console-script entry point."""
     handle_termination()
+    # The interpreter's last collection walks every object torch made at import (hundreds of
+    # thousands, none of them garbage): 0.1–0.2 s per run, profiled. Freezing them at exit skips
+    # that walk; atexit runs before the final collection, and nothing is left to free by then.
+    atexit.register(gc.freeze)
     try:
         cli(prog_name="loratools")
     except Terminated as exc:  # outside a command (while parsing or rendering)

@@ -80,14 +80,14 @@ def write_merged(
     return stats, files
 
 
-def _read_ahead(ckpt: Checkpoint, plan: list[tuple[str, bool]]) -> Iterator[tuple[str, torch.Tensor | bytes]]:
+def _read_ahead(ckpt: Checkpoint, plan: list[tuple[str, bool]]) -> Iterator[tuple[str, Any]]:
     """Yield (name, tensor or stored bytes) in order, reading the next one in a thread meanwhile
     (into reused buffers: a tensor still held, by the writer say, is never read into)."""
     buffers = BufferRing()
 
-    def read(item: tuple[str, bool]) -> torch.Tensor | bytes:
+    def read(item: tuple[str, bool]) -> Any:  # a tensor, stored bytes or a StoredRange
         name, raw = item
-        return ckpt.get_raw(name) if raw else ckpt.get_buffered(name, buffers)
+        return ckpt.stored_range(name) if raw else ckpt.get_buffered(name, buffers)
 
     if not plan:
         return
@@ -112,7 +112,7 @@ def merged_tensors(
         order.append((info.name, keep))
     for name, data in _read_ahead(ckpt, order):
         update = plan.updates.get(name)
-        if isinstance(data, bytes):
+        if not isinstance(data, torch.Tensor):  # stored bytes, or where they are: copied as they are
             yield name, data
         elif update is None:
             yield name, data.to(options.dtype or data.dtype)
