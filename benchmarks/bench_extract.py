@@ -153,7 +153,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--extra-rank", type=int, default=32, help="a rank inside the noise spectrum")
     parser.add_argument("--root", type=Path, default=Path("/tmp/loratools-bench-extract"))
-    parser.add_argument("--mergekit", default="/tmp/mergekit-venv/bin/mergekit-extract-lora")
+    parser.add_argument(
+        "--mergekit",
+        default="/work/venvs/mergekit/bin/mergekit-extract-lora",
+        help="mergekit-extract-lora of a separate virtualenv (python3 -m venv V; V/bin/pip install "
+        "torch==2.13.0 mergekit -c constraints.txt)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of floor and loratools (median kept)")
     parser.add_argument(
         "--rss-layers", type=int, nargs="*", default=[], help="also run loratools on these depths"
@@ -173,10 +178,12 @@ def main() -> None:
     runs: dict = {}
     measure("warm-up (page cache)", [py, me, "floor", str(base), str(ft), str(work / "warm"), r], runs)
     measure("floor", [py, me, "floor", str(base), str(ft), str(work / "floor"), r], runs, args.repeat)
-    lt = str(ROOT / ".venv" / "bin" / "loratools")
+    # this interpreter, with this tree's loratools (PYTHONPATH is inherited): not an installed
+    # console script, which may import another checkout
+    lt = [py, "-m", "loratools.cli.main"]
     for rank in (args.rank, args.extra_rank):
         cmd = [
-            lt,
+            *lt,
             "extract",
             str(base),
             str(ft),
@@ -200,7 +207,7 @@ def main() -> None:
     for layers in args.rss_layers:
         other_base, other_ft = make_llama_pair(args.root / f"layers{layers}", layers=layers)
         out = str(args.root / f"layers{layers}" / "loratools")
-        cmd = [lt, "extract", str(other_base), str(other_ft), "-r", r, "-o", out, "--quiet", "--force"]
+        cmd = [*lt, "extract", str(other_base), str(other_ft), "-r", r, "-o", out, "--quiet", "--force"]
         measure(f"loratools r={r}, {layers} layers", cmd, depth_runs)
     report(args, base, ft, work, runs, depth_runs)
 

@@ -1,12 +1,18 @@
-"""Choosing where the math runs."""
+"""Choosing where the math runs, and on how many CPU threads."""
 
 from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
 import torch
 
 from loratools.errors import LoratoolsError
 
-__all__ = ["resolve_device"]
+__all__ = ["cpu_math_threads", "leaves_cores_for_io", "math_threads", "resolve_device"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -31,3 +37,56 @@ def resolve_device(name: str = "auto") -> torch.device:
             "use cuda:0 … cuda:N-1, or --device cpu"
         )
     return device
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def math_threads(io_threads: int, cores: int | None = None) -> int:
+    """torch's intra-op (OpenMP) threads for a streaming pass: the cores less ``io_threads`` that
+    its own reader/writer threads keep busy, at least 1.
+
+    Why not all cores: OpenMP threads wait for each other at the end of every parallel region
+    (a matmul, a QR), so one thread that loses its core — to our reader, or to another process
+    — stalls them all (numbers: docs/benchmarks.md, "OpenMP threads").
+
+    Only torch's default (one thread per core) is lowered: any other count was chosen by the
+    user (``OMP_NUM_THREADS``, ``torch.set_num_threads``; torchrun sets 1 per process) and is kept.
+    """
+    current = torch.get_num_threads()
+    cores = cores or available_cores()
+    return current if current != cores else max(1, cores - io_threads)
+
+
+@contextmanager
+def cpu_math_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def leaves_cores_for_io(io_threads: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: run the function with :func:`math_threads` (``io_threads``) intra-op threads."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with cpu_math_threads(math_threads(io_threads)):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
