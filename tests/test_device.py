@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from loratools.device import cpu_math_threads, leaves_cores_for_io, math_threads
+from loratools.device import cpu_math_threads, keep_thread_count, leaves_cores_for_io, math_threads
 
 
 @pytest.fixture
@@ -49,3 +49,12 @@ def test_the_thread_count_is_restored_after_the_call_even_when_it_fails(four_thr
     with cpu_math_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 4
+
+
+def test_a_thread_count_the_user_set_is_kept_even_at_one_per_core(four_threads: None) -> None:
+    keep_thread_count()
+    try:
+        assert math_threads(1, cores=4) == 4
+    finally:
+        keep_thread_count(False)
+    assert math_threads(1, cores=4) == 3

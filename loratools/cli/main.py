@@ -10,6 +10,7 @@ import atexit
 import gc
 import importlib
 import importlib.util
+import os
 import signal
 import sys
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 import click
 
 from loratools import __version__
+from loratools.device import keep_thread_count
 
 # name → (module, one-line help); each module defines a click command named like the module.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -134,6 +136,8 @@ def main() -> None:
     # thousands, none of them garbage): 0.1–0.2 s per run, profiled. Freezing them at exit skips
     # that walk; atexit runs before the final collection, and nothing is left to free by then.
     atexit.register(gc.freeze)
+    if os.environ.get("OMP_NUM_THREADS"):  # the user's thread count: streaming passes keep it
+        keep_thread_count()
     try:
         cli(prog_name="loratools")
     except Terminated as exc:  # outside a command (while parsing or rendering)
