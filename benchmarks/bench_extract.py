@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +154,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--extra-rank", type=int, default=32, help="a rank inside the noise spectrum")
     parser.add_argument("--root", type=Path, default=Path("/tmp/loratools-bench-extract"))
-    parser.add_argument("--mergekit", default="/tmp/mergekit-venv/bin/mergekit-extract-lora")
+    parser.add_argument(
+        "--mergekit",
+        default="/work/venvs/mergekit/bin/mergekit-extract-lora",
+        help="mergekit-extract-lora of a separate virtualenv (python3 -m venv V; V/bin/pip install "
+        "torch==2.13.0 mergekit -c constraints.txt)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of floor and loratools (median kept)")
     parser.add_argument(
         "--rss-layers", type=int, nargs="*", default=[], help="also run loratools on these depths"
@@ -173,10 +179,12 @@ def main() -> None:
     runs: dict = {}
     measure("warm-up (page cache)", [py, me, "floor", str(base), str(ft), str(work / "warm"), r], runs)
     measure("floor", [py, me, "floor", str(base), str(ft), str(work / "floor"), r], runs, args.repeat)
-    lt = str(ROOT / ".venv" / "bin" / "loratools")
+    # this interpreter, with this tree's loratools (PYTHONPATH is inherited): not an installed
+    # console script, which may import another checkout
+    lt = [py, "-m", "loratools.cli.main"]
     for rank in (args.rank, args.extra_rank):
         cmd = [
-            lt,
+            *lt,
             "extract",
             str(base),
             str(ft),
@@ -188,8 +196,10 @@ def main() -> None:
             "--force",
         ]
         measure(f"loratools r={rank}", cmd, runs, args.repeat)
-        # OpenMP threads stall each other on a busy machine; one thread shows the contention-free cost
-        measure(f"loratools r={rank}, 1 thread", cmd, runs, args.repeat, env={"OMP_NUM_THREADS": "1"})
+        # the default leaves a core to the readers (loratools.device.math_threads); one OpenMP
+        # thread per core, the alternative, shows what that choice costs or saves on this machine
+        every = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+        measure(f"loratools r={rank}, all cores", cmd, runs, args.repeat, env=every)
     if "kohya" not in args.skip:
         measure("kohya-style dense", [py, me, "kohya", str(base), str(ft), str(work / "kohya"), r], runs)
     if "mergekit" not in args.skip and Path(args.mergekit).exists():
@@ -200,7 +210,7 @@ def main() -> None:
     for layers in args.rss_layers:
         other_base, other_ft = make_llama_pair(args.root / f"layers{layers}", layers=layers)
         out = str(args.root / f"layers{layers}" / "loratools")
-        cmd = [lt, "extract", str(other_base), str(other_ft), "-r", r, "-o", out, "--quiet", "--force"]
+        cmd = [*lt, "extract", str(other_base), str(other_ft), "-r", r, "-o", out, "--quiet", "--force"]
         measure(f"loratools r={r}, {layers} layers", cmd, depth_runs)
     report(args, base, ft, work, runs, depth_runs)
 
@@ -212,8 +222,8 @@ def report(args: argparse.Namespace, base: Path, ft: Path, work: Path, runs: dic
     spectra = json.loads(spectra_file.read_text()) if spectra_file.exists() else None
     outputs = {"floor": None, f"loratools r={args.rank}": work / f"loratools-r{args.rank}",
                f"loratools r={args.extra_rank}": work / f"loratools-r{args.extra_rank}",
-               f"loratools r={args.rank}, 1 thread": work / f"loratools-r{args.rank}",
-               f"loratools r={args.extra_rank}, 1 thread": work / f"loratools-r{args.extra_rank}",
+               f"loratools r={args.rank}, all cores": work / f"loratools-r{args.rank}",
+               f"loratools r={args.extra_rank}, all cores": work / f"loratools-r{args.extra_rank}",
                "kohya-style dense": work / "kohya", "mergekit-extract-lora": work / "mergekit"}  # fmt: skip
     floor_s = runs["floor"][0].wall_s
     rows = []
@@ -258,11 +268,12 @@ def report(args: argparse.Namespace, base: Path, ft: Path, work: Path, runs: dic
     commands = "\n".join(f"- {label}: `{cmd}`" for label, (_, _, cmd, _) in runs.items())
     size = sum(f.stat().st_size for f in Path(ft).glob("*.safetensors")) / 1e9
     text = (
-        f"# extract benchmark\n\n{machine_note()}; shared machine (other jobs running), wall time is the median of the runs listed; load avg is the 1-minute load when the kept run started.\n\n"
+        f"# extract benchmark ({args.layers} layers)\n\n{machine_note()}, {time.strftime('%H:%M UTC', time.gmtime())}; shared machine (other jobs running), wall time is the median of the runs listed; load avg is the 1-minute load when the kept run started. Floor: start-up (python + torch + safetensors imports) + reading both checkpoints + writing an adapter-sized file, warm page cache, measured in the same run.\n\n"
         f"Pair: `make_llama_pair(layers={args.layers})` (TinyLlama shapes, bf16, {size:.2f} GB per checkpoint).\n\n"
         f"Command: `.venv/bin/python benchmarks/bench_extract.py --layers {args.layers} --rank {args.rank} "
         f"--extra-rank {args.extra_rank} --repeat {args.repeat}"
         + (f" --rss-layers {' '.join(map(str, args.rss_layers))}" if args.rss_layers else "")
+        + (f" --skip {' '.join(args.skip)}" if args.skip else "")
         + f"`\n\n{table}\n\nExact commands:\n\n{commands}\n"
     )
     print(text)

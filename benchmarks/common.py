@@ -170,13 +170,18 @@ def make_llama_pair(
     noise_rank: int = 64,
     max_shard_mb: int = 500,
     seed: int = 0,
+    dense_noise: float = 0.0,
 ) -> tuple[Path, Path]:
     """Write (or reuse) ``root/base`` and ``root/finetuned``: bf16, sharded, Llama-shaped.
 
     The defaults are TinyLlama's shapes with 12 layers: ≈0.66 B parameters, ≈1.3 GB per checkpoint
     in 3 shards. Every block linear of the fine-tune differs by ``0.1 · planted_delta``; norms and
-    embeddings are identical. Deterministic for a given seed. Safe to call from several processes
-    at once (a lock file serialises the writers; the second caller reuses the first one's files).
+    embeddings are identical. With ``dense_noise`` > 0 each fine-tuned linear also gets dense
+    Gaussian noise of standard deviation ``dense_noise · in^-0.5`` (that fraction of the weights'
+    own scale: full rank, as real fine-tunes are). Deterministic for a given seed. Written tensor
+    by tensor, never the whole model in memory (``scale_7b`` writes a Llama-2-7B-shaped pair with
+    it). Safe to call from several processes at once (a lock file serialises the writers; the
+    second caller reuses the first one's files).
     """
     config = llama_config(layers, hidden, intermediate, heads, kv_heads, vocab)
     recipe = {
@@ -186,6 +191,8 @@ def make_llama_pair(
         "seed": seed,
         "shard": max_shard_mb,
     }
+    if dense_noise:  # only then: the recipe of existing pairs stays what it was (no rewrite)
+        recipe["dense_noise"] = dense_noise
     base_dir, ft_dir = root / "base", root / "finetuned"
     marker = root / "recipe.json"
     root.mkdir(parents=True, exist_ok=True)
@@ -193,7 +200,7 @@ def make_llama_pair(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (marker.is_file() and json.loads(marker.read_text()) == recipe):
             marker.unlink(missing_ok=True)
-            _write_pair(base_dir, ft_dir, config, signal_rank, noise_rank, max_shard_mb, seed)
+            _write_pair(base_dir, ft_dir, config, signal_rank, noise_rank, max_shard_mb, seed, dense_noise)
             marker.write_text(json.dumps(recipe))
     return base_dir, ft_dir
 
@@ -206,6 +213,7 @@ def _write_pair(
     noise_rank: int,
     max_shard_mb: int,
     seed: int,
+    dense_noise: float = 0.0,
 ) -> None:
     specs = [TensorSpec(name, shape, torch.bfloat16) for name, shape in tensor_specs(config)]
     layout = plan_shards(specs, max_shard_mb * 1_000_000)
@@ -219,6 +227,8 @@ def _write_pair(
             base_w.write(name, w.bfloat16())
             if any(f".{linear}." in name for linear in LINEARS):
                 w = w + planted_delta(shape, gen, signal_rank, noise_rank) * 0.1
+                if dense_noise:
+                    w += torch.randn(shape, generator=gen) * (dense_noise * shape[-1] ** -0.5)
             ft_w.write(name, w.bfloat16())
             del w
     for folder in (base_dir, ft_dir):

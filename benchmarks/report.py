@@ -18,6 +18,8 @@ ORDER = [
     "extract",
     "merge",
     "io_profile",
+    "scale_7b",
+    "scale_7b_peers",
     "quantized_merge",
     "spectrum",
     "combine",
@@ -44,6 +46,8 @@ Regenerate this page after re-running a benchmark: `python -m benchmarks.report`
 # Scratch folders the benchmarks build their checkpoints in, e.g. /tmp/loratools-bench-extract/layers4/.
 SCRATCH = r"/tmp/[\w.-]+(?:/layers\d+)?"
 PLACEHOLDERS = [
+    (re.compile(r"(?:/[\w.-]+)+/\.venv/bin/"), ""),  # a project virtualenv's python: by name
+    (re.compile(r"(?:/[\w.-]+)*/venvs/[\w.-]+/bin/"), ""),  # a tool in its own virtualenv: by name
     (re.compile(r"/tmp/[\w.-]*venv/bin/"), ""),  # a tool in its own virtualenv: by name
     (re.compile(r"/tmp/[\w.-]*venv\b"), "a separate virtualenv"),
     (re.compile(SCRATCH + r"/base\b"), "BASE"),

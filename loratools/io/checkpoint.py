@@ -28,6 +28,7 @@ from loratools.io.quant import QuantGroup, dequantize, find_groups, logical_info
 from loratools.io.safetensors_file import (
     DuplicateKey,
     SafetensorsFile,
+    StoredRange,
     TensorInfo,
     TensorSpec,
     bad_text,
@@ -163,6 +164,13 @@ class Checkpoint:
             tensor = self.get(name).contiguous().reshape(-1)  # a quantized weight: its float32 values
             return tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         return self._safetensors[self._infos[name].file].read_raw(name)
+
+    def stored_range(self, name: str) -> StoredRange | bytes:
+        """Where a plain safetensors tensor's bytes are (a writer copies them in the kernel, see
+        :func:`~loratools.io.safetensors_file.copy_range`); anything else as :meth:`get_raw`."""
+        info = self._infos.get(name)
+        file = self._safetensors.get(info.file) if info is not None and name not in self.quantized else None
+        return file.stored_range(name) if file is not None else self.get_raw(name)
 
     def iter_tensors(
         self, names: Iterable[str] | None = None, prefetch: bool = True

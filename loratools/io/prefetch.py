@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import torch
 
     from loratools.io.checkpoint import Checkpoint
+    from loratools.io.safetensors_file import StoredRange
 
 __all__ = ["prefetched", "read_ahead"]
 
@@ -40,14 +41,15 @@ def prefetched(
 
 def read_ahead(
     ckpt: Checkpoint, order: Sequence[tuple[str, bool]]
-) -> Iterator[tuple[str, torch.Tensor | bytes]]:
-    """Yield (name, tensor) in ``order`` — or the stored bytes where its flag is True — reading the
-    next one on a thread meanwhile, into reused buffers (a tensor still held, by a writer thread
-    say, is never read into: :class:`~loratools.io.buffers.BufferRing`)."""
+) -> Iterator[tuple[str, torch.Tensor | bytes | StoredRange]]:
+    """Yield (name, tensor) in ``order`` — or, where its flag is True, where the stored bytes are
+    (a :class:`~loratools.io.safetensors_file.StoredRange` the writer copies file to file, or the
+    bytes themselves) — reading the next one on a thread meanwhile, into reused buffers (a tensor
+    still held, by a writer thread say, is never read into: :class:`~loratools.io.buffers.BufferRing`)."""
     buffers = BufferRing()
     raw = dict(order)
 
-    def read(name: str) -> torch.Tensor | bytes:
-        return ckpt.get_raw(name) if raw[name] else ckpt.get_buffered(name, buffers)
+    def read(name: str) -> torch.Tensor | bytes | StoredRange:
+        return ckpt.stored_range(name) if raw[name] else ckpt.get_buffered(name, buffers)
 
     yield from prefetched([name for name, _ in order], read)

@@ -10,6 +10,7 @@ for every tensor (profiled: that was most of a merge's system time).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -27,7 +28,7 @@ import torch
 from loratools.errors import CheckpointError
 from loratools.io.buffers import BufferRing
 
-__all__ = ["DTYPES", "SafetensorsFile", "SafetensorsWriter", "TensorInfo", "TensorSpec"]
+__all__ = ["DTYPES", "SafetensorsFile", "SafetensorsWriter", "StoredRange", "TensorInfo", "TensorSpec"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -74,6 +75,20 @@ class TensorInfo(TensorSpec):
     file: Path
     begin: int  # absolute byte offsets in the file
     end: int
+
+
+@dataclass(frozen=True)
+class StoredRange:
+    """A tensor's stored bytes left where they are: ``path[begin:end]``. A writer copies them
+    file to file in the kernel (``copy_file_range``), so they never pass through user memory."""
+
+    path: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
 
 
 def _fail(path: Path, why: str) -> CheckpointError:
@@ -299,6 +314,66 @@ class SafetensorsFile:
             raise _fail(self.path, f"truncated while reading tensor {name!r}")
         return data
 
+    def stored_range(self, name: str) -> StoredRange:
+        """Where one tensor's bytes are, for a writer to copy them without reading them here."""
+        info = self.infos[name]
+        return StoredRange(self.path, info.begin, info.end)
+
+
+# copy_file_range's errors meaning "not here" (old kernel, other file system, special file):
+# the copy then goes through user space, as it would without the call
+_NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
+_COPY_CHUNK = 64 << 20  # user-space fallback: one reused buffer, not a copy of the whole tensor
+
+
+def copy_range(source: StoredRange, destination: BinaryIO) -> None:
+    """Append ``source``'s bytes to ``destination`` (an open, binary, buffered file).
+
+    ``os.copy_file_range`` moves them inside the kernel: no read buffer to fault in, no copy
+    to and from user space (and a shared extent on file systems with reflinks). Where the call
+    is missing or refused, a plain read/write loop through one reused buffer does the same.
+
+    Raises:
+        CheckpointError: the source ended before ``source.end`` (truncated since it was opened).
+    """
+    destination.flush()  # the kernel copy writes at the descriptor's offset: buffered bytes go first
+    position = destination.tell()
+    with open_regular(source.path) as f:
+        done = _kernel_copy(f.fileno(), destination.fileno(), source, position)
+        if done < source.nbytes:
+            destination.seek(position + done)
+            _user_copy(f, destination, source, done)
+    destination.seek(position + source.nbytes)
+
+
+def _kernel_copy(fd_in: int, fd_out: int, source: StoredRange, position: int) -> int:
+    """Bytes copied with ``copy_file_range`` (0 where it is unavailable)."""
+    copy = getattr(os, "copy_file_range", None)
+    done = 0
+    while copy is not None and done < source.nbytes:
+        try:
+            n = copy(fd_in, fd_out, source.nbytes - done, source.begin + done, position + done)
+        except OSError as exc:
+            if exc.errno in _NO_KERNEL_COPY:
+                break
+            raise
+        if n == 0:
+            raise _fail(source.path, f"truncated: ends before byte {source.end}")
+        done += n
+    return done
+
+
+def _user_copy(f: io.BufferedReader, destination: BinaryIO, source: StoredRange, done: int) -> None:
+    buffer = bytearray(min(_COPY_CHUNK, source.nbytes - done))
+    view = memoryview(buffer)
+    f.seek(source.begin + done)
+    while done < source.nbytes:
+        n = f.readinto(view[: min(len(buffer), source.nbytes - done)])
+        if not n:
+            raise _fail(source.path, f"truncated: ends before byte {source.end}")
+        destination.write(view[:n])
+        done += n
+
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
@@ -356,11 +431,19 @@ class SafetensorsWriter:
     def pending(self) -> list[TensorSpec]:
         return self._specs[self._next :]
 
-    def write(self, name: str, tensor: torch.Tensor | bytes) -> None:
-        """Append the next tensor (or its raw stored bytes)."""
+    def write(self, name: str, tensor: torch.Tensor | bytes | StoredRange) -> None:
+        """Append the next tensor (or its raw stored bytes, or a range of a file holding them)."""
         spec = self._specs[self._next] if self._next < len(self._specs) else None
         if spec is None or spec.name != name:
             raise RuntimeError(f"{self.path}: expected tensor {spec and spec.name!r}, got {name!r}")
+        if isinstance(tensor, StoredRange):
+            if tensor.nbytes != spec.nbytes:
+                raise RuntimeError(
+                    f"{self.path}: tensor {name!r} has {tensor.nbytes} bytes, not {spec.nbytes}"
+                )
+            copy_range(tensor, self._file)
+            self._next += 1
+            return
         if isinstance(tensor, bytes):
             data: bytes | memoryview = tensor
         else:

@@ -26,7 +26,7 @@ import torch
 
 from loratools.errors import LoratoolsError, OutputExists
 from loratools.io.checkpoint import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, ShardLayout
-from loratools.io.safetensors_file import SafetensorsWriter, TensorSpec
+from loratools.io.safetensors_file import SafetensorsWriter, StoredRange, TensorSpec
 
 __all__ = [
     "CheckpointWriter",
@@ -68,7 +68,8 @@ class CheckpointWriter:
     """Streams tensors into the files of a layout; writes ``index.json`` when there are several.
 
     Tensors must arrive in layout order (file by file). Use as a context manager; :meth:`write`
-    accepts a tensor or its raw stored bytes (for bit-identical copies).
+    accepts a tensor, its raw stored bytes, or the :class:`StoredRange` of a source file holding
+    them (copied file to file in the kernel); the last two give bit-identical copies.
 
     Example:
         >>> with CheckpointWriter(out_dir, plan_shards(specs, 5 << 30)) as writer:
@@ -97,7 +98,7 @@ class CheckpointWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         return self
 
-    def write(self, name: str, tensor: torch.Tensor | bytes) -> None:
+    def write(self, name: str, tensor: torch.Tensor | bytes | StoredRange) -> None:
         target = self._file_of[name]
         while self._current_index < target:
             self._open_next()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
@@ -12,7 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import CheckpointError
-from loratools.io.safetensors_file import DTYPES, MAX_TENSORS, SafetensorsFile, SafetensorsWriter, TensorSpec
+from loratools.io.checkpoint import ShardLayout
+from loratools.io.safetensors_file import (
+    DTYPES,
+    MAX_TENSORS,
+    SafetensorsFile,
+    SafetensorsWriter,
+    StoredRange,
+    TensorSpec,
+)
 from loratools.io.writer import CheckpointWriter, plan_shards
 
 ALL_DTYPES = sorted(DTYPES.values(), key=str)
@@ -291,3 +300,56 @@ def test_commands_refuse_a_malformed_base_and_write_nothing(
         assert result.exit_code == 1 and result.stderr.startswith("error:"), result.stderr
         assert result.stderr.count("\n") == 1 and "8 bytes after the last tensor" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+def _mixed_copy(tmp_path: Path, name: str) -> Path:
+    """A file whose tensors alternate: written from memory, copied as a StoredRange of a source file."""
+    source = tmp_path / "source.safetensors"
+    tensors = {f"t{i}": sample(torch.bfloat16, (37, 5 + i), i) for i in range(4)}
+    save_file(tensors, str(source))
+    st = SafetensorsFile(source)
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    out = tmp_path / name
+    with CheckpointWriter(tmp_path, [ShardLayout(name, specs)]) as writer:
+        for i, (n, t) in enumerate(tensors.items()):
+            writer.write(n, st.stored_range(n) if i % 2 else t)
+    return out
+
+
+def test_stored_ranges_are_copied_byte_for_byte(tmp_path: Path) -> None:
+    out = _mixed_copy(tmp_path, "out.safetensors")
+    want = load_file(str(tmp_path / "source.safetensors"))
+    got = load_file(str(out))  # the reference reader: the file is well formed
+    assert got.keys() == want.keys()
+    assert all(same_bits(got[n], want[n]) for n in want)
+
+
+def test_stored_ranges_copy_through_user_space_where_the_kernel_copy_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = _mixed_copy(tmp_path, "kernel.safetensors").read_bytes()
+    calls = []
+
+    def refused(*args: object) -> int:
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused, raising=False)
+    assert _mixed_copy(tmp_path, "user.safetensors").read_bytes() == kernel
+    assert calls  # the kernel copy was tried, and its refusal fell back
+
+
+def test_a_stored_range_of_the_wrong_size_or_a_truncated_source_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "source.safetensors"
+    save_file({"a": sample(torch.float32, (64,), 0)}, str(source))
+    spec = TensorSpec("a", (64,), torch.float32)
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", [spec])
+    with pytest.raises(RuntimeError, match="has 4 bytes, not 256"):
+        writer.write("a", StoredRange(source, 8, 12))
+    writer.abort()
+    info = SafetensorsFile(source).infos["a"]
+    os.truncate(source, info.begin + 100)  # shrunk after its header was read
+    writer = SafetensorsWriter(tmp_path / "out2.safetensors", [spec])
+    with pytest.raises(CheckpointError, match="truncated"):
+        writer.write("a", StoredRange(source, info.begin, info.end))
+    writer.abort()

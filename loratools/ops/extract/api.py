@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+from loratools.device import leaves_cores_for_io
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
 from loratools.linalg import allocate_budget
@@ -18,6 +19,7 @@ from loratools.ops.extract.stream import factor_pass, run_everywhere, spectra_pa
 from loratools.progress import Progress, no_progress
 
 
+@leaves_cores_for_io(1)  # the two read-ahead threads (mostly waiting on the page cache): one core
 def extract(
     base: TensorSource,
     finetuned: TensorSource,

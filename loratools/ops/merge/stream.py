@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ def storage_order(
 
 
 def merged_tensors(
-    tensors: Iterable[tuple[str, torch.Tensor | bytes]],
+    tensors: Iterable[tuple[str, Any]],
     plan: MergePlan,
     options: MergeOptions,
     stats: list[ModuleStats],
@@ -46,11 +47,13 @@ def merged_tensors(
     *,
     take: Callable[[int], torch.Tensor] | None = None,
     requantize: Requantizer | None = None,
-) -> Iterator[tuple[str, torch.Tensor | bytes]]:
+) -> Iterator[tuple[str, Any]]:
     """The output tensors in storage order: updated, replaced, cast, or the stored bytes as they are.
 
     Args:
-        tensors: the base's tensors in :func:`storage_order` (stored bytes where it says so).
+        tensors: the base's tensors in :func:`storage_order`; where it says so, their stored
+            bytes or anything else that is not a tensor (where the bytes are, for the writer to
+            copy file to file: ops never look inside), passed through unchanged.
         plan: the updates (:func:`~loratools.ops.merge.plan.plan_merge`).
         options: output dtype and device.
         stats: gets one precision record per adapted tensor.
@@ -63,7 +66,7 @@ def merged_tensors(
     scratch = Scratch(device, take)  # outputs cast into memory the writer has let go
     for name, data in tensors:
         update = plan.updates.get(name)
-        if isinstance(data, bytes):
+        if not isinstance(data, torch.Tensor):  # stored bytes, or where they are: copied as they are
             yield name, data
         elif update is None:
             yield name, data.to(options.dtype or data.dtype)
