@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.hub.card import CardFacts, front_matter, module_spectra, render_card
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 
 def _front(card: str) -> dict:

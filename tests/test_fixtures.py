@@ -18,7 +18,7 @@ from fixtures.make_fixtures import PLANTED
 from fixtures.make_fixtures import main as make_fixtures
 from loratools.io.checkpoint import open_checkpoint
 from loratools.io.safetensors_file import SafetensorsFile
-from tests._tolerances import EPS
+from tests.tolerances import EPS
 
 FOLDERS = ["base", "finetuned", "base-sharded", "base-bf16", "adapter"]
 # float32: the planted ΔW = U·diag(σ)·Vᵀ goes through a Householder QR and products over at most

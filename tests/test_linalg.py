@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from loratools import linalg
 from loratools.errors import InvalidOptions, LoratoolsError
 from loratools.linalg import RankRule, energy_kept, exact_svd, lora_from_svd
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 F64 = TOL[torch.float64]
 

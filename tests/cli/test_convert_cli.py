@@ -16,7 +16,7 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.formats import gguf as gguf_names
 from loratools.io.adapter_dir import save_adapter
 from loratools.io.checkpoint import open_checkpoint
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 SHAPES = {
     "q_proj": (32, 32),

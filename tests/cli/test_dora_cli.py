@@ -12,7 +12,7 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.io.checkpoint import open_checkpoint
 from loratools.ops.dora import dora_weight, effective_delta
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 MODULES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.1.mlp.down_proj": (32, 64)}
 

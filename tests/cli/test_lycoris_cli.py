@@ -140,7 +140,7 @@ def test_a_peft_loha_converted_at_full_energy_gives_peft_the_same_logits(
     assert not torch.allclose(
         expected, logits(load_llama(fixtures_dir / "base"), ids), atol=1e-2
     )  # it does act
-    # float32 logits through two layers' worth of differently ordered sums (tests/_tolerances.py)
+    # float32 logits through two layers' worth of differently ordered sums (tests/tolerances.py)
     torch.testing.assert_close(
         logits_through_peft(fixtures_dir / "base", out, ids), expected, rtol=1e-4, atol=1e-4
     )

@@ -11,7 +11,7 @@ import torch
 from loratools.adapter import Adapter, LoraWeight
 from loratools.io.adapter_dir import save_adapter
 from loratools.io.checkpoint import open_checkpoint
-from tests._tolerances import EPS
+from tests.tolerances import EPS
 
 Q0 = "model.layers.0.self_attn.q_proj"
 

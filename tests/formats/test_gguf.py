@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat
 from loratools.formats import gguf as names
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 HF_NAMES = [
     "model.embed_tokens.weight",

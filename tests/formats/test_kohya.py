@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import InvalidAdapter, LoratoolsError, MissingKeys, UnknownFormat
 from loratools.formats import kohya, peft
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 BASE_NAMES = [
     "model.embed_tokens.weight",

@@ -14,7 +14,7 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat
 from loratools.formats import LoadContext, peft
 from loratools.io.adapter_dir import load_adapter, save_adapter
-from tests._tolerances import LOGITS_FP32
+from tests.tolerances import LOGITS_FP32
 from tests.peft_helpers import logits_through_peft, logits_with_merged_by_hand, tokens
 
 

@@ -7,7 +7,7 @@ import torch
 from loratools.adapter import ModuleWeight
 from loratools.kinds.loha import LohaWeight, khatri_rao_factors
 from loratools.linalg import factored_svd
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 
 def _dense(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:

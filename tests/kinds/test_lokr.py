@@ -7,7 +7,7 @@ import torch
 
 from loratools.adapter import ModuleWeight
 from loratools.kinds.lokr import LokrWeight
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 
 def _lokr(**parts: torch.Tensor | None) -> LokrWeight:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loratools.adapter import LoraWeight, ModuleWeight, base_weight_shape
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 
 def test_lora_weight_is_a_module_weight() -> None:

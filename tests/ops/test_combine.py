@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import LoratoolsError, ShapeMismatch
 from loratools.ops.combine import CombineOptions, combine_adapters, dare_merge, ties_merge, trim_magnitude
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 SHAPES = {"layers.0.q_proj": (24, 16), "layers.0.v_proj": (8, 16), "layers.1.down_proj": (16, 40)}
 

@@ -15,7 +15,7 @@ from loratools.io.adapter_dir import load_adapter, read_safetensors, save_adapte
 from loratools.io.dora_record import read_record_file
 from loratools.ops.dora import dora_weight, effective_delta, row_norms
 from loratools.ops.merge.dora import DoraRecord
-from tests._tolerances import EPS, TOL
+from tests.tolerances import EPS, TOL
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:

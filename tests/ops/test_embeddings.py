@@ -25,7 +25,7 @@ from loratools.kinds import embedding
 from loratools.ops.combine import CombineOptions, combine_adapters
 from loratools.ops.resize import ResizeOptions, resize_adapter
 from loratools.ops.spectrum import adapter_spectrum
-from tests._tolerances import LOGITS_FP32, TOL
+from tests.tolerances import LOGITS_FP32, TOL
 from tests.llama_cpp import LLAMA_BIN
 from tests.ops.test_merge import read_all
 

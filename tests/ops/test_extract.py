@@ -16,7 +16,7 @@ from loratools.errors import LoratoolsError, ShapeMismatch
 from loratools.io.checkpoint import open_checkpoint
 from loratools.linalg import allocate_budget, rank_for_energy
 from loratools.ops.extract import ExtractOptions, extract, plan_extraction
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 
 class Source:

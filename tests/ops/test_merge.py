@@ -1,6 +1,6 @@
 """ops/merge.py: W = W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ streamed over checkpoints, its inverse, swaps, refusals.
 
-Round-trip bounds used below (elementwise, EPS = one ulp relative, tests/_tolerances.py):
+Round-trip bounds used below (elementwise, EPS = one ulp relative, tests/tolerances.py):
 merge rounds W0+Δ once (≤ EPS/2·|W0+Δ|) and unmerge rounds once more (≤ EPS/2·|W0 + e|), so
 |unmerge(merge(W0)) − W0| ≤ EPS·(|W0| + |Δ|) + the float32 matmul's own error, which we allow as
 4·R·2⁻²⁴·(|L|@|R|) for R stacked ranks.
@@ -34,7 +34,7 @@ from loratools.ops.merge import (
     plan_merge,
     stacked_factors,
 )
-from tests._tolerances import EPS, TOL
+from tests.tolerances import EPS, TOL
 
 Q0 = "model.layers.0.self_attn.q_proj"
 

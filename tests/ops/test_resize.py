@@ -11,7 +11,7 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import LoratoolsError
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.ops.resize import ResizeOptions, resize_adapter
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 from tests.ops.test_combine import assert_optimal_truncation, hand_delta, random_adapter
 
 

@@ -28,7 +28,7 @@ from loratools.ops.spectrum import (
     module_type,
     plan_delta,
 )
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 
 class DictSource:

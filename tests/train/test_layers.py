@@ -21,7 +21,7 @@ from loratools.train.inject import (
     to_adapter,
 )
 from loratools.train.layers import LoRALinear
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 
 def _layer(out: int, inp: int, rank: int, alpha: float, rslora: bool = False, seed: int = 0) -> LoRALinear:

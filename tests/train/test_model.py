@@ -12,7 +12,7 @@ from loratools.errors import MissingKeys, UnknownFormat
 from loratools.io.adapter_dir import save_adapter
 from loratools.train.inject import inject_lora, lora_layers, to_adapter
 from loratools.train.model import LlamaConfig, load_model
-from tests._tolerances import TOL
+from tests.tolerances import TOL
 
 transformers = pytest.importorskip("transformers")
 
