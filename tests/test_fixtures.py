@@ -43,8 +43,10 @@ def assert_same_tensors(ours: Path, committed: Path) -> None:
     for name in b.infos:
         x, y = a.read(name), b.read(name)
         if y.dtype == torch.bfloat16:
+            # BF16_RTOL: derived above
             torch.testing.assert_close(x, y, rtol=BF16_RTOL, atol=0, msg=f"{committed}: {name}")
         else:
+            # FP32_ATOL: derived above
             torch.testing.assert_close(x, y, rtol=0, atol=FP32_ATOL, msg=f"{committed}: {name}")
 
 
@@ -82,6 +84,7 @@ def test_finetune_differs_by_the_planted_spectrum(fixtures_dir: Path) -> None:
         if name in planted["singular_values"]:
             s = torch.linalg.svdvals(delta)[:4]
             noise_bound = 3 * planted["noise_std"] * (delta.shape[0] ** 0.5 + delta.shape[1] ** 0.5)
+            # noise_bound: 3× the planted noise's spectral norm, ≈ noise_std·(√m + √n)
             torch.testing.assert_close(
                 s, torch.tensor(planted["singular_values"][name]), rtol=0, atol=noise_bound
             )

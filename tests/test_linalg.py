@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from loratools import linalg
 from loratools.errors import InvalidOptions, LoratoolsError
 from loratools.linalg import RankRule, energy_kept, exact_svd, lora_from_svd
-from tests.tolerances import TOL
+from tests.tolerances import F64_MATH, TOL
 
 F64 = TOL[torch.float64]
 
@@ -39,6 +39,7 @@ def test_exact_truncation_residual_is_the_tail_energy(shape, rank, seed) -> None
     rank = min(rank, min(shape))
     b, a = linalg.exact_svd(m).truncate(rank).factors()
     residual = float((m - b @ a).square().sum())
+    # float64 SVD: residual vs Σ_{i>r} σᵢ² up to float64 rounding (1e-8 relative is slack)
     assert residual == pytest.approx(optimal_error_sq(m, rank), rel=1e-8, abs=1e-10)
 
 
@@ -51,6 +52,7 @@ def test_exact_recovery_when_rank_is_at_least_the_signal(shape, signal, seed, sp
     rank = min(signal, min(shape))
     b, a = linalg.randomized_svd(m, rank).factors(split)
     assert b.shape == (shape[0], rank) and a.shape == (rank, shape[1])
+    # float32 randomized SVD of an exact-rank matrix: only float32 rounding, ~n·2⁻²⁴·max|M|
     torch.testing.assert_close(b @ a, m, rtol=1e-4, atol=1e-4 * float(m.abs().max()))
 
 
@@ -63,7 +65,7 @@ def test_randomized_error_is_within_bound_of_optimal(rank: int, bound: float) ->
     b, a = svd.factors()
     error = math.sqrt(float((m - b @ a).double().square().sum()))
     optimal = math.sqrt(optimal_error_sq(m, rank))
-    assert optimal <= error * (1 + 1e-6)
+    assert optimal <= error * (1 + 1e-6)  # Eckart–Young; 1e-6: float32 rounding of the error
     assert error <= bound * optimal
 
 
@@ -76,9 +78,9 @@ def test_factored_svd_equals_dense_svd(d, k, r, seed) -> None:
     svd = linalg.factored_svd(b, a)
     dense = torch.linalg.svdvals(b @ a)
     n = min(d, k, r)
-    torch.testing.assert_close(svd.s[:n], dense[:n], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(svd.s[:n], dense[:n], **F64_MATH)
     torch.testing.assert_close(svd.u @ torch.diag(svd.s) @ svd.vh, b @ a, **F64)
-    assert bool((svd.s[:-1] >= svd.s[1:] - 1e-12).all())
+    assert bool((svd.s[:-1] >= svd.s[1:] - 1e-12).all())  # float64 σ's sorted up to rounding
 
 
 def test_factored_svd_sum_is_the_svd_of_the_sum() -> None:
@@ -102,8 +104,9 @@ def test_rank_for_energy_is_the_smallest_rank_reaching_the_fraction(values, frac
         assert r == 1
         return
     kept = float(s[:r].square().sum()) / total
-    assert kept >= fraction - 1e-9
+    assert kept >= fraction - 1e-9  # float64 rounding of the energy sums
     if r > 1:
+        # float64 rounding of the energy sums
         assert float(s[: r - 1].square().sum()) / total < fraction + 1e-9
     curve = linalg.energy_curve(s)
     assert float(curve[-1]) == pytest.approx(1.0)
@@ -119,7 +122,7 @@ def test_stable_rank_is_between_one_and_the_rank(values) -> None:
     if nonzero == 0:
         assert sr == 0.0
     else:
-        assert 1.0 - 1e-9 <= sr <= nonzero + 1e-9
+        assert 1.0 - 1e-9 <= sr <= nonzero + 1e-9  # float64 rounding of the ratio
 
 
 @settings(max_examples=60, deadline=None)
@@ -138,7 +141,7 @@ def test_budget_allocation_keeps_the_most_energy(spectra, extra) -> None:
     firsts = sum(float(t[0] ** 2) for t in tensors.values())
     rest = sorted((float(v**2) for t in tensors.values() for v in t[1:]), reverse=True)
     best = firsts + sum(rest[: budget - len(tensors)])
-    assert kept == pytest.approx(best, rel=1e-6, abs=1e-6)
+    assert kept == pytest.approx(best, rel=1e-6, abs=1e-6)  # float32 σ² summed in another order: ~1e-7
 
 
 def test_budget_too_small_is_refused() -> None:

@@ -39,12 +39,18 @@ NOT_YET = {
 EXEMPT = {"tolerances.py", "_tolerances.py", "test_tolerances.py"}
 
 
-def _numbers(node: ast.AST) -> list[ast.Constant]:
-    return [
-        n
-        for n in ast.walk(node)
-        if isinstance(n, ast.Constant) and isinstance(n.value, int | float) and not isinstance(n.value, bool)
-    ]
+DATA = (ast.List, ast.Tuple, ast.Set, ast.Dict)
+
+
+def _numbers(node: ast.AST, skip_data: bool = False) -> list[ast.Constant]:
+    """Numeric literals under ``node``; with ``skip_data``, not those inside list/tuple/set/dict
+    displays (expected values such as ``torch.tensor([10.0, 0.01])``, not tolerances)."""
+    if skip_data and isinstance(node, DATA):
+        return []
+    if isinstance(node, ast.Constant):
+        is_number = isinstance(node.value, int | float) and not isinstance(node.value, bool)
+        return [node] if is_number else []
+    return [n for child in ast.iter_child_nodes(node) for n in _numbers(child, skip_data)]
 
 
 def _is_slack(value: float) -> bool:
@@ -69,9 +75,10 @@ def tolerance_lines(tree: ast.AST) -> dict[int, int]:
             hits = _numbers(node.value)
         elif isinstance(node, ast.Assert):
             compares = [n for n in ast.walk(node.test) if isinstance(n, ast.Compare)]
-            hits = [c for n in compares if any(isinstance(op, ORDERING) for op in n.ops) for c in _numbers(n)]
+            ordered = [n for n in compares if any(isinstance(op, ORDERING) for op in n.ops)]
+            hits = [c for n in ordered for c in _numbers(n, skip_data=True)]
         elif isinstance(node, ast.Call) and any(word in _callee(node).lower() for word in COMPARING):
-            hits = [c for arg in node.args for c in _numbers(arg)]
+            hits = [c for arg in node.args for c in _numbers(arg, skip_data=True)]
         for constant in hits:
             if isinstance(node, ast.keyword) or _is_slack(constant.value):
                 found.setdefault(constant.lineno, statement)

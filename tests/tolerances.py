@@ -77,4 +77,3 @@ BF16_ROUNDING = {"rtol": 2.0**-8, "atol": 0.0}
 # Exact: a copy, a reshape, a dtype round-trip that is lossless (float16 → float32 → float16), integer
 # math. No rounding error source at all, so any difference is a bug.
 EXACT = {"rtol": 0.0, "atol": 0.0}
-

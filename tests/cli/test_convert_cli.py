@@ -16,7 +16,7 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.formats import gguf as gguf_names
 from loratools.io.adapter_dir import save_adapter
 from loratools.io.checkpoint import open_checkpoint
-from tests.tolerances import TOL
+from tests.tolerances import LOGITS_FP32, TOL
 
 SHAPES = {
     "q_proj": (32, 32),
@@ -373,10 +373,12 @@ def test_real_peft_adapter_through_kohya_gives_peft_outputs(
         down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
         state[weight_of[stem]] += float(tensors[f"{stem}.alpha"]) / down.shape[0] * up @ down
     model.load_state_dict(state)
-    torch.testing.assert_close(peft_helpers.logits(model, ids), expected, rtol=1e-4, atol=1e-5)
+    # merged by hand vs by the CLI
+    torch.testing.assert_close(peft_helpers.logits(model, ids), expected, **LOGITS_FP32)
 
     back = tmp_path / "back"
     assert run_cli("convert", kohya_file, "--to", "peft", "-o", back).exit_code == 0
+    # PEFT's forward on the converted-back adapter vs the same float32 math: one layer's order of sums
     torch.testing.assert_close(
         peft_helpers.logits_through_peft(base, back, ids), expected, rtol=1e-5, atol=1e-6
     )

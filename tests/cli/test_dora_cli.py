@@ -58,6 +58,7 @@ def test_convert_dora_to_lora_reports_near_optimal_errors(
         lora = baked.weights[module]
         assert lora.kind == "lora" and lora.rank == 3
         error = float((delta - lora.delta()).norm() / delta.norm())
+        # a ratio of float32 norms with a small numerator
         assert error == pytest.approx(report[module]["relative_error"], rel=1e-3)
         assert error <= 1.01 * optimal_error(delta, 3) + 1e-6  # Eckart–Young, randomized SVD
 
@@ -128,6 +129,7 @@ def test_spectrum_of_dora_is_the_effective_update_and_needs_the_base(
         w0 = ckpt.get(f"{module['name']}.weight").float()
         s = torch.linalg.svdvals(effective_delta(w0, adapter.weights[module["name"]]).double())
         assert module["complete"] and len(module["singular_values"]) == len(s)
+        # float32 σ's from the command vs float64 svdvals
         torch.testing.assert_close(
             torch.tensor(module["singular_values"], dtype=torch.float64), s, rtol=1e-4, atol=1e-6
         )
@@ -200,12 +202,15 @@ def test_extract_dora_is_no_worse_than_lora(
         w0, y = base.get(f"{name}.weight").float(), ft.get(f"{name}.weight").float()
         merged, _ = dora_weight(w0, weight)
         error = float((merged - y).norm() / (y - w0).norm())
+        # a ratio of float32 norms with a small numerator
         assert error == pytest.approx(reports[name]["relative_error"], rel=1e-3, abs=1e-6)
         # never worse than the plain LoRA at the same rank (its direction is a candidate); the
         # slack covers rounding the factors to the fixture's float32 (a few ulps of ‖W‖)
+        # DoRA never worse than LoRA, up to float32 rounding
         assert reports[name]["relative_error"] <= reports[name]["lora_relative_error"] * (1 + 1e-4) + 1e-6
     if finetuned == "dora-like":  # rows rescaled + rank 2: DoRA represents it, LoRA at rank 2 cannot
         for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            # DoRA represents it, LoRA misses by far
             assert reports[name]["relative_error"] < 0.01 < reports[name]["lora_relative_error"]
 
 
@@ -274,6 +279,7 @@ def test_dora_baked_into_gguf_carries_the_same_lora(run_cli, fixtures_dir: Path,
         if ".attn_q." in name:  # llama.cpp permutes q rows like its base GGUF (4 heads in the fixture)
             delta = gguf_names.unpermute_qk(delta, 4)
         expected = baked.delta(module)
+        # float32 B·A in llama.cpp's layout vs ours: the same products in another order
         torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 

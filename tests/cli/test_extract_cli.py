@@ -26,6 +26,7 @@ def test_json_document_and_output_files(run_cli, fixtures_dir, tmp_path):
     summary = extract_json(run_cli, fixtures_dir, out, "-r", "4")
     assert summary["output"] == str(out)
     assert len(summary["modules"]) == 14
+    # the fixtures' rank-4 ΔW plus noise: the noise's share
     assert all(m["rank"] == 4 and 0 < m["relative_error"] < 0.05 for m in summary["modules"])
     assert summary["unchanged"] == 7  # embeddings, norms, lm_head
     assert sorted(p.name for p in out.iterdir()) == [
@@ -171,6 +172,7 @@ def test_peft_loads_output_and_matches_finetune_within_rank_error(run_cli, fixtu
     base_weights = load_file(fixtures_dir / "base" / "model.safetensors")
     for module in adapter.weights:
         key = module + ".weight"
+        # W0 + ΔW written by merge vs formed here in float32
         torch.testing.assert_close(
             merged[key], base_weights[key] + adapter.delta(module), rtol=1e-5, atol=1e-6
         )

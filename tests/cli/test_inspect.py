@@ -49,6 +49,7 @@ def test_inspect_a_peft_written_adapter(run_cli, fixtures_dir: Path, tmp_path: P
     summary = inspect_json(run_cli, tmp_path / "peft")
     assert summary["modules"] == 4 and summary["ranks"] == {"8": 4}
     assert summary["use_rslora"] is True
+    # alpha/√r through the JSON config: rounding only
     assert summary["scale"] == [pytest.approx(32 / 8**0.5, rel=1e-5)]
     assert summary["target_modules"] == ["k_proj", "o_proj"]
 

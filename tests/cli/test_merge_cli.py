@@ -57,6 +57,7 @@ def test_merge_json_shape(run_cli, fixtures_dir: Path, tmp_path: Path) -> None:
         f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "v_proj")
     }
     precision = report["precision"]
+    # float32 keeps the update: only rounding is lost
     assert 0.1 < precision["relative_delta"] < 0.5 and precision["lost_fraction"] < 1e-5
     assert precision["effect_vanishes"] is False and report["warnings"] == []
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

@@ -63,6 +63,7 @@ def test_adapter_spectrum_matches_the_dense_delta(run_cli, fixtures_dir: Path):
     adapter = load_adapter(fixtures_dir / "adapter")
     for module in doc["modules"]:
         dense = torch.linalg.svdvals(adapter.delta(module["name"]).double())[:4]
+        # float32 factored σ's vs float64 dense svdvals
         torch.testing.assert_close(torch.tensor(module["singular_values"], dtype=torch.float64), dense,
                                    rtol=1e-5, atol=1e-7)  # fmt: skip
 
@@ -76,6 +77,7 @@ def test_base_finetuned_recovers_the_planted_spectrum(run_cli, fixtures_dir: Pat
     assert {m["name"] + ".weight" for m in doc["modules"]} == set(planted["singular_values"])
     for module in doc["modules"]:
         want = planted["singular_values"][module["name"] + ".weight"]
+        # the fixtures' noise: noise_std·(√m + √n) moves σ's by ≤ 0.02
         assert module["singular_values"][:4] == pytest.approx(want, abs=0.02)
         assert len(module["singular_values"]) == 8
         assert module["effective_rank"] == {"0.9": 2, "0.99": 4}
@@ -188,6 +190,7 @@ def test_similarity_with_itself_and_left_side(run_cli, fixtures_dir: Path):
         run_cli("similarity", fixtures_dir / "adapter", fixtures_dir / "adapter", "--json").stdout
     )
     for module in doc["modules"]:
+        # φ(A, A) = 1 up to float64 rounding
         assert module["diagonal"] == pytest.approx([1.0] * 4, abs=1e-9)
     left = run_cli(
         "similarity", fixtures_dir / "adapter", fixtures_dir / "adapter", "--side", "left", "--json"
@@ -217,6 +220,7 @@ def test_kohya_file_has_the_same_spectrum(run_cli, fixtures_dir: Path, tmp_path:
     other = json.loads(run_cli("spectrum", kohya, "--base", fixtures_dir / "base", "--json").stdout)
     assert [m["name"] for m in other["modules"]] == [m["name"] for m in peft["modules"]]
     for a, b in zip(peft["modules"], other["modules"], strict=True):
+        # the same factors through peft and kohya: the same float32 math
         assert a["singular_values"] == pytest.approx(b["singular_values"], rel=1e-6)
 
 

@@ -82,6 +82,7 @@ def test_k_quants_match_llama_quantize(tmp_path: Path) -> None:
         qtype = gguf.GGMLQuantizationType[kind]
         theirs, ours = np.asarray(t.data).reshape(64, -1), kquants.quantize(x, kind)
         error = [np.sqrt(np.mean((gguf.quants.dequantize(q, qtype) - x) ** 2)) for q in (ours, theirs)]
+        # our scale search may land on another local optimum: within 2% of gguf-py's RMS error
         assert error[0] < 1.02 * error[1], kind
         if kind == "Q6_K":
             assert np.mean(ours == theirs) > 0.99

@@ -68,7 +68,7 @@ def test_tucker_loha_matches_the_lycoris_rebuild() -> None:
     assert w.shape == (out, inn * 9) and w.rank == 9
     torch.testing.assert_close(w.delta(), expected, rtol=1e-5, atol=1e-4)  # float32 sums of 9 terms
     left, right = w.scaled_factors()
-    torch.testing.assert_close(left @ right, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(left @ right, expected, rtol=1e-5, atol=1e-4)  # float32 sums of 9 terms
 
 
 def test_to_casts_every_tensor() -> None:

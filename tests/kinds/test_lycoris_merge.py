@@ -132,6 +132,7 @@ def test_kohya_lycoris_merge_equals_lycoris_merge_to(case: str, tmp_path: Path) 
     merge_paths(str(base), merged, add=[(str(adapter), 1.0)])
     out = load_file(str(merged))
     for layer in ("conv", "lin"):
+        # merged checkpoint vs PEFT's merged module: float32 W0 + ΔW in another order
         torch.testing.assert_close(
             out[f"{layer}.weight"], getattr(net, layer).weight.detach(), rtol=1e-5, atol=1e-5
         )

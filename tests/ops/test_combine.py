@@ -152,9 +152,12 @@ def test_svd_equals_truncated_dense_svd_of_the_sum(rank: int) -> None:
         keep = min(rank, 12, *SHAPES[name])
         assert out.rank == keep and out.alpha == keep
         ours = torch.linalg.svdvals(out.delta().double())[:keep]
+        # float32 factors vs the float64 dense sum: σ's to ~n·2⁻²⁴·σ₁, 1e-5 relative
         assert_rel_close(ours, s[:keep], 1e-5)
+        # the same float32 bound
         assert_optimal_truncation(out.delta(), dense_sum(adapters, weights, name), keep, 1e-5)
         report = next(m for m in result.modules if m.name == name)
+        # float32 σ's vs float64: ~1e-6 relative
         assert report.energy_kept == pytest.approx(
             float(s[:keep].square().sum() / s.square().sum()), rel=1e-5
         )
@@ -167,13 +170,14 @@ def test_svd_energy_keeps_at_least_the_fraction_with_the_smallest_rank(fraction:
     for name, out in result.adapter.weights.items():
         s2 = torch.linalg.svdvals(dense_sum(adapters, [1.0, 1.0], name)).square()
         kept = float(s2[: out.rank].sum() / s2.sum())
-        assert kept >= fraction - 1e-6
+        assert kept >= fraction - 1e-6  # float32 energies
         assert out.rank == 1 or float(s2[: out.rank - 1].sum() / s2.sum()) < fraction
 
 
 def test_svd_split_b_gives_orthonormal_rows_of_a() -> None:
     out = combine_adapters([random_adapter(4, 8, seed=14)], CombineOptions(rank=3, split="b")).adapter
     for weight in out.weights.values():
+        # float32 QR: rows orthonormal to ~n·2⁻²⁴
         torch.testing.assert_close(weight.a @ weight.a.T, torch.eye(3), rtol=0, atol=1e-5)
 
 
@@ -243,6 +247,7 @@ def test_ties_and_dare_refactor_to_the_best_rank_r_approximation(method: str) ->
         if method == "ties":
             merged = ties_merge(pairs, 0.4)
             s = torch.linalg.svdvals(merged.double())
+            # dense float32 SVD of the TIES sum vs float64
             assert_rel_close(torch.linalg.svdvals(out.delta().double())[:6], s[:6], 1e-4)
         assert out.rank == 6
         torch.testing.assert_close(out.delta(), again.adapter.weights[name].delta())  # seeded
@@ -346,6 +351,7 @@ def test_property_exact_is_the_dense_sum(
     ]
     out = combine_adapters(adapters, CombineOptions(weights=tuple(w[: len(r)]))).adapter.weights["m"]
     expected = dense_sum(adapters, w[: len(r)], "m")
+    # float32 stacked factors vs the float64 dense sum, atol scaled to the delta
     torch.testing.assert_close(
         out.delta().double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())
     )
@@ -365,6 +371,7 @@ def test_property_svd_error_is_the_eckart_young_tail(
     tail = float(s[out.rank :].square().sum())
     error = float((dense - out.delta().double()).square().sum())
     assert out.rank == min(target, sum(r), d, k)
+    # Eckart–Young; float32 rounding of the energy
     assert error == pytest.approx(tail, abs=1e-5 * float(s.square().sum()))
 
 

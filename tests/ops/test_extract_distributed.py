@@ -31,6 +31,7 @@ def assert_same_adapter(a: Path, b: Path) -> None:
     assert list(one.weights) == list(two.weights)  # same module order: rank 0 restores checkpoint order
     for module in one.weights:
         assert one.weights[module].alpha == two.weights[module].alpha
+        # two processes, the same float32 math: only summation order differs
         torch.testing.assert_close(one.delta(module), two.delta(module), rtol=1e-5, atol=1e-7)
     assert list(one.saved_modules) == list(two.saved_modules)
     for name, tensor in one.saved_modules.items():

@@ -61,6 +61,7 @@ def test_a_planted_new_direction_is_an_intruder_and_nothing_else_is() -> None:
     w_ft = w0 + 100.0 * torch.outer(new_u, new_v)
     found = intruders(w0.float(), w_ft.float(), k=10, epsilon=0.5)
     expected = reference_similarities(w0, w_ft, 10)
+    # absolute: cosines in [0, 1]
     torch.testing.assert_close(
         torch.tensor(found.similarities, dtype=torch.float64), expected, atol=ROTATION_TOL, rtol=0
     )
@@ -98,6 +99,7 @@ def test_magnitude_direction_matches_float64(seed: int, angle: float) -> None:
     w_ft = w0 + angle * torch.randn(16, 12, generator=gen, dtype=torch.float64)
     got = magnitude_direction(w0.float(), w_ft.float())
     cos = torch.nn.functional.cosine_similarity(w0, w_ft, dim=1)
+    # float32 row norms vs float64
     assert got.delta_m == pytest.approx(
         float((w_ft.norm(dim=1) - w0.norm(dim=1)).abs().mean()), rel=1e-4, abs=1e-6
     )
@@ -112,6 +114,7 @@ def test_a_pure_rotation_keeps_the_spectrum_and_measures_the_turn() -> None:
     got = rotation(w0.float(), w_ft.float(), k=5)
     assert max(abs(d) for d in got.sigma_change) < 1e-4 * float(s[0])  # float32 σ: ~1e-6 relative
     expected = (u[:, :5] * (q @ u[:, :5])).sum(dim=0).abs()
+    # absolute: cosines in [0, 1]
     torch.testing.assert_close(
         torch.tensor(got.alignment, dtype=torch.float64), expected, atol=ROTATION_TOL, rtol=0
     )
@@ -123,7 +126,8 @@ def test_amplifying_a_direction_shows_as_spectral_shift_with_full_alignment() ->
     gain[2] = 1.3  # σ₃ 30 → 39: now the top direction, with a gap of 7
     w0, w_ft = u @ torch.diag(s) @ v.T, u @ torch.diag(s * gain) @ v.T
     got = rotation(w0.float(), w_ft.float(), k=3)
-    assert got.sigma_finetuned[0] == pytest.approx(39.0, rel=1e-5)
+    assert got.sigma_finetuned[0] == pytest.approx(39.0, rel=1e-5)  # float32 σ: ~1e-6 relative
+    # float32 σ's of size ~30: ~1e-5
     assert got.sigma_change == pytest.approx([39 - 32, 32 - 31, 31 - 30], abs=1e-3)
     # u′₁ is u₃, so ⟨u′₁, u₁⟩ = 0: the order changed, the directions did not
     assert got.alignment[0] < ROTATION_TOL

@@ -11,8 +11,8 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import LoratoolsError
 from loratools.io.adapter_dir import load_adapter, save_adapter
 from loratools.ops.resize import ResizeOptions, resize_adapter
-from tests.tolerances import TOL
 from tests.ops.test_combine import assert_optimal_truncation, hand_delta, random_adapter
+from tests.tolerances import TOL
 
 
 def planted_weight(shape: tuple[int, int], spectrum: list[float], seed: int) -> LoraWeight:
@@ -33,9 +33,11 @@ def test_rank_gives_the_truncated_dense_svd(rank: int) -> None:
         s = torch.linalg.svdvals(hand_delta(weight))
         keep = min(rank, 6)
         assert out.rank == keep
+        # float32 QR + small SVD vs float64 dense
         assert_optimal_truncation(out.delta(), hand_delta(weight), keep, 1e-5)
         report = next(m for m in result.modules if m.name == name)
         assert report.rank_before == 6 and report.rank == keep
+        # float32 σ's vs float64: ~1e-6 relative
         assert report.energy_kept == pytest.approx(
             float(s[:keep].square().sum() / s.square().sum()), rel=1e-5
         )
@@ -64,8 +66,8 @@ def test_energy_keeps_at_least_the_fraction_with_the_smallest_rank(fraction: flo
         assert curve[report.rank - 1] >= fraction - 1e-6  # keeps at least F …
         assert report.rank == 1 or curve[report.rank - 2] < fraction  # … with the fewest ranks
         kept = resize_result_energy(adapter.weights[report.name], result.adapter.weights[report.name])
-        assert kept == pytest.approx(report.energy_kept, abs=1e-5)
-        assert kept >= fraction - 1e-5
+        assert kept == pytest.approx(report.energy_kept, abs=1e-5)  # float32 energies computed two ways
+        assert kept >= fraction - 1e-5  # float32 energies
 
 
 def resize_result_energy(before: LoraWeight, after: LoraWeight) -> float:
@@ -146,5 +148,7 @@ def test_property_resize_error_is_the_eckart_young_tail(
     kept = result.modules[0].rank
     assert kept == min(target, r, d, k)
     error = float((dense - result.adapter.weights["m"].delta().double()).square().sum())
+    # Eckart–Young; float32 rounding of the energy
     assert error == pytest.approx(float(s[kept:].square().sum()), abs=1e-5 * float(s.square().sum()))
+    # float32 rounding of the energy
     assert result.modules[0].energy_kept == pytest.approx(1 - error / float(s.square().sum()), abs=1e-5)

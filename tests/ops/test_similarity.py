@@ -38,6 +38,7 @@ def test_phi_of_an_adapter_with_itself_is_one(dim, side):
     weight = _weight(r, n, n, seed)
     u = singular_basis(weight, side)
     phi = phi_matrix(u, u)
+    # float64 SVD bases are orthonormal to ~n·2⁻⁵³ ≈ 1e-14
     torch.testing.assert_close(torch.diagonal(phi), torch.ones(r, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
@@ -52,6 +53,7 @@ def test_phi_is_in_unit_interval_symmetric_and_matches_the_formula(dim):
     assert float(phi.min()) >= 0.0 and float(phi.max()) <= 1.0
     torch.testing.assert_close(phi_t, phi.T, rtol=0, atol=1e-12)  # so φ(i, i) is symmetric
     for i, j in [(1, 1), (r1, r2), (r1, 1), (1, r2), ((r1 + 1) // 2, (r2 + 1) // 2)]:
+        # float64 both ways
         assert float(phi[i - 1, j - 1]) == pytest.approx(_naive_phi(u1, u2, i, j), abs=1e-12)
 
 
@@ -68,6 +70,7 @@ def test_nested_subspaces_across_ranks(r_small, seed):
     second = Adapter({"l.0.q_proj": LoraWeight(big, b, 8.0)})
     module = adapter_similarity(first, second).modules[0]
     assert module.phi.shape == (r_small, 64)
+    # φ = 1 exactly when one subspace holds the other; float64 over 64 dims: ~1e-13, 1e-10 slack
     torch.testing.assert_close(module.phi, torch.ones(r_small, 64, dtype=torch.float64), rtol=0, atol=1e-10)
     assert module.shared_directions() == r_small
 
@@ -75,7 +78,8 @@ def test_nested_subspaces_across_ranks(r_small, seed):
 def test_orthogonal_subspaces_have_zero_similarity():
     q = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64)).Q
     phi = phi_matrix(q[:, :4], q[:, 4:10])
-    assert float(phi.abs().max()) < 1e-12
+    assert float(phi.abs().max()) < 1e-12  # float64 QR: orthogonal to ~1e-15
+    # float64 cosines; ≪ any real overlap (≥ 1e-2)
     assert float(principal_cosines(q[:, :4], q[:, 4:10]).max()) < 1e-7
 
 
@@ -86,6 +90,7 @@ def test_partial_overlap_counts_shared_directions():
     phi = phi_matrix(u1, u2)
     assert float(phi[1, 1]) == pytest.approx(1.0) and float(phi[3, 3]) == pytest.approx(0.5)
     cosines = principal_cosines(u1, u2)
+    # float64 SVD of U₁ᵀU₂: ~1e-15; 1e-7 still far below a real mismatch (≥ 1e-2)
     torch.testing.assert_close(
         cosines, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64), atol=1e-7, rtol=0
     )
@@ -117,6 +122,7 @@ def test_left_side_uses_b():
         Adapter({"m": LoraWeight(second.a, first.b, 8.0)}),
         SimilarityOptions(side="left"),
     ).modules[0]
+    # float64 bases: ~1e-14
     torch.testing.assert_close(
         torch.diagonal(left.phi), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12
     )
@@ -148,4 +154,5 @@ def test_random_baseline_is_the_expected_phi_of_random_subspaces():
         Adapter({"m": _weight(r1, n, 4, 0)}), Adapter({"m": _weight(r2, n, 4, 1)})
     ).modules[0]
     assert module.dimension == n and module.random_phi(r1, r2) == pytest.approx(5 / 20)
+    # the mean of 400 draws (φ's spread ≈ 0.074): standard error ≈ 0.004, so 0.02 ≈ 5 of them
     assert sum(phis) / len(phis) == pytest.approx(module.random_phi(r1, r2), abs=0.02)

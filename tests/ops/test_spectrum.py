@@ -28,7 +28,7 @@ from loratools.ops.spectrum import (
     module_type,
     plan_delta,
 )
-from tests.tolerances import TOL
+from tests.tolerances import F64_MATH, TOL
 
 
 class DictSource:
@@ -66,6 +66,7 @@ def test_factored_singular_values_equal_dense(shape, rslora):
     got = report.modules[0].singular_values
     dense = torch.linalg.svdvals(weight.delta().double())[: min(r, d, k)]
     assert got.shape == dense.shape
+    # float32 factored SVD vs float64 dense: each σ off by ~n·2⁻²⁴·σ₁ (n ≤ 40: 2.4e-6·σ₁)
     torch.testing.assert_close(got, dense, rtol=0, atol=1e-5 * float(dense[0]))
 
 
@@ -80,7 +81,7 @@ def test_linalg_factored_svd_matches_dense_in_float64(shape):
     )
     svd = linalg.factored_svd(b, a)
     torch.testing.assert_close(svd.s, torch.linalg.svdvals(b @ a)[: svd.rank], **TOL[torch.float64])
-    torch.testing.assert_close((svd.u * svd.s) @ svd.vh, b @ a, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close((svd.u * svd.s) @ svd.vh, b @ a, **F64_MATH)
 
 
 @settings(max_examples=40, deadline=None)
@@ -94,7 +95,7 @@ def test_values_only_path_matches_dense_in_float64(shape):
     )
     s = factored_singular_values(b, a)
     assert s.shape == (min(d, k, r),)
-    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[: len(s)], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[: len(s)], **F64_MATH)
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,6 +103,7 @@ def test_values_only_path_matches_dense_in_float64(shape):
 def test_stable_rank_between_one_and_rank(shape):
     d, k, r, seed = shape
     module = adapter_spectrum(Adapter({"m": _weight(d, k, r, seed)})).modules[0]
+    # ‖Δ‖²/σ₁² lies in [1, rank] exactly; slack for float64 rounding (1e-9) and float32 σ's (1e-6)
     assert 1.0 - 1e-9 <= module.stable_rank <= min(r, d, k) + 1e-6
 
 
@@ -112,12 +114,13 @@ def test_energy_fractions_and_effective_rank(shape, fraction):
     module = adapter_spectrum(Adapter({"m": _weight(d, k, r, seed)})).modules[0]
     s2 = module.singular_values.square()
     for rank in range(1, len(s2) + 1):
+        # float64 sums of ≤ 12 squares of the same σ's: rounding ~1e-15
         assert module.energy_at(rank) == pytest.approx(float(s2[:rank].sum() / s2.sum()), rel=1e-12)
-    assert module.energy_at(len(s2)) == pytest.approx(1.0, abs=1e-12)
+    assert module.energy_at(len(s2)) == pytest.approx(1.0, abs=1e-12)  # e(n) = 1 up to float64 rounding
     assert module.energy_at(len(s2) + 5) == pytest.approx(1.0, abs=1e-12)  # complete: nothing beyond
     er = module.effective_rank(fraction)
     assert er is not None and 1 <= er <= len(s2)
-    assert module.energy_at(er) >= fraction - 1e-12
+    assert module.energy_at(er) >= fraction - 1e-12  # float64 rounding of the same sums
     if er > 1:
         assert module.energy_at(er - 1) < fraction
     doc = module.to_dict()
@@ -169,10 +172,13 @@ def test_checkpoint_energy_is_exact_and_randomized_top_matches_exact(fixtures_di
     top = delta_spectrum(base, tuned, SpectrumOptions(top=6), names=[name]).modules[0]
     exact = delta_spectrum(base, tuned, SpectrumOptions(exact=True), names=[name]).modules[0]
     assert not top.complete and exact.complete and len(exact.singular_values) == min(delta.shape)
+    # energy: a float32 reduction of ‖Δ‖² (√n·2⁻²⁴ ≈ 1e-6 relative) vs float64
     assert top.energy == pytest.approx(float(delta.square().sum()), rel=1e-5)
     # the planted values converge to 5 digits; the noise floor past them to the sketch's 1e-3 rtol
     torch.testing.assert_close(top.singular_values[:4], exact.singular_values[:4], rtol=1e-5, atol=0)
+    # the noise floor past σ₄ has no gap: the sketch's accuracy
     torch.testing.assert_close(top.singular_values, exact.singular_values[:6], rtol=1e-3, atol=0)
+    # top-4 σ's to 5 digits over the float32 energy
     assert top.energy_at(4) == pytest.approx(exact.energy_at(4), rel=1e-5)
 
 
@@ -198,10 +204,13 @@ def test_amplification_matches_its_definition():
     delta = weight.delta().double()
     u, _, vh = torch.linalg.svd(delta)
     projection = float(torch.linalg.matrix_norm(u[:, :3].T @ w0.double() @ vh[:3].T))
+    # float32 projections Uᵀ·W0·V (sums of 64 terms) and float32 SVDs vs float64: ~1e-5, 10× slack
     assert amp.projection == pytest.approx(projection, rel=1e-4)
+    # float32 σ's vs float64 ‖Δ‖_F
     assert amp.delta_norm == pytest.approx(float(torch.linalg.matrix_norm(delta)), rel=1e-5)
-    assert amp.factor == pytest.approx(amp.delta_norm / projection, rel=1e-4)
+    assert amp.factor == pytest.approx(amp.delta_norm / projection, rel=1e-4)  # a ratio of the two above
     top3 = torch.linalg.svdvals(w0.double())[:3]
+    # randomized top-3 of W0 vs exact float64 svdvals
     assert amp.base_projection == pytest.approx(float(top3.square().sum().sqrt()), rel=1e-4)
     assert amp.random_projection < amp.base_projection  # random directions see less of W0
 
@@ -225,6 +234,7 @@ def test_adapter_spectrum_with_base(fixtures_dir: Path):
     for module in report.modules:
         amp = module.amplification
         assert amp is not None and amp.rank == 4
+        # both float64 sums of the same σ² in another order
         assert amp.delta_norm == pytest.approx(module.energy**0.5, rel=1e-6)
         assert amp.factor > 0 and amp.random_factor > 0
 
@@ -285,10 +295,12 @@ def test_sharded_and_bf16_bases_stream_the_same_pairs(fixtures_dir: Path, base_n
     by_name = {m.name: m for m in report.modules}
     if base_name == "base-bf16":  # rounding W_base to bf16 makes the untouched tensors differ too
         assert {"model.embed_tokens", "lm_head"} <= set(by_name)
+        # bf16 noise ≈ 2⁻⁹·‖W‖ vs a trained change
         assert by_name["lm_head"].energy ** 0.5 < 0.05 * reference.modules[0].energy ** 0.5
     assert [n for n in by_name if ".layers." in n] == [m.name for m in reference.modules]
     # bf16 rounding of W_base (|W| ≈ 0.2, 2⁻⁹ relative) adds a small full-rank perturbation
     atol = 0.0 if base_name == "base-sharded" else 0.02
     for want in reference.modules:
         got = by_name[want.name]
+        # absolute: see atol above
         torch.testing.assert_close(got.singular_values[:4], want.singular_values[:4], rtol=0, atol=atol)
