@@ -333,7 +333,7 @@ def test_gguf_only_model_loads_in_transformers_with_the_same_logits(
     original = transformers.AutoModelForCausalLM.from_pretrained(fixtures_dir / "base")
     converted = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad():  # the same float32 weights bit for bit, the same ops in one process: the same bits
         assert torch.equal(converted(tokens).logits, original(tokens).logits)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer("ab ab").input_ids[-2:] == [5, 7] and tokenizer.eos_token == "</s>"

@@ -222,6 +222,7 @@ def test_dare_keeps_a_density_fraction_rescaled_and_is_seeded() -> None:
 
     merged = run(0)
     assert set(merged.unique().tolist()) <= {0.0, 4.0}  # dropped, or rescaled by 1/density
+    # 20 000 Bernoulli(0.25) draws: the kept fraction's std is √(0.25·0.75/20 000) ≈ 0.003; 0.02 ≈ 6.5σ
     assert abs(float((merged > 0).float().mean()) - 0.25) < 0.02
     assert torch.equal(merged, run(0)) and not torch.equal(merged, run(1))
     assert torch.equal(dare_merge(delta * 3, 1.0, torch.Generator()), delta[0] * 3)
