@@ -52,8 +52,8 @@ def assert_q8_0_of(data: np.ndarray, want: np.ndarray) -> None:
     assert_merge_equal), and a value within an ulp of a half-step then rounds to the neighbouring
     int8 (an ulp is ≤ 2⁻²³·127 ≈ 1.5e-5 of a step d = max|block| / 127: ~1 value in 10⁴ per ulp); a
     block's d (float16) may also round one float16 ulp apart, which moves a value by ≤ 127·2⁻¹⁰ ≈ 0.12 d.
-    So: every value within 1.25 d of Q8_0(want), and at least 99% of them identical. A Δ that is wrong by even 1% of itself
-    (≥ 0.1% of |W0| here, a sizable fraction of a step) moves far more than 1%."""
+    So: every value within 1.25 d of Q8_0(want), and at least 99% of them identical. A Δ off by 0.3%
+    of itself (Δ is ~24% of ‖W0‖ here) already changes far more than 1% of the values."""
     qtype = gguf.GGMLQuantizationType.Q8_0
     ours = gguf.quants.dequantize(data, qtype).reshape(-1, 32)
     theirs = gguf.quants.dequantize(gguf.quants.quantize(want, qtype), qtype).reshape(-1, 32)
