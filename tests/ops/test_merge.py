@@ -99,7 +99,7 @@ def test_unmerge_of_merge_is_identity_within_the_rounding_bound(seed, d, k, r, s
     # γ_{r+1}·(|C| + |L||R|) ≈ (r+1)·2⁻²⁴·(|C| + |L||R|) (Higham, Accuracy and Stability, §3.5),
     # once for merge and once for unmerge; the narrower dtypes add one rounding (EPS/2) each way.
     accumulation = 2 * (r + 1) * 2.0**-24 * (w.abs() + 2 * product)
-    bound = EPS[dtype] * (w.abs() + product) + accumulation + 1e-30
+    bound = EPS[dtype] * (w.abs() + product) + accumulation + 1e-30  # 1e-30: float32 underflow near 0
     assert merged.dtype == dtype and restored.dtype == dtype
     assert bool(((restored.float() - w).abs() <= bound).all())
 
