@@ -117,7 +117,7 @@ def test_q8_0_gguf_is_within_quantization_error(fixtures_dir: Path, tmp_path: Pa
         # Q8_0: blocks of 32 along a row, q = round(x/d) with d = max|x|/127, stored as f16 d':
         # |x - q·d'| <= d/2 + |q|·|d - d'| <= d·(1/2 + 127·2⁻¹¹)
         blocks = original.reshape(-1, 32)
-        # + 1e-9: an all-zero block has d = 0, yet its f16 d' and products may round to a tiny non-zero
+        # + 1e-9: the float32 rounding of the bound and of the error themselves (an ulp of |x| ≲ 0.1)
         bound = blocks.abs().amax(dim=1, keepdim=True) / 127 * (0.5 + 127 * 2.0**-11) + 1e-9
         error = (tensor.reshape(-1, 32) - blocks).abs()
         assert bool((error <= bound).all()), name
