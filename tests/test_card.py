@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.hub.card import CardFacts, front_matter, module_spectra, render_card
-from tests.tolerances import TOL
+from tests._tolerances import TOL
 
 
 def _front(card: str) -> dict:
@@ -92,7 +92,6 @@ def test_spectrum_is_the_exact_svd_of_the_scaled_product(out, inp, r, alpha, rsl
     reference = torch.linalg.svdvals(weight.delta().double())[: min(r, out, inp)]  # dense, float64
     got = torch.tensor(spectrum.singular_values, dtype=torch.float64)
     scale = float(reference[0]) if float(reference[0]) > 0 else 1.0
-    # float32 σ's / σ₁ vs float64 dense svdvals
     torch.testing.assert_close(got / scale, reference / scale, rtol=1e-4, atol=1e-5)
     assert spectrum.shape == (out, inp) and spectrum.rank == r
     assert all(x >= y for x, y in zip(spectrum.singular_values, spectrum.singular_values[1:], strict=False))
