@@ -87,22 +87,15 @@ def _gguf(local: Path, kind: dict[str, Any]) -> dict[str, Any]:
 
 def _checkpoint(local: Path) -> dict[str, Any]:
     from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.model_config import read_json_object
     from loratools.ops.inspect import summarize_checkpoint
 
     ckpt = open_checkpoint(local)
-    config_file = local / "config.json" if local.is_dir() else None
-    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else None
-    return summarize_checkpoint(ckpt, config, _tokenizer(local))
-
-
-def _tokenizer(local: Path) -> dict[str, Any] | None:
-    """tokenizer.json beside the weights (for its added tokens), or None when absent or unreadable."""
-    path = local / "tokenizer.json" if local.is_dir() else None
-    try:
-        data = json.loads(path.read_text()) if path is not None and path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    if not local.is_dir():  # a single weights file: no folder to read config.json or a tokenizer from
+        return summarize_checkpoint(ckpt, None, None)
+    # tokenizer.json for its added tokens; either file may be absent or unreadable (None then)
+    config, tokenizer = read_json_object(local / "config.json"), read_json_object(local / "tokenizer.json")
+    return summarize_checkpoint(ckpt, config, tokenizer)
 
 
 def _adapter(local: Path, family: str, base: str | None) -> dict[str, Any]:
