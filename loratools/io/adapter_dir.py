@@ -141,11 +141,11 @@ def save_adapter(
         extra_files: more text files to add (name → contents).
     """
     check_output_form(adapter, output)
-    tensors, config, metadata = peft.from_adapter(adapter)
+    files = peft.from_adapter(adapter)
     with atomic_output(output, force=force) as folder:
         folder.mkdir()
-        _write_adapter_file(tensors, metadata, folder / peft.WEIGHTS_NAME)
-        (folder / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        _write_adapter_file(files.tensors, files.metadata, folder / peft.WEIGHTS_NAME)
+        (folder / peft.CONFIG_NAME).write_text(json.dumps(files.config, indent=2) + "\n")
         if readme is not None:
             (folder / "README.md").write_text(readme)
         for name, text in (extra_files or {}).items():
@@ -185,8 +185,8 @@ def save_kohya(
 ) -> Path:
     """Write ``adapter`` as one kohya ``.safetensors`` file, atomically; module names that are
     already kohya stems (a kohya file read without a base) are written back unchanged."""
-    tensors, metadata = kohya.from_adapter(adapter, prefix)
-    return _write_adapter_file(tensors, metadata, output, force=force)
+    files = kohya.from_adapter(adapter, prefix)
+    return _write_adapter_file(files.tensors, files.metadata, output, force=force)
 
 
 def save_adapter_as(adapter: Adapter, output: str | Path, *, force: bool = False) -> Path:
