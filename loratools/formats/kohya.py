@@ -33,12 +33,13 @@ import torch
 from loratools.adapter import Adapter, LoraWeight, lora_scale
 from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems, name_summary
 from loratools.formats import AdapterFiles, LoadContext, lycoris, validate
+from loratools.formats.detect import KOHYA_PREFIX
 from loratools.formats.names import suffix_matches
 from loratools.formats.patterns import most_common
 
 __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohya_stem", "to_adapter"]
 
-DEFAULT_PREFIX = "lora_unet"
+DEFAULT_PREFIX = KOHYA_PREFIX
 PREFIX = re.compile(r"^lora_[A-Za-z0-9]+$")  # one underscore: where the prefix ends is unambiguous
 KEY = re.compile(
     r"^(?P<stem>lora_[A-Za-z0-9]+_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$"
