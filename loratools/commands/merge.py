@@ -252,7 +252,7 @@ def merge_checkpoint(
     from loratools.io.writer import check_not_an_input, checkpoint_output_is_file, model_files
     from loratools.ops.merge import MergeOptions as Merge
     from loratools.ops.merge.plan import plan_merge
-    from loratools.ops.merge.precision import build_report
+    from loratools.ops.merge.precision import build_result
     from loratools.ops.moe import fused_experts, merged_experts
 
     options = options or Merge()
@@ -272,21 +272,21 @@ def merge_checkpoint(
     if plan.dora is not None:
         plan.dora.check_record(plan.updates, str(_record_of(ckpt)))
     stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
-    report = build_report(operation, terms, options, plan, stats, files, len(infos))
+    result = build_result(operation, terms, options, plan, stats, files, len(infos))
     fused = fused_experts({name: tuple(info.shape) for name, info in infos.items()})
-    report = replace(report, experts=merged_experts(list(infos), plan.updates, fused))
+    result = replace(result, experts=merged_experts(list(infos), plan.updates, fused))
     if plan.dora is not None and plan.dora.output_record().norms:  # the DoRA norms record written
         from loratools.io.dora_record import record_path
 
-        report = replace(report, dora_record=str(record_path(output, not as_file)))
+        result = replace(result, dora_record=str(record_path(output, not as_file)))
     left = model_files(ckpt.model_dir) if as_file and ckpt.model_dir is not None else []
     if left:  # a model folder merged into one file: say what did not come along
         note = (
             f"{output} is a single weights file, so {ckpt.model_dir}'s other files were not carried "
             f"({', '.join(left)}); write to a folder (-o {output.stem}) to keep them"
         )
-        report = replace(report, warnings=[note, *report.warnings])
-    return report
+        result = replace(result, warnings=[note, *result.warnings])
+    return result
 
 
 def _plan_dora(ckpt: Checkpoint, terms: Sequence[MergeTerm], keep_quantization: bool) -> DoraPlan | None:

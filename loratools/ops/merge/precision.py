@@ -140,7 +140,7 @@ class MergeResult:
         }
 
 
-def build_report(
+def build_result(
     operation: str,
     terms: Sequence[MergeTerm],
     options: MergeOptions,
