@@ -37,3 +37,20 @@ def test_quick_start_runs_on_the_fixtures(tmp_path: Path) -> None:
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_every_command_takes_json_and_quiet_and_force_where_it_writes() -> None:
+    """The README's promise: every command takes --json and --quiet, and --force where it writes (-o)."""
+    import click
+
+    from loratools.cli.main import COMMANDS, cli
+
+    assert "Every command takes `--json`" in README and "`--quiet`, and `--force` where it writes" in README
+    missing = []
+    for name in COMMANDS:
+        command = cli.get_command(click.Context(cli), name)
+        assert command is not None, name
+        flags = {flag for param in command.params for flag in param.opts}
+        wanted = {"--json", "--quiet"} | ({"--force"} if "--output" in flags else set())
+        missing += [f"{name} {flag}" for flag in sorted(wanted - flags)]
+    assert missing == []

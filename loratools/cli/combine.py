@@ -96,12 +96,10 @@ def _report(report: CombineReport, as_json: bool, quiet: bool) -> None:
     if as_json:
         render.emit_json(report.to_dict())
         return
-    summary = report.to_dict()
-    rows = [(m["name"], m["rank"], m["energy_kept"], len(m["sources"])) for m in summary["modules"]]
-    render.table(
-        f"combine ({summary['method']})", ["module", "rank", "energy kept", "inputs"], rows, quiet=quiet
-    )
-    if summary["saved_modules"]["dropped"]:
-        render.warn(f"dropped modules_to_save: {', '.join(summary['saved_modules']['dropped'])}")
+    result = report.result
+    rows = [(m.name, m.rank, m.energy_kept, len(m.sources)) for m in result.modules]
+    render.table(f"combine ({result.method})", ["module", "rank", "energy kept", "inputs"], rows, quiet=quiet)
+    if result.saved_dropped:
+        render.warn(f"dropped modules_to_save: {', '.join(result.saved_dropped)}")
     if not quiet:
-        render.note(f"wrote {report.output} ({len(rows)} modules, total rank {summary['rank_total']})")
+        render.note(f"wrote {report.output} ({len(rows)} modules, total rank {result.rank_total})")

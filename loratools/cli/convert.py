@@ -8,6 +8,7 @@ import click
 
 from loratools.cli import render
 from loratools.cli.options import force_flag, reporting
+from loratools.formats.detect import KOHYA_PREFIX
 
 DTYPE_CHOICES = ["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 TARGETS = {
@@ -38,7 +39,7 @@ TARGETS = {
     "--base", default=None, help="Base model: resolves kohya names; its config.json is needed for gguf."
 )
 @click.option(
-    "--prefix", default="lora_unet", show_default=True, help="kohya key prefix (lora_unet, lora_te, …)."
+    "--prefix", default=KOHYA_PREFIX, show_default=True, help="kohya key prefix (lora_unet, lora_te, …)."
 )
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None, help="Output dtype (default: keep).")
 @click.option("--max-shard-size", default=None, help="Model shard size limit, e.g. 5GB (default 5GB).")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 
 from loratools.cli import render
 from loratools.cli.options import reporting
-from loratools.formats.detect import is_kohya_stem
 
 SHORT_METADATA = 4  # metadata entries shown in the table; more are counted, and all go to --json
 
@@ -31,13 +29,17 @@ def _human_bytes(n: int) -> str:
 def inspect(path: str, base: str | None, as_json: bool, quiet: bool) -> None:
     """Summarise PATH: an adapter (PEFT, kohya/LyCORIS, GGUF) or a model (file, folder, sharded,
     .bin, GGUF, Hub id). Long metadata is summarised; --json prints all of it."""
-    summary = _summary(path, base)
+    from loratools.commands.inspect import InspectOptions
+    from loratools.commands.inspect import inspect as run
+
+    report = run(InspectOptions(path, base))
     if as_json:
-        render.emit_json(summary)
+        render.emit_json(report.to_dict())
         return
     if quiet:
         return
-    render.note(f"{path}: {summary['label']}")
+    render.note(f"{path}: {report.label}")
+    summary = report.to_dict()  # the summary table lists the document's fields, as --json has them
     rows = [(key, _show(key, value)) for key, value in summary.items() if _shown(key, value)]
     render.table("summary", ["field", "value"], rows)
     for label, line in summary.get("training", {}).items():
@@ -59,82 +61,6 @@ def inspect(path: str, base: str | None, as_json: bool, quiet: bool) -> None:
         render.note(f"{len(metadata)} metadata entries, summarised above; all of them with --json")
 
 
-def _summary(path: str, base: str | None) -> dict[str, Any]:
-    """Detect what PATH is (one detector for every command) and summarise it."""
-    from loratools.io.filekind import detect_path
-    from loratools.io.resolve import resolve_path
-
-    local = resolve_path(path)
-    kind = detect_path(local)
-    if kind.family == "gguf":
-        summary = _gguf(local, kind.to_dict())
-    elif kind.kind == "checkpoint":
-        summary = _checkpoint(local)
-    elif kind.supported:
-        summary = _adapter(local, kind.family, base)
-    else:
-        summary = _unsupported(local, kind.to_dict())
-    return {"label": kind.label, "algorithm": kind.algorithm, **summary}
-
-
-def _gguf(local: Path, kind: dict[str, Any]) -> dict[str, Any]:
-    from loratools.io.filekind import read_gguf_header
-    from loratools.ops.inspect import summarize_gguf
-
-    header = read_gguf_header(local)
-    return {**summarize_gguf(kind, header.kv, header.tensors), "path": str(local)}
-
-
-def _checkpoint(local: Path) -> dict[str, Any]:
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.ops.inspect import summarize_checkpoint
-
-    ckpt = open_checkpoint(local)
-    config_file = local / "config.json" if local.is_dir() else None
-    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else None
-    return summarize_checkpoint(ckpt, config, _tokenizer(local))
-
-
-def _tokenizer(local: Path) -> dict[str, Any] | None:
-    """tokenizer.json beside the weights (for its added tokens), or None when absent or unreadable."""
-    path = local / "tokenizer.json" if local.is_dir() else None
-    try:
-        data = json.loads(path.read_text()) if path is not None and path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _adapter(local: Path, family: str, base: str | None) -> dict[str, Any]:
-    from loratools.io.adapter_dir import load_adapter
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.resolve import resolve_path
-    from loratools.io.safetensors_file import SafetensorsFile
-    from loratools.ops.inspect import summarize_adapter, summarize_training
-
-    ckpt = open_checkpoint(resolve_path(base)) if base else None
-    adapter = load_adapter(local, base_names=ckpt.names() if ckpt is not None else None)
-    summary = summarize_adapter(adapter, family)
-    if ckpt is not None and "dora" in summary:
-        summary.update(_dora_with_base(adapter, ckpt))
-    if family == "kohya":
-        metadata = SafetensorsFile(local).metadata
-        summary["training"] = summarize_training(dict(metadata))
-        summary["metadata"] = dict(metadata)
-        if base is None and adapter.weights and all(is_kohya_stem(m) for m in adapter.weights):
-            summary["module_names"] = "kohya names as in the file (pass --base to resolve them)"
-    return summary
-
-
-def _dora_with_base(adapter: Any, ckpt: Any) -> dict[str, Any]:
-    """DoRA magnitude statistics with the change m / ‖W0‖_row − 1 against the base's weights."""
-    from loratools.formats.names import resolve_modules
-    from loratools.ops.dora import dora_summary
-
-    targets = resolve_modules(adapter.modules, ckpt.names())
-    return dora_summary(adapter, lambda module: ckpt.get(targets[module]))
-
-
 def _dora_rows(dora: dict[str, Any]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for m in dora["magnitude"]:
@@ -142,19 +68,6 @@ def _dora_rows(dora: dict[str, Any]) -> list[tuple[str, ...]]:
         shift = f"{change['mean']:+.4f} (max |·| {change['max_abs']:.4f})" if change else "(pass --base)"
         rows.append((m["name"], f"{m['min']:.4g}", f"{m['mean']:.4g}", f"{m['max']:.4g}", shift))
     return rows
-
-
-def _unsupported(local: Path, kind: dict[str, Any]) -> dict[str, Any]:
-    from loratools.io.safetensors_file import SafetensorsFile
-    from loratools.ops.inspect import summarize_adapter_tensors
-
-    weights = local / "adapter_model.safetensors" if local.is_dir() else local
-    st = SafetensorsFile(weights)
-    shapes = {n: tuple(i.shape) for n, i in st.infos.items()}
-    dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in st.infos.items()}
-    summary = summarize_adapter_tensors(kind, shapes, dtypes, dict(st.metadata))
-    summary["note"] = f"{kind['label']}: loratools names it but does not load it yet"
-    return summary
 
 
 def _shown(key: str, value: object) -> bool:

@@ -17,7 +17,7 @@ from loratools.cli.options import device_option, dtype_option, force_flag, repor
 from loratools.errors import InvalidOptions
 
 if TYPE_CHECKING:
-    from loratools.ops.merge import MergeReport
+    from loratools.commands.merge import MergeReport
 
 TABLE_ROWS = 24  # beyond this many modules the table shows the ones losing most to rounding
 
@@ -45,7 +45,7 @@ def _run(
     label = "swapping" if add and remove else "merging" if add else "unmerging"
     with render.progress(opened.total, label, quiet=quiet) as advance:
         report = opened.run(advance)
-    for warning in report.warnings:
+    for warning in report.result.warnings:
         render.warn(warning)
     if as_json:
         render.emit_json(report.to_dict())
@@ -53,7 +53,8 @@ def _run(
     _summary(report, quiet)
 
 
-def _summary(report: MergeReport, quiet: bool) -> None:
+def _summary(written: MergeReport, quiet: bool) -> None:
+    report = written.result
     modules = sorted(
         report.modules, key=lambda m: -(m.lost_fraction if m.lost_fraction == m.lost_fraction else 0)
     )
@@ -80,7 +81,7 @@ def _summary(report: MergeReport, quiet: bool) -> None:
         render.note(
             f"{report.operation}: {len(report.modules)} updated, {len(report.replaced)} replaced, "
             f"{report.copied} copied unchanged; ‖Δ‖/‖W0‖ = {report.relative_delta:.3g}, "
-            f"lost to rounding {report.lost_fraction:.3g} → {report.output}"
+            f"lost to rounding {report.lost_fraction:.3g} → {written.output}"
         )
         if report.dora_record:
             render.note(f"DoRA norms record (keep it: unmerge/swap need it) → {report.dora_record}")

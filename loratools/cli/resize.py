@@ -65,11 +65,11 @@ def resize(
     if as_json:
         render.emit_json(report.to_dict())
         return
-    summary = report.to_dict()
-    rows = [(m["name"], m["rank_before"], m["rank"], m["energy_kept"]) for m in summary["modules"]]
+    result = report.result
+    rows = [(m.name, m.rank_before, m.rank, m.energy_kept) for m in result.modules]
     render.table("resize", ["module", "rank before", "rank", "energy kept"], rows, quiet=quiet)
     if not quiet:
         render.note(
-            f"wrote {output}: total rank {summary['rank_total_before']} → {summary['rank_total']}, "
-            f"min energy kept {summary['min_energy_kept']:.4f}"
+            f"wrote {report.output}: total rank {result.rank_total_before} → {result.rank_total}, "
+            f"min energy kept {result.min_energy_kept:.4f}"
         )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from loratools.cli import render
 from loratools.cli.options import reporting
 from loratools.commands.similarity import SimilarityOptions
+
+if TYPE_CHECKING:
+    from loratools.commands.similarity import SimilarityReport
 
 
 @click.command()
@@ -62,42 +65,42 @@ def similarity(
     opened = open_similarity(options)
     with render.progress(opened.total, "similarity", quiet=quiet) as advance:
         report = opened.run(advance)
-    document = report.to_dict()
     if not (quiet or as_json):  # after the work: a refusal stays the only line on stderr
         for line in report.descriptions:
             render.note(line)
     if plot_path:
-        _write_plot(document, plot_path, force)
+        _write_plot(report, plot_path, force)
     if as_json:
-        render.emit_json(document)
-    else:
-        _show(document, quiet)
+        render.emit_json(report.to_dict())
+    elif not quiet:
+        _show(report)
 
 
-def _write_plot(document: dict[str, Any], plot_path: str, force: bool) -> None:
+def _write_plot(report: SimilarityReport, plot_path: str, force: bool) -> None:
     from loratools.io.writer import atomic_output
     from loratools.plot import plot_similarity
 
-    first, second = (Path(p).name or p for p in document["adapters"])
-    vectors = "right singular vectors of A" if document["side"] == "right" else "left singular vectors of B"
+    first, second = (Path(p).name or p for p in report.adapters)
+    side = report.result.options.side
+    vectors = "right singular vectors of A" if side == "right" else "left singular vectors of B"
     title = f"Subspace similarity φ(i, j) between {first} (i) and {second} (j), {vectors}"
-    png = plot_similarity(document, title, labels=(first, second))
+    # the figure reads the --json shape, which is also what `plot` is tested against
+    png = plot_similarity(report.to_dict(), title, labels=(first, second))
     with atomic_output(plot_path, force=force) as temporary:
         temporary.write_bytes(png)
 
 
-def _show(document: dict[str, Any], quiet: bool) -> None:
-    if quiet:
-        return
+def _show(report: SimilarityReport) -> None:
     from loratools.cli.spectrum import row_labels
 
-    t = document["threshold"]
-    labels = row_labels([m["name"] for m in document["modules"]])
+    result = report.result
+    t = result.options.threshold
+    labels = row_labels([m.name for m in result.modules])
     rows = []
-    for m in document["modules"]:
-        diagonal = m["diagonal"]
-        rows.append((labels[m["name"]], f"{m['ranks'][0]}×{m['ranks'][1]}", diagonal[0], diagonal[-1],
-                     render.sparkline(diagonal[:24]), m["random_phi"], m["shared_directions"]))  # fmt: skip
+    for m in result.modules:
+        diagonal = m.diagonal
+        rows.append((labels[m.name], "×".join(map(str, m.phi.shape)), diagonal[0], diagonal[-1],
+                     render.sparkline(diagonal[:24]), m.random_phi(*m.phi.shape), m.shared_directions(t)))  # fmt: skip
     columns = [
         "module",
         "r₁×r₂",
@@ -108,13 +111,14 @@ def _show(document: dict[str, Any], quiet: bool) -> None:
         f"shared (cos²>{t})",
     ]
     render.table(
-        f"Subspace similarity ({document['side']} side): {' vs '.join(document['adapters'])}", columns, rows
+        f"Subspace similarity ({result.options.side} side): {' vs '.join(report.adapters)}", columns, rows
     )
-    groups = {**document["summary"]["by_type"], "all": document["summary"]["model"]}
+    summary = result.summary()
+    groups = {**summary["by_type"], "all": summary["model"]}
     summary_rows = [(name, g["modules"], g["mean_diagonal"][0], render.sparkline(g["mean_diagonal"][:24]),
                      g["shared_directions_mean"], g["shared_directions_min"]) for name, g in groups.items()]  # fmt: skip
     columns = ["module type", "modules", "mean φ(1,1)", "mean φ(i,i)", "shared (mean)", "shared (min)"]
     render.table("Summary", columns, summary_rows)
-    for key, label in (("only_in_first", "ADAPTER_1"), ("only_in_second", "ADAPTER_2")):
-        if document[key]:
-            render.note(f"{len(document[key])} modules only in {label} (not compared): {document[key][:4]}")
+    for names, label in ((result.only_in_first, "ADAPTER_1"), (result.only_in_second, "ADAPTER_2")):
+        if names:
+            render.note(f"{len(names)} modules only in {label} (not compared): {names[:4]}")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from loratools.cli import render
 from loratools.cli.options import device_option, reporting
 from loratools.errors import InvalidOptions
+
+if TYPE_CHECKING:
+    from loratools.commands.spectrum import SpectrumReport
+    from loratools.ops.spectrum import ModuleSpectrum
+    from loratools.ops.spectrum import SpectrumReport as MeasureReport
 
 SPARK_VALUES = 24  # singular values drawn in each module's sparkline
 
@@ -112,15 +117,14 @@ def spectrum(
     label = "spectrum" if len(paths) == 1 else "spectrum of ΔW"
     with render.progress(opened.total, label, quiet=quiet) as advance:
         report = opened.run(advance)
-    document = report.to_dict()
     if plot_path:
-        _write_plot(document, plot_path, force, " vs ".join(paths))
+        _write_plot(report, plot_path, force, " vs ".join(paths))
     if geometry_plot_path:
-        _write_geometry_plot(document, geometry_plot_path, force, " vs ".join(paths))
+        _write_geometry_plot(report, geometry_plot_path, force, " vs ".join(paths))
     if as_json:
-        render.emit_json(document)
-    else:
-        _show(document, quiet)
+        render.emit_json(report.to_dict())
+    elif not quiet:
+        _show(report)
 
 
 def check_plot_output(plot_path: str | None, force: bool, inputs: list[str | None]) -> str | None:
@@ -148,69 +152,70 @@ def check_plot_output(plot_path: str | None, force: bool, inputs: list[str | Non
     return plot_path
 
 
-def _write_plot(document: dict[str, Any], plot_path: str, force: bool, label: str) -> None:
+def _write_plot(report: SpectrumReport, plot_path: str, force: bool, label: str) -> None:
     from loratools.io.writer import atomic_output
     from loratools.plot import plot_spectrum
 
-    what = "Δ = s·B·A of adapter" if document["source"] == "adapter" else "ΔW = W_ft − W_base of"
-    settings = document["settings"]
+    result = report.result
+    what = "Δ = s·B·A of adapter" if result.source == "adapter" else "ΔW = W_ft − W_base of"
+    settings = result.settings
     how = (
         f" (top {settings['top']} by randomized SVD; energies exact)"
         if settings["method"] == "randomized"
         else ""
     )
-    png = plot_spectrum(document, f"Singular-value spectra of {what} {label}{how}")
+    # the figure reads the --json shape, which is also what `plot` is tested against
+    png = plot_spectrum(report.to_dict(), f"Singular-value spectra of {what} {label}{how}")
     with atomic_output(plot_path, force=force) as temporary:
         temporary.write_bytes(png)
 
 
-def _write_geometry_plot(document: dict[str, Any], plot_path: str, force: bool, label: str) -> None:
+def _write_geometry_plot(report: SpectrumReport, plot_path: str, force: bool, label: str) -> None:
     from loratools.io.writer import atomic_output
     from loratools.plot_geometry import plot_geometry
 
-    what = "W0 + s·B·A against W0" if document["source"] == "adapter" else "W_ft against W_base"
-    png = plot_geometry(document, f"What fine-tuning did: {what}, {label}")
+    what = "W0 + s·B·A against W0" if report.result.source == "adapter" else "W_ft against W_base"
+    png = plot_geometry(report.to_dict(), f"What fine-tuning did: {what}, {label}")
     with atomic_output(plot_path, force=force) as temporary:
         temporary.write_bytes(png)
 
 
 # -- terminal ---------------------------------------------------------------------------------
-def _rank(value: int | None, module: dict[str, Any]) -> str:
-    return f">{len(module['singular_values'])}" if value is None else str(value)
+def _rank(value: int | None, module: ModuleSpectrum) -> str:
+    return f">{len(module.singular_values)}" if value is None else str(value)
 
 
 def _energy(value: float | None) -> str:
     return "?" if value is None else f"{value:.3f}"
 
 
-def _show(document: dict[str, Any], quiet: bool) -> None:
-    if quiet:
-        return
-    modules = document["modules"]
-    longest = max((len(m["singular_values"]) for m in modules), default=1)
+def _show(report: SpectrumReport) -> None:
+    result = report.result
+    modules = result.modules
+    longest = max((len(m.singular_values) for m in modules), default=1)
     ranks = [r for r in ("1", "4", "16", "64") if int(r) <= longest][:3]
-    labels = row_labels([m["name"] for m in modules])
+    labels = row_labels([m.name for m in modules])
     rows = []
     for m in modules:
-        s = m["singular_values"]
+        s = m.singular_values.tolist()
         spark = render.sparkline([v / s[0] for v in s[:SPARK_VALUES]]) if s and s[0] > 0 else ""
-        eff = m["effective_rank"]
-        energies = [_energy(_energy_at(m, r)) for r in ranks]
-        shape = "×".join(map(str, m["shape"]))
-        rows.append((labels[m["name"]], shape, f"{s[0]:.3g}" if s else "0", m["stable_rank"],
-                     _rank(eff["0.9"], m), _rank(eff["0.99"], m), *energies, spark))  # fmt: skip
-    title = "Δ = s·B·A" if document["source"] == "adapter" else "ΔW = W_ft − W_base"
-    for path, kind in zip(document["inputs"], document.get("kinds", []), strict=False):
+        energies = [_energy(_energy_at(m, int(r))) for r in ranks]
+        shape = "×".join(map(str, m.shape))
+        rows.append((labels[m.name], shape, f"{s[0]:.3g}" if s else "0", m.stable_rank,
+                     _rank(m.effective_rank(0.9), m), _rank(m.effective_rank(0.99), m), *energies, spark))  # fmt: skip
+    title = "Δ = s·B·A" if result.source == "adapter" else "ΔW = W_ft − W_base"
+    for path, kind in zip(report.inputs, report.kinds, strict=False):
         render.note(f"{path}: {kind}")
     columns = ["module", "shape", "σ₁", "stable rank", "r@90%", "r@99%"]
     columns += [f"e({r})" for r in ranks] + ["σᵢ/σ₁"]
-    render.table(f"Spectrum of {title}: {' vs '.join(document['inputs'])}", columns, rows)
+    render.table(f"Spectrum of {title}: {' vs '.join(report.inputs)}", columns, rows)
     _show_amplification(modules, labels)
-    _show_geometry(document, labels)
+    _show_geometry(result, labels)
     _show_noise_floor(modules, labels)
+    summary = result.summary()  # pooled per group by ops.spectrum.summarize
     for key, label in (("by_type", "module type"), ("by_layer", "layer")):
-        _show_groups(document["summary"][key], label, ranks)
-    _show_model(document)
+        _show_groups(summary[key], label, ranks)
+    _show_model(result, summary["model"])
 
 
 def row_labels(names: list[str]) -> dict[str, str]:
@@ -221,18 +226,18 @@ def row_labels(names: list[str]) -> dict[str, str]:
     return short if len(set(short.values())) == len(short) else {n: n for n in names}
 
 
-def _energy_at(module: dict[str, Any], rank: str) -> float | None:
-    if rank in module["energy_at"]:
-        return module["energy_at"][rank]
-    return 1.0 if module["complete"] else None
+def _energy_at(module: ModuleSpectrum, rank: int) -> float | None:
+    """e(rank) where the computed spectrum reaches it; past its end, 1.0 when it is complete."""
+    if rank <= len(module.singular_values):
+        return module.energy_at(rank)
+    return 1.0 if module.complete else None
 
 
-def _show_amplification(modules: list[dict[str, Any]], labels: dict[str, str]) -> None:
-    amps = [(labels[m["name"]], m["amplification"]) for m in modules if "amplification" in m]
+def _show_amplification(modules: list[ModuleSpectrum], labels: dict[str, str]) -> None:
+    amps = [(labels[m.name], m.amplification) for m in modules if m.amplification is not None]
     if not amps:
         return
-    rows = [(name, a["rank"], a["delta_norm"], a["projection"], a["factor"], a["random_factor"])
-            for name, a in amps]  # fmt: skip
+    rows = [(name, a.rank, a.delta_norm, a.projection, a.factor, a.random_factor) for name, a in amps]
     columns = [
         "module",
         "r",
@@ -261,8 +266,7 @@ def _show_groups(groups: dict[str, Any], label: str, ranks: list[str]) -> None:
     render.table(f"By {label} (energy pooled over modules)", columns, rows)
 
 
-def _show_model(document: dict[str, Any]) -> None:
-    model = document["summary"]["model"]
+def _show_model(result: MeasureReport, model: dict[str, Any]) -> None:
     if not model.get("modules"):
         render.note("no module changed")
         return
@@ -274,48 +278,49 @@ def _show_model(document: dict[str, Any]) -> None:
         else:
             parts.append(f"{float(f):.0%}: rank {uniform} on every module (or {total} in total, budgeted)")
     render.note(f"whole model ({model['modules']} modules) — " + "; ".join(parts))
-    if document.get("unchanged"):
-        render.note(f"{len(document['unchanged'])} tensors unchanged (ΔW = 0), not listed")
-    if document.get("skipped"):
-        render.warn(
-            f"{len(document['skipped'])} tensors are in only one checkpoint: {document['skipped'][:4]}"
-        )
+    if result.unchanged:
+        render.note(f"{len(result.unchanged)} tensors unchanged (ΔW = 0), not listed")
+    if result.skipped:
+        render.warn(f"{len(result.skipped)} tensors are in only one checkpoint: {result.skipped[:4]}")
 
 
-def _show_noise_floor(modules: list[dict[str, Any]], labels: dict[str, str]) -> None:
+def _show_noise_floor(modules: list[ModuleSpectrum], labels: dict[str, str]) -> None:
     """A quantized base: how much of each ΔW stands above its rounding (ops/spectrum/noise.py)."""
-    floors = [(m, m["noise_floor"]) for m in modules if m.get("noise_floor")]
+    floors = [(m, m.noise_floor) for m in modules if m.noise_floor is not None]
     if not floors:
         return
-    rows = [(labels[m["name"]], f["top_singular_value"], f["relative_to_delta"], f["singular_values_above"])
+    rows = [(labels[m.name], f.top, f.norm / f.delta_norm if f.delta_norm > 0 else None, f.above)
             for m, f in floors]  # fmt: skip
     columns = ["module", "σ₁ of Q(W_ft) − W_ft", "‖noise‖/‖ΔW‖", "σ of ΔW above it"]
     render.table("Rounding noise floor of the quantized base", columns, rows)
     render.note("directions of ΔW below the floor cannot be told from the base's quantization rounding")
 
 
-def _show_geometry(document: dict[str, Any], labels: dict[str, str]) -> None:
+def _show_geometry(result: MeasureReport, labels: dict[str, str]) -> None:
     """Per module: ΔM, ΔD, the top-k alignment and spectral shift, intruder count and similarities."""
-    modules = [m for m in document["modules"] if {"magnitude_direction", "rotation", "intruders"} & set(m)]
-    if not modules:
+    measured = [(m, m.geometry) for m in result.modules if m.geometry is not None]
+    parts = ("magnitude_direction", "rotation", "intruders")
+    measured = [(m, g) for m, g in measured if any(getattr(g, p) is not None for p in parts)]
+    if not measured:
         return
     rows = []
-    for m in modules:
-        md, rot, intr = m.get("magnitude_direction"), m.get("rotation"), m.get("intruders")
+    for m, g in measured:
+        md, rot, intr = g.magnitude_direction, g.rotation, g.intruders
         rows.append((
-            labels[m["name"]],
-            md["delta_m"] if md else "",
-            md["delta_d"] if md else "",
-            min(rot["alignment"]) if rot else "",
-            max(rot["sigma_change"], key=abs) if rot else "",
-            intr["count"] if intr else "",
-            min(intr["similarities"]) if intr else "",
+            labels[m.name],
+            md.delta_m if md else "",
+            md.delta_d if md else "",
+            min(rot.alignment) if rot else "",
+            max(rot.sigma_change, key=abs) if rot else "",
+            intr.count if intr else "",
+            min(intr.similarities) if intr else "",
         ))  # fmt: skip
     columns = ["module", "ΔM", "ΔD", "min |⟨u′ᵢ,uᵢ⟩|", "largest Δσᵢ", "intruders", "lowest sⱼ"]
     render.table("What fine-tuning did (W′ against W0; top-k directions)", columns, rows)
-    correlation = document.get("direction_magnitude_correlation")
-    if correlation is not None:
-        render.note(
-            f"correlation of ΔD with ΔM across modules: {correlation:+.2f} "
-            "(DoRA paper: negative for full fine-tuning, positive for LoRA)"
-        )
+    if any(g.magnitude_direction is not None for _, g in measured):  # the --json document's condition
+        correlation = result.direction_magnitude_correlation()
+        if correlation is not None:
+            render.note(
+                f"correlation of ΔD with ΔM across modules: {correlation:+.2f} "
+                "(DoRA paper: negative for full fine-tuning, positive for LoRA)"
+            )

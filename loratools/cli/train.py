@@ -93,7 +93,7 @@ def train(model: str, data: str, output: Path, as_json: bool, quiet: bool, **kw:
     if as_json:
         render.emit_json(report.to_dict())
         return
-    final_eval = report.to_dict()["eval_loss"]
+    final_eval = report.eval_loss
     rows = [
         ("output", report.output),
         ("steps", report.steps),

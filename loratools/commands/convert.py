@@ -343,7 +343,7 @@ def _adapter_writer(
         return lambda: {"path": str(save_adapter(adapter, options.output, force=options.force))}
     if options.to == "kohya":
         embedding.refuse_embeddings(adapter.weights, "kohya")
-        tensors, metadata = kohya.from_adapter(adapter, options.prefix)
+        tensors, metadata, _ = kohya.from_adapter(adapter, options.prefix)
         return lambda: _write_kohya(tensors, metadata, options)
     return _gguf_writer(adapter, base, options)
 

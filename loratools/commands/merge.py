@@ -4,10 +4,11 @@ Merge, unmerge and swap are one pass with positive, negative or both kinds of we
 so the CLI can size its progress bar between them: :func:`open_merge` checks the argument order,
 resolves and opens the base and the adapters (every refusal that needs no plan happens here),
 :meth:`OpenMerge.run` plans (every adapter checked against the base before anything is written)
-and writes atomically (:mod:`loratools.commands.merge_write`), returning the
-:class:`~loratools.ops.merge.MergeReport` whose ``to_dict()`` is the ``--json`` document.
-:func:`merge` does both; :func:`merge_paths` and :func:`merge_checkpoint` are the same for
-library callers holding an ops :class:`~loratools.ops.merge.MergeOptions` or an open checkpoint.
+and writes atomically (:mod:`loratools.commands.merge_write`), returning a :class:`MergeReport`
+(the output and the pass's :class:`~loratools.ops.merge.MergeResult`) whose ``to_dict()`` is the
+``--json`` document. :func:`merge` does both; :func:`merge_paths` and :func:`merge_checkpoint` are
+the same for library callers holding an ops :class:`~loratools.ops.merge.MergeOptions` or an open
+checkpoint, and return the pass's ``MergeResult``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loratools.errors import LoratoolsError
 from loratools.progress import Progress, no_progress
@@ -23,10 +24,18 @@ from loratools.progress import Progress, no_progress
 if TYPE_CHECKING:  # torch loads only when a command runs: --help stays instant
     from loratools.io.checkpoint import Checkpoint
     from loratools.ops.merge import MergeOptions as Merging
-    from loratools.ops.merge import MergeReport, MergeTerm
+    from loratools.ops.merge import MergeResult, MergeTerm
     from loratools.ops.merge.dora import DoraPlan
 
-__all__ = ["MergeOptions", "OpenMerge", "merge", "merge_checkpoint", "merge_paths", "open_merge"]
+__all__ = [
+    "MergeOptions",
+    "MergeReport",
+    "OpenMerge",
+    "merge",
+    "merge_checkpoint",
+    "merge_paths",
+    "open_merge",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,22 @@ class MergeOptions:
 
 
 @dataclass(frozen=True)
+class MergeReport:
+    """What was written; ``to_dict()`` is the ``--json`` document (the output, then the pass's record).
+
+    Attributes:
+        output: the folder or file written.
+        result: the pass's result: operation, adapters, per-tensor precision, warnings.
+    """
+
+    output: Path
+    result: MergeResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": str(self.output), **self.result.to_dict()}
+
+
+@dataclass(frozen=True)
 class OpenMerge:
     """The base opened and every adapter loaded against its names; ``total`` is its tensor count."""
 
@@ -99,10 +124,11 @@ class OpenMerge:
 
     def run(self, progress: Progress = no_progress) -> MergeReport:
         """Plan (refusing misfits, all listed, before writing) and write the output atomically."""
-        return merge_checkpoint(
+        result = merge_checkpoint(
             self.ckpt, self.terms, self.output, self.merging, force=self.force, inputs=self.inputs,
             base_ids=self.base_ids, operation=self.operation, progress=progress,
         )  # fmt: skip
+        return MergeReport(self.output, result)
 
 
 def open_merge(options: MergeOptions) -> OpenMerge:
@@ -129,7 +155,7 @@ def merge_paths(
     options: Merging | None = None,
     force: bool = False,
     progress: Progress = no_progress,
-) -> MergeReport:
+) -> MergeResult:
     """:func:`merge` with the pure pass's own options (dtype as a ``torch.dtype``, device resolved).
 
     Args:
@@ -142,11 +168,12 @@ def merge_paths(
         progress: called once per base tensor.
 
     Returns:
-        the report.
+        the pass's result (:class:`~loratools.ops.merge.MergeResult`).
     """
     from loratools.ops.merge import MergeOptions as Merge
 
-    return _open(base, Path(output), tuple(add), tuple(remove), options or Merge(), force).run(progress)
+    opened = _open(base, Path(output), tuple(add), tuple(remove), options or Merge(), force)
+    return opened.run(progress).result
 
 
 def _operation(add: Sequence[object], remove: Sequence[object]) -> str:
@@ -191,7 +218,7 @@ def merge_checkpoint(
     base_ids: Sequence[str] | None = None,
     operation: str | None = None,
     progress: Progress = no_progress,
-) -> MergeReport:
+) -> MergeResult:
     """Write ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` for every tensor of ``ckpt`` to ``output``, streaming.
 
     ``output`` is what its name says: ``NAME.safetensors`` is one file (refused for a sharded
@@ -213,7 +240,7 @@ def merge_checkpoint(
         progress: called once per tensor.
 
     Returns:
-        the report, including the precision record and warnings.
+        the pass's result, including the precision record and warnings.
 
     Raises:
         MissingKeys, ShapeMismatch: adapters that do not fit, all listed, before writing anything.
@@ -225,7 +252,7 @@ def merge_checkpoint(
     from loratools.io.writer import check_not_an_input, checkpoint_output_is_file, model_files
     from loratools.ops.merge import MergeOptions as Merge
     from loratools.ops.merge.plan import plan_merge
-    from loratools.ops.merge.precision import build_report
+    from loratools.ops.merge.precision import build_result
     from loratools.ops.moe import fused_experts, merged_experts
 
     options = options or Merge()
@@ -245,21 +272,21 @@ def merge_checkpoint(
     if plan.dora is not None:
         plan.dora.check_record(plan.updates, str(_record_of(ckpt)))
     stats, files = write_merged(ckpt, plan, output, options, force=force, progress=progress, as_file=as_file)
-    report = build_report(output, operation, terms, options, plan, stats, files, len(infos))
+    result = build_result(operation, terms, options, plan, stats, files, len(infos))
     fused = fused_experts({name: tuple(info.shape) for name, info in infos.items()})
-    report = replace(report, experts=merged_experts(list(infos), plan.updates, fused))
+    result = replace(result, experts=merged_experts(list(infos), plan.updates, fused))
     if plan.dora is not None and plan.dora.output_record().norms:  # the DoRA norms record written
         from loratools.io.dora_record import record_path
 
-        report = replace(report, dora_record=str(record_path(output, not as_file)))
+        result = replace(result, dora_record=str(record_path(output, not as_file)))
     left = model_files(ckpt.model_dir) if as_file and ckpt.model_dir is not None else []
     if left:  # a model folder merged into one file: say what did not come along
         note = (
             f"{output} is a single weights file, so {ckpt.model_dir}'s other files were not carried "
             f"({', '.join(left)}); write to a folder (-o {output.stem}) to keep them"
         )
-        report = replace(report, warnings=[note, *report.warnings])
-    return report
+        result = replace(result, warnings=[note, *result.warnings])
+    return result
 
 
 def _plan_dora(ckpt: Checkpoint, terms: Sequence[MergeTerm], keep_quantization: bool) -> DoraPlan | None:

@@ -3,7 +3,7 @@
 Every format module (``peft``, ``kohya``) has the same pair of functions::
 
     to_adapter(tensors, metadata=None, *, context=LoadContext()) -> Adapter
-    from_adapter(adapter, ...) -> (tensors, ...)      # what the format's files hold
+    from_adapter(adapter, ...) -> AdapterFiles       # tensors, metadata, config (or None)
 
 and :data:`loratools.formats.registry.FORMATS` maps each family name (as
 :mod:`loratools.formats.detect` reports it) to its module; ``io/adapter_dir.py`` loads through it.
@@ -13,9 +13,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-__all__ = ["LoadContext"]
+if TYPE_CHECKING:  # `import loratools` (and --help) stays free of torch
+    import torch
+
+__all__ = ["AdapterFiles", "LoadContext"]
+
+
+class AdapterFiles(NamedTuple):
+    """What a format's files hold for one adapter: ``from_adapter``'s result in every format.
+
+    Attributes:
+        tensors: the state dict under the format's key names (written as one ``.safetensors``).
+        metadata: the safetensors header's ``__metadata__`` strings.
+        config: the JSON file written beside the weights (PEFT's ``adapter_config.json``); None
+            for a format whose file carries everything (kohya).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    config: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from loratools.errors import UnknownFormat
 
 __all__ = [
     "KEY_PARTS",
+    "KOHYA_PREFIX",
     "PEFT_TYPES",
     "SUPPORTED",
     "FileKind",
@@ -96,6 +97,9 @@ SUPPORTED: set[tuple[str, str]] = {("peft", "LoRA"), ("kohya", "LoRA"), ("peft",
 SUPPORTED |= {("peft", "LoHa"), ("peft", "LoKr"), ("kohya", "LoHa"), ("kohya", "LoKr"), ("kohya", "LoCon")}
 CLONEOFSIMO_KEY = re.compile(r"^[^.:]+:\d+:(up|down)$")
 KOHYA_STEM = re.compile(r"^lora_[A-Za-z0-9]+_[^.]+$")
+# kohya's key prefix unless told otherwise (the UNet's); defined here, torch-free, so that
+# `loratools convert --help` shows it without loading formats/kohya.py
+KOHYA_PREFIX = "lora_unet"
 
 
 @dataclass(frozen=True)

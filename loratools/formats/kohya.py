@@ -32,13 +32,14 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight, lora_scale
 from loratools.errors import LoratoolsError, MissingKeys, UnknownFormat, list_problems, name_summary
-from loratools.formats import LoadContext, lycoris, validate
+from loratools.formats import AdapterFiles, LoadContext, lycoris, validate
+from loratools.formats.detect import KOHYA_PREFIX
 from loratools.formats.names import suffix_matches
 from loratools.formats.patterns import most_common
 
 __all__ = ["ADAPTER_METADATA", "DEFAULT_PREFIX", "PREFIX", "from_adapter", "kohya_stem", "to_adapter"]
 
-DEFAULT_PREFIX = "lora_unet"
+DEFAULT_PREFIX = KOHYA_PREFIX
 PREFIX = re.compile(r"^lora_[A-Za-z0-9]+$")  # one underscore: where the prefix ends is unambiguous
 KEY = re.compile(
     r"^(?P<stem>lora_[A-Za-z0-9]+_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$"
@@ -296,9 +297,7 @@ def _plain(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def from_adapter(
-    adapter: Adapter, prefix: str = DEFAULT_PREFIX
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def from_adapter(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> AdapterFiles:
     """The kohya state dict and safetensors metadata for ``adapter``.
 
     Each module's true scale becomes ``alpha_kohya / r``: rsLoRA modules get ``alpha · sqrt(r)``,
@@ -310,7 +309,7 @@ def from_adapter(
         prefix: ``lora_<name>`` (one underscore), e.g. ``lora_unet``, ``lora_te``, ``lora_te1``.
 
     Returns:
-        (tensors, metadata) for ``safetensors.torch.save_file``.
+        the tensors and metadata of one ``.safetensors`` file (no config: ``config`` is None).
 
     Raises:
         LoratoolsError: a bad prefix, or modules kohya cannot hold (``modules_to_save``, two
@@ -340,7 +339,7 @@ def from_adapter(
         magnitude = getattr(weight, "magnitude", None)
         if magnitude is not None:  # LyCORIS' wd_on_out layout: (out, 1)
             tensors[f"{stem}.dora_scale"] = magnitude.reshape(-1, 1).contiguous()
-    return tensors, _metadata(adapter, prefix)
+    return AdapterFiles(tensors, _metadata(adapter, prefix))
 
 
 def _metadata(adapter: Adapter, prefix: str) -> dict[str, str]:

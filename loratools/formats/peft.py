@@ -25,7 +25,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat, list_problems
-from loratools.formats import LoadContext, lycoris, validate
+from loratools.formats import AdapterFiles, LoadContext, lycoris, validate
 from loratools.formats.patterns import most_common
 from loratools.formats.targets import matches_target
 from loratools.kinds import embedding, fused
@@ -236,8 +236,8 @@ def _covers(target_modules: Any, modules: list[str]) -> bool:
     return all(matches_target(m, target_modules) for m in modules)
 
 
-def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
-    """The PEFT state dict, adapter_config.json contents and safetensors metadata for ``adapter``.
+def from_adapter(adapter: Adapter) -> AdapterFiles:
+    """The PEFT state dict, safetensors metadata and adapter_config.json contents for ``adapter``.
 
     Per-module ranks and alphas become ``r``/``lora_alpha`` (the most common values) plus
     ``rank_pattern``/``alpha_pattern`` for the rest. rsLoRA is kept when every module uses it;
@@ -293,7 +293,7 @@ def from_adapter(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, A
     metadata = {"format": "pt"}
     if adapter.provenance:
         metadata["loratools"] = json.dumps(adapter.provenance, sort_keys=True)
-    return tensors, config, metadata
+    return AdapterFiles(tensors, metadata, config)
 
 
 def _plain_number(value: float) -> float | int:

@@ -24,13 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from loratools.adapter import Adapter
 from loratools.io.resolve import HUB_ID
-from loratools.linalg import factored_svd, rank_for_energy, stable_rank
+from loratools.ops.spectrum.report import ModuleSpectrum
 
-__all__ = ["PIPELINE_TAGS", "CardFacts", "ModuleSpectrum", "hub_model_id", "module_spectra", "render_card"]
+__all__ = ["PIPELINE_TAGS", "CardFacts", "hub_model_id", "module_spectra", "render_card"]
 
 # PEFT task_type → the Hub's pipeline_tag and the transformers Auto class that loads the base.
 PIPELINE_TAGS: dict[str, tuple[str, str]] = {
@@ -85,40 +83,19 @@ def hub_model_id(name: str | None) -> str | None:
     return match["repo"]
 
 
-@dataclass(frozen=True)
-class ModuleSpectrum:
-    """The singular values of one module's update ``ΔW = s·B·A`` (descending, length r)."""
-
-    name: str
-    shape: tuple[int, int]
-    rank: int
-    singular_values: list[float]
-
-    @property
-    def stable_rank(self) -> float:
-        """``Σσᵢ² / σ₁²``: how many directions carry the energy (1 ≤ stable rank ≤ r)."""
-        return stable_rank(torch.tensor(self.singular_values, dtype=torch.float64))
-
-    def rank_for(self, fraction: float) -> int:
-        """Smallest k whose top-k singular values keep ``fraction`` of ``‖ΔW‖²_F``."""
-        return rank_for_energy(torch.tensor(self.singular_values, dtype=torch.float64), fraction)
-
-
 def module_spectra(adapter: Adapter) -> list[ModuleSpectrum]:
-    """Per module, the exact singular values of ``s·B·A`` from a factored SVD (no dense d×k).
+    """Per module, the exact singular values of ``s·B·A`` from a factored SVD (no dense d×k):
+    :func:`loratools.ops.spectrum.adapter_spectrum`, the one spectrum ``loratools spectrum`` shows.
 
     Args:
         adapter: the adapter; factors are upcast to float32.
 
     Returns:
-        One :class:`ModuleSpectrum` per module, in the adapter's order.
+        One :class:`~loratools.ops.spectrum.ModuleSpectrum` per module, in the adapter's order.
     """
-    spectra = []
-    for name, weight in adapter.weights.items():
-        b, a = weight.scaled_factors()  # (out, r), (r, in), float32
-        s = factored_svd(b, a).s  # (min(r, out, in),) descending
-        spectra.append(ModuleSpectrum(name, weight.shape, weight.rank, [float(v) for v in s]))
-    return spectra
+    from loratools.ops.spectrum.adapter import adapter_spectrum
+
+    return adapter_spectrum(adapter).modules
 
 
 def front_matter(adapter: Adapter, facts: CardFacts) -> dict[str, Any]:
@@ -211,22 +188,28 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _spectrum_rows(spectra: Sequence[ModuleSpectrum]) -> list[str]:
+def _rank_for(m: ModuleSpectrum, fraction: float) -> int:
+    """Smallest k whose top-k singular values keep ``fraction`` of ``‖ΔW‖²_F`` (the spectrum is
+    complete: factored spectra hold every singular value, so the rank always exists)."""
+    return m.effective_rank(fraction) or 0
+
+
+def _spectrum_rows(adapter: Adapter, spectra: Sequence[ModuleSpectrum]) -> list[str]:
     header = [
         "| module | shape | r | σ₁ | σ_r | stable rank | rank for 90% | rank for 99% |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     rows = []
     for m in spectra:
-        s = m.singular_values
+        s = m.singular_values.tolist()
         rows.append(
-            f"| `{m.name}` | {m.shape[0]}×{m.shape[1]} | {m.rank} | {s[0]:.4g} | {s[-1]:.4g} | "
-            f"{m.stable_rank:.2f} | {m.rank_for(0.9)} | {m.rank_for(0.99)} |"
+            f"| `{m.name}` | {m.shape[0]}×{m.shape[1]} | {adapter.weights[m.name].rank} | {s[0]:.4g} | "
+            f"{s[-1]:.4g} | {m.stable_rank:.2f} | {_rank_for(m, 0.9)} | {_rank_for(m, 0.99)} |"
         )
     return header + rows
 
 
-def _grouped_rows(spectra: Sequence[ModuleSpectrum]) -> list[str]:
+def _grouped_rows(adapter: Adapter, spectra: Sequence[ModuleSpectrum]) -> list[str]:
     """One row per target name (``q_proj``, …): medians over its modules."""
     groups: dict[str, list[ModuleSpectrum]] = {}
     for m in spectra:
@@ -238,16 +221,16 @@ def _grouped_rows(spectra: Sequence[ModuleSpectrum]) -> list[str]:
     rows = []
     for target, ms in sorted(groups.items()):
         rows.append(
-            f"| `{target}` | {len(ms)} | {_span([m.rank for m in ms])} | "
-            f"{statistics.median(m.singular_values[0] for m in ms):.4g} | "
+            f"| `{target}` | {len(ms)} | {_span([adapter.weights[m.name].rank for m in ms])} | "
+            f"{statistics.median(float(m.singular_values[0]) for m in ms):.4g} | "
             f"{statistics.median(m.stable_rank for m in ms):.2f} | "
-            f"{_num(statistics.median(m.rank_for(0.9) for m in ms))} | "
-            f"{_num(statistics.median(m.rank_for(0.99) for m in ms))} |"
+            f"{_num(statistics.median(_rank_for(m, 0.9) for m in ms))} | "
+            f"{_num(statistics.median(_rank_for(m, 0.99) for m in ms))} |"
         )
     return header + rows
 
 
-def _spectrum(spectra: Sequence[ModuleSpectrum]) -> list[str]:
+def _spectrum(adapter: Adapter, spectra: Sequence[ModuleSpectrum]) -> list[str]:
     if not spectra:
         return ["The adapter has no LoRA modules."]
     intro = (
@@ -256,9 +239,9 @@ def _spectrum(spectra: Sequence[ModuleSpectrum]) -> list[str]:
         "90% of ‖ΔW‖²_F (a rank below r means the adapter could be resized with little loss)."
     )
     if len(spectra) <= MAX_SPECTRUM_ROWS:
-        return [intro, "", *_spectrum_rows(spectra)]
+        return [intro, "", *_spectrum_rows(adapter, spectra)]
     note = f"{len(spectra)} modules, summarised per target (`loratools spectrum` lists every module)."
-    return [intro, "", note, "", *_grouped_rows(spectra)]
+    return [intro, "", note, "", *_grouped_rows(adapter, spectra)]
 
 
 def _usage(adapter: Adapter, facts: CardFacts) -> list[str]:
@@ -323,7 +306,7 @@ def render_card(adapter: Adapter, facts: CardFacts, spectra: Sequence[ModuleSpec
         "",
         "## Spectrum",
         "",
-        *_spectrum(spectra),
+        *_spectrum(adapter, spectra),
         "",
         "## Usage",
         "",

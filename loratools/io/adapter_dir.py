@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from loratools.adapter import Adapter
 from loratools.errors import CheckpointError, UnknownFormat
@@ -22,7 +21,7 @@ from loratools.formats.registry import FORMATS
 from loratools.io.filekind import detect_path, read_adapter_config
 from loratools.io.resolve import resolve_path
 from loratools.io.safetensors_file import SafetensorsFile
-from loratools.io.writer import atomic_output
+from loratools.io.writer import atomic_output, write_tensors
 
 __all__ = [
     "adapter_format",
@@ -113,6 +112,17 @@ def load_adapter(
     return FORMATS[fmt](tensors, metadata, context=context)
 
 
+def _write_adapter_file(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str | Path, *, force: bool = False
+) -> Path:
+    """One adapter ``.safetensors`` file through loratools' writer (:func:`io.writer.write_tensors`),
+    atomically. Tensors go in the reference writer's order (widest dtype first, then by name), so
+    a file is byte-identical to ``safetensors.torch.save_file``'s when its tensors share a dtype:
+    the committed fixtures regenerate exactly (tests/test_fixtures.py)."""
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    return write_tensors({name: tensors[name] for name in order}, metadata, path, force=force)
+
+
 def save_adapter(
     adapter: Adapter,
     output: str | Path,
@@ -131,11 +141,11 @@ def save_adapter(
         extra_files: more text files to add (name → contents).
     """
     check_output_form(adapter, output)
-    tensors, config, metadata = peft.from_adapter(adapter)
+    files = peft.from_adapter(adapter)
     with atomic_output(output, force=force) as folder:
         folder.mkdir()
-        save_file(tensors, str(folder / peft.WEIGHTS_NAME), metadata=metadata)
-        (folder / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        _write_adapter_file(files.tensors, files.metadata, folder / peft.WEIGHTS_NAME)
+        (folder / peft.CONFIG_NAME).write_text(json.dumps(files.config, indent=2) + "\n")
         if readme is not None:
             (folder / "README.md").write_text(readme)
         for name, text in (extra_files or {}).items():
@@ -175,10 +185,8 @@ def save_kohya(
 ) -> Path:
     """Write ``adapter`` as one kohya ``.safetensors`` file, atomically; module names that are
     already kohya stems (a kohya file read without a base) are written back unchanged."""
-    tensors, metadata = kohya.from_adapter(adapter, prefix)
-    with atomic_output(output, force=force) as path:
-        save_file(tensors, str(path), metadata=metadata)
-    return Path(output)
+    files = kohya.from_adapter(adapter, prefix)
+    return _write_adapter_file(files.tensors, files.metadata, output, force=force)
 
 
 def save_adapter_as(adapter: Adapter, output: str | Path, *, force: bool = False) -> Path:

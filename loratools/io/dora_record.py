@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from loratools.errors import CheckpointError
-from loratools.io.writer import atomic_output
+from loratools.io.writer import write_tensors
 
 __all__ = ["RECORD_NAME", "read_record_file", "record_path", "write_record_file"]
 
@@ -51,5 +50,4 @@ def write_record_file(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     if not tensors:
         path.unlink(missing_ok=True)
         return
-    with atomic_output(path, force=True) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+    write_tensors(tensors, metadata, path, force=True)  # loratools' one writer, atomically

@@ -1,4 +1,5 @@
-"""A model folder's ``config.json``, read once for the facts commands need from it."""
+"""A model folder's ``config.json`` (and ``tokenizer.json``), read here only: the one place outside
+io/ that wants them gets the parsed dict, never a path to open."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_model_config", "task_type", "tied_embeddings"]
+from loratools.errors import CheckpointError
+
+__all__ = ["read_json_object", "read_model_config", "require_model_config", "task_type", "tied_embeddings"]
 
 
 def read_model_config(checkpoint: Path) -> dict[str, Any]:
@@ -18,6 +21,31 @@ def read_model_config(checkpoint: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def require_model_config(folder: Path) -> dict[str, Any]:
+    """``folder``/config.json, which the caller cannot do without (the built-in model is shaped by it).
+
+    Raises:
+        CheckpointError: no readable config.json, or one that is not a JSON object.
+    """
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable Llama-family config.json ({exc!r})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a readable Llama-family config.json (not a JSON object)")
+    return config
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file such as ``tokenizer.json``; None when absent, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def tied_embeddings(config: dict[str, Any]) -> bool:

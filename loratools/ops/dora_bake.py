@@ -46,17 +46,17 @@ class BakedModule:
         }  # fmt: skip
 
 
-def _truncated(
-    delta: torch.Tensor, rank: int | None, energy: float | None, seed: int
-) -> tuple[linalg.Svd, float]:
-    """The truncated SVD of ΔW at the requested rank (or energy), and ‖ΔW‖²_F."""
+def _truncated(delta: torch.Tensor, rule: linalg.RankRule, seed: int) -> tuple[linalg.Svd, float]:
+    """The truncated SVD of ΔW at the rule's rank, and ‖ΔW‖²_F.
+
+    An energy rule needs the whole spectrum (the exact SVD); a fixed rank r only the top r
+    (the randomized SVD, far cheaper on a full-rank d×k update)."""
     total = float(torch.linalg.vector_norm(delta)) ** 2
-    if energy is not None:
+    if rule.energy is not None:
         svd = linalg.exact_svd(delta)
-        return svd.truncate(max(1, linalg.rank_for_energy(svd.s, energy, total))), total
-    assert rank is not None
-    rank = min(rank, *delta.shape)
-    return linalg.randomized_svd(delta, rank, niter=2, seed=seed), total
+        return svd.truncate(rule.choose(svd.s, total, at_least=1)), total
+    assert rule.rank is not None  # _rule: exactly one of rank and energy
+    return linalg.randomized_svd(delta, min(rule.rank, *delta.shape), niter=2, seed=seed), total
 
 
 def bake_module(
@@ -85,13 +85,20 @@ def bake_module(
     """
     delta = effective_delta(w0, weight, transposed)
     delta = delta.T if transposed else delta  # (out, in): LoRA factors live in that layout
-    svd, total = _truncated(delta, rank, energy, seed)
+    svd, total = _truncated(delta, _rule(rank, energy), seed)
     b, a = svd.factors("sqrt")  # (out, r), (r, in)
     residual = float(torch.linalg.vector_norm(delta.addmm_(b, a, alpha=-1.0)))
     norm = math.sqrt(total)
-    kept = float(svd.s.double().square().sum()) / total if total > 0 else 1.0
+    kept = linalg.energy_kept(svd.s, svd.rank, total)
     lora = LoraWeight(a.contiguous(), b.contiguous(), float(svd.rank)).to(weight.dtype)
-    return lora, BakedModule(name, svd.rank, residual / norm if norm > 0 else 0.0, min(kept, 1.0))
+    return lora, BakedModule(name, svd.rank, residual / norm if norm > 0 else 0.0, kept)
+
+
+def _rule(rank: int | None, energy: float | None) -> linalg.RankRule:
+    """The one rank rule baking offers: -r R or --energy F (values checked by RankRule)."""
+    rule = linalg.RankRule(rank=rank, energy=energy)
+    rule.check(("rank", "energy"))
+    return rule
 
 
 def bake_adapter(
@@ -114,10 +121,10 @@ def bake_adapter(
         the plain-LoRA adapter and the per-module report.
 
     Raises:
-        LoratoolsError: neither or both rank rules, or a module the base did not provide.
+        InvalidOptions: neither or both rank rules, or a value out of range.
+        LoratoolsError: a module the base did not provide.
     """
-    if (rank is None) == (energy is None):
-        raise LoratoolsError("baking DoRA into a plain LoRA needs exactly one of -r RANK or --energy F")
+    _rule(rank, energy)  # refused before the first module is read
     weights: dict[str, LoraWeight] = {}
     report: list[BakedModule] = []
     for name, w0 in base:

@@ -101,13 +101,25 @@ class ResizeResult:
     adapter: Adapter
     modules: list[ModuleResize] = field(default_factory=list)
 
+    @property
+    def rank_total_before(self) -> int:
+        return sum(m.rank_before for m in self.modules)
+
+    @property
+    def rank_total(self) -> int:
+        return sum(m.rank for m in self.modules)
+
+    @property
+    def min_energy_kept(self) -> float:
+        return min((m.energy_kept for m in self.modules), default=1.0)
+
     def summary(self) -> dict[str, Any]:
         """A JSON-able report (the CLI's ``--json`` document, less the output path)."""
         return {
             "modules": [m.as_dict() for m in self.modules],
-            "rank_total_before": sum(m.rank_before for m in self.modules),
-            "rank_total": sum(m.rank for m in self.modules),
-            "min_energy_kept": min((m.energy_kept for m in self.modules), default=1.0),
+            "rank_total_before": self.rank_total_before,
+            "rank_total": self.rank_total,
+            "min_energy_kept": self.min_energy_kept,
             "parameters": self.adapter.num_parameters,
         }
 

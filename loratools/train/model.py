@@ -10,7 +10,6 @@ tensor, and LoRA adapters trained on it load onto transformers' model with PEFT 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -267,10 +266,13 @@ def read_config(model_dir: Path) -> LlamaConfig:
     Raises:
         CheckpointError: no readable config.json.
     """
-    path = model_dir / "config.json"
+    from loratools.io.model_config import require_model_config
+
+    config = require_model_config(model_dir)
     try:
-        return LlamaConfig.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError) as exc:
+        return LlamaConfig.from_dict(config)
+    except (ValueError, KeyError) as exc:
+        path = model_dir / "config.json"
         raise CheckpointError(f"{path}: not a readable Llama-family config.json ({exc!r})") from exc
 
 

@@ -51,10 +51,14 @@ class TrainReport:
     world_size: int
     rank: int = 0
 
+    @property
+    def eval_loss(self) -> float | None:
+        """The last evaluation's loss (None without evaluation data)."""
+        return self.eval_losses[max(self.eval_losses)] if self.eval_losses else None
+
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` document: every field, the last training loss and the last eval loss."""
-        final_eval = self.eval_losses[max(self.eval_losses)] if self.eval_losses else None
-        return {**dataclasses.asdict(self), "final_loss": self.losses[-1], "eval_loss": final_eval}
+        return {**dataclasses.asdict(self), "final_loss": self.losses[-1], "eval_loss": self.eval_loss}
 
 
 def checkpoint_dir(output: Path) -> Path:

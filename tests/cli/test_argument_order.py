@@ -84,7 +84,7 @@ def test_kohya_names_that_do_not_resolve_are_listed_compactly(
     from loratools.formats import kohya
     from loratools.io.adapter_dir import load_adapter
 
-    tensors, _ = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
+    tensors, _, _ = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
     foreign = {
         k.replace("lora_unet_model_layers", "lora_unet_text_model_blocks"): t for k, t in tensors.items()
     }

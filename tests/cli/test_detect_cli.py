@@ -70,7 +70,7 @@ def oft_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def foreign_kohya(fixtures_dir: Path, tmp_path: Path) -> Path:
     """The fixture adapter as kohya tensors with only ``ss_*`` metadata (no loratools record)."""
-    tensors, metadata = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
+    tensors, metadata, _ = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
     path = tmp_path / "foreign.safetensors"
     save_file(tensors, path, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
     return path

@@ -87,10 +87,10 @@ def without_record(metadata: dict[str, str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("adapter", [MIXED, RSLORA], ids=["mixed", "rslora"])
 def test_peft_kohya_peft_is_identical(adapter: Adapter) -> None:
-    expected_tensors, expected_config, _ = peft.from_adapter(adapter)
-    tensors, metadata = kohya.from_adapter(adapter, "lora_unet")
+    expected_tensors, _, expected_config = peft.from_adapter(adapter)
+    tensors, metadata, _ = kohya.from_adapter(adapter, "lora_unet")
     back = kohya.to_adapter(tensors, metadata)
-    got_tensors, got_config, got_meta = peft.from_adapter(back)
+    got_tensors, got_meta, got_config = peft.from_adapter(back)
     assert got_config == expected_config
     assert got_tensors.keys() == expected_tensors.keys()
     for key, tensor in expected_tensors.items():
@@ -100,7 +100,7 @@ def test_peft_kohya_peft_is_identical(adapter: Adapter) -> None:
 
 @pytest.mark.parametrize("adapter", [MIXED, RSLORA], ids=["mixed", "rslora"])
 def test_kohya_delta_equals_peft_delta_per_module(adapter: Adapter) -> None:
-    tensors, _ = kohya.from_adapter(adapter, "lora_te1")
+    tensors, _, _ = kohya.from_adapter(adapter, "lora_te1")
     for module in adapter.weights:
         stem = "lora_te1_" + module.replace(".", "_")
         torch.testing.assert_close(kohya_delta(tensors, stem), adapter.delta(module), **TOL[torch.float32])
@@ -116,7 +116,7 @@ def test_kohya_delta_equals_peft_delta_per_module(adapter: Adapter) -> None:
 def test_kohya_scale_reproduces_the_delta(rank: int, alpha: float, rslora: bool, dtype: torch.dtype) -> None:
     module = "model.layers.1.self_attn.k_proj"
     adapter = make_adapter({module: rank}, {module: alpha}, rslora, dtype)
-    tensors, _ = kohya.from_adapter(adapter)
+    tensors, _, _ = kohya.from_adapter(adapter)
     stem = kohya.kohya_stem(module)
     assert tensors[f"{stem}.lora_down.weight"].dtype == dtype  # factors unchanged
     expected = adapter.delta(module)
@@ -128,7 +128,7 @@ def test_kohya_scale_reproduces_the_delta(rank: int, alpha: float, rslora: bool,
 
 
 def test_keys_shapes_alpha_and_ss_metadata() -> None:
-    tensors, metadata = kohya.from_adapter(MIXED, "lora_unet")
+    tensors, metadata, _ = kohya.from_adapter(MIXED, "lora_unet")
     stem = "lora_unet_model_layers_0_self_attn_v_proj"
     assert tensors[f"{stem}.lora_down.weight"].shape == (8, 32)  # (r, in)
     assert tensors[f"{stem}.lora_up.weight"].shape == (16, 8)  # (out, r)
@@ -141,7 +141,7 @@ def test_keys_shapes_alpha_and_ss_metadata() -> None:
 
 
 def test_rslora_alpha_is_folded_into_alpha_times_sqrt_r() -> None:
-    tensors, metadata = kohya.from_adapter(RSLORA)
+    tensors, metadata, _ = kohya.from_adapter(RSLORA)
     alpha = float(tensors["lora_unet_model_layers_1_self_attn_v_proj.alpha"])
     assert alpha == pytest.approx(8.0 * math.sqrt(8), rel=1e-7)
     # without the loratools record the file reads back as plain alpha/r with the same delta
@@ -152,7 +152,7 @@ def test_rslora_alpha_is_folded_into_alpha_times_sqrt_r() -> None:
 
 
 def test_names_resolve_against_base_when_the_file_has_no_record() -> None:
-    tensors, metadata = kohya.from_adapter(MIXED, "lora_unet")
+    tensors, metadata, _ = kohya.from_adapter(MIXED, "lora_unet")
     back = kohya.to_adapter(tensors, without_record(metadata), base_names=BASE_NAMES)
     assert set(back.weights) == set(MIXED.weights)
     for module in MIXED.weights:
@@ -194,13 +194,13 @@ def test_unresolvable_names_are_all_listed() -> None:
 
 
 def test_without_base_or_record_names_are_refused_not_guessed() -> None:
-    tensors, metadata = kohya.from_adapter(MIXED)
+    tensors, metadata, _ = kohya.from_adapter(MIXED)
     with pytest.raises(MissingKeys, match="--base"):
         kohya.to_adapter(tensors, without_record(metadata))
 
 
 def test_a_stale_record_is_ignored_in_favour_of_the_tensors() -> None:
-    tensors, metadata = kohya.from_adapter(MIXED)
+    tensors, metadata, _ = kohya.from_adapter(MIXED)
     stem = "lora_unet_model_layers_0_self_attn_q_proj"
     tensors[f"{stem}.alpha"] = torch.tensor(2.0)  # edited by another tool after loratools wrote it
     back = kohya.to_adapter(tensors, metadata)

@@ -65,7 +65,7 @@ def test_mixed_rslora_is_folded_into_alpha() -> None:
         "x.q_proj": random_weight(8, 8, 4, 8.0, True, 1),
         "x.v_proj": random_weight(8, 8, 4, 8.0, False, 2),
     }
-    tensors, config, _ = peft.from_adapter(Adapter(weights))
+    tensors, _, config = peft.from_adapter(Adapter(weights))
     assert config["use_rslora"] is False
     back = peft.to_adapter(tensors, context=LoadContext(config=config))
     for name, w in weights.items():

@@ -40,7 +40,7 @@ def peft_copy(fixtures_dir: Path, folder: Path, config: dict[str, Any] | None = 
 
 def kohya_copy(fixtures_dir: Path, path: Path, edit) -> Path:
     """The fixture adapter as a kohya file (module names recorded), with its tensors edited."""
-    tensors, metadata = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
+    tensors, metadata, _ = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
     edit(tensors, kohya.kohya_stem(Q0))
     save_file(tensors, path, metadata=metadata)
     return path
@@ -235,7 +235,7 @@ def test_loratools_output_passes_its_own_checks(fixtures_dir, tmp_path) -> None:
 def test_a_damaged_loratools_record_in_a_kohya_file_is_ignored(fixtures_dir, tmp_path, field, value) -> None:
     """The record is only a convenience: a damaged one is not trusted, the tensors are (with a base
     to name the modules, the merge is the same as from the intact file)."""
-    tensors, metadata = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
+    tensors, metadata, _ = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
     record = json.loads(metadata[kohya.ADAPTER_METADATA])
     record[field] = value
     save_file(

@@ -90,7 +90,7 @@ def test_fan_in_fan_out_works_in_the_stored_layout() -> None:
 def test_peft_round_trip_keeps_the_magnitude(tmp_path: Path) -> None:
     _, lora = _dora()
     adapter = Adapter({"model.m": lora})
-    tensors, config, _ = peft.from_adapter(adapter)
+    tensors, _, config = peft.from_adapter(adapter)
     assert config["use_dora"] is True
     assert torch.equal(tensors["base_model.model.model.m.lora_magnitude_vector"], lora.magnitude)
     back = peft.to_adapter(tensors, context=LoadContext(config=config))
@@ -117,7 +117,7 @@ def test_peft_refuses_inconsistent_or_unsupported_dora() -> None:
 
 def test_kohya_dora_scale_out_axis_reads_and_in_axis_is_refused() -> None:
     _, lora = _dora()
-    tensors, metadata = kohya.from_adapter(Adapter({"model.m": lora}))
+    tensors, metadata, _ = kohya.from_adapter(Adapter({"model.m": lora}))
     assert tuple(tensors["lora_unet_model_m.dora_scale"].shape) == (6, 1)
     back = kohya.to_adapter(tensors, metadata)
     assert torch.equal(back.weights["model.m"].magnitude, lora.magnitude)

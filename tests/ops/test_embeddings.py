@@ -74,7 +74,7 @@ def test_peft_keys_round_trip_byte_exact_with_base_layer_copies() -> None:
     adapter = peft.to_adapter(tensors, context=LoadContext(config=config))
     assert adapter.weights[EMBED].embedding
     assert set(adapter.saved_modules) == {f"{EMBED}.weight", "lm_head.weight"}  # the copy replaces the base
-    out, out_config, _ = peft.from_adapter(adapter)
+    out, _, out_config = peft.from_adapter(adapter)
     assert set(out) == set(tensors)
     assert all(torch.equal(out[k], t) for k, t in tensors.items())
     assert out_config["modules_to_save"] == ["lm_head"]  # not embed_tokens: it is LoRA-wrapped

@@ -505,7 +505,7 @@ def test_a_kohya_adapter_merges_like_its_peft_twin(fixtures_dir: Path, tmp_path:
 
     from loratools.formats import kohya
 
-    tensors, metadata = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
+    tensors, metadata, _ = kohya.from_adapter(load_adapter(fixtures_dir / "adapter"))
     save_file(tensors, str(tmp_path / "kohya.safetensors"), metadata=metadata)
     base = str(fixtures_dir / "base-sharded")
     merge_paths(base, tmp_path / "k", add=[(str(tmp_path / "kohya.safetensors"), 1.0)])

@@ -13,7 +13,7 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import NonFiniteResult
 from loratools.io.adapter_dir import save_adapter
 from loratools.ops.merge import apply_update, delta_norm
-from loratools.ops.merge.precision import MergeReport, precision_warnings
+from loratools.ops.merge.precision import MergeResult, precision_warnings
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -62,8 +62,8 @@ def test_narrower_output_still_sees_an_update_that_vanishes() -> None:
     assert stats.lost_fraction > 0.9
 
 
-def report_of(stats) -> MergeReport:
-    return MergeReport("o", "merge", [], "bfloat16", [stats], [], 0, [], [], 0.5)
+def report_of(stats) -> MergeResult:
+    return MergeResult("merge", [], "bfloat16", [stats], [], 0, [], [], 0.5)
 
 
 def test_warnings_speak_of_the_change_to_the_weights() -> None:

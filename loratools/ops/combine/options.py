@@ -120,14 +120,26 @@ class CombineResult:
     saved_kept: list[str] = field(default_factory=list)
     saved_dropped: list[str] = field(default_factory=list)
 
+    @property
+    def method(self) -> str | None:
+        return self.adapter.provenance.get("combine_method")
+
+    @property
+    def rank_total(self) -> int:
+        return sum(m.rank for m in self.modules)
+
+    @property
+    def min_energy_kept(self) -> float:
+        return min((m.energy_kept for m in self.modules), default=1.0)
+
     def summary(self) -> dict[str, Any]:
         """A JSON-able report (the CLI's ``--json`` document, less the output path)."""
         return {
-            "method": self.adapter.provenance.get("combine_method"),
+            "method": self.method,
             "weights": self.adapter.provenance.get("weights"),
             "modules": [m.as_dict() for m in self.modules],
-            "rank_total": sum(m.rank for m in self.modules),
-            "min_energy_kept": min((m.energy_kept for m in self.modules), default=1.0),
+            "rank_total": self.rank_total,
+            "min_energy_kept": self.min_energy_kept,
             "saved_modules": {"kept": self.saved_kept, "dropped": self.saved_dropped},
             "parameters": self.adapter.num_parameters,
         }

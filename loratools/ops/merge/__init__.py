@@ -43,14 +43,14 @@ the adapters and writes the output (:func:`~loratools.commands.merge.merge_paths
 
 from loratools.ops.merge.plan import MergePlan as MergePlan  # what plan_merge returns
 from loratools.ops.merge.plan import plan_merge
-from loratools.ops.merge.precision import MergeReport, ModuleStats
+from loratools.ops.merge.precision import MergeResult, ModuleStats
 from loratools.ops.merge.stream import merged_tensors, storage_order
 from loratools.ops.merge.terms import MergeOptions, MergeTerm, TensorUpdate
 from loratools.ops.merge.update import apply_update, delta_norm, stacked_factors
 
 __all__ = [
     "MergeOptions",
-    "MergeReport",
+    "MergeResult",
     "MergeTerm",
     "ModuleStats",
     "TensorUpdate",

@@ -21,7 +21,7 @@ from loratools.errors import (
     name_summary,
 )
 from loratools.formats.detect import FileKind
-from loratools.formats.names import resolve_modules, resolve_tensor_names
+from loratools.formats.names import resolve_modules, suffix_matches
 from loratools.kinds.fused import ExpertLora
 from loratools.ops.merge.growth import grows, lora_on_grown, restore_base_layer
 from loratools.ops.merge.terms import FLOAT_DTYPES, MergeTerm, TensorInfo, TensorUpdate
@@ -46,18 +46,16 @@ def _misfit(problems: Problems, message: str) -> None:
 
 
 def _resolve(names: list[str], base_names: list[str], label: str, problems: Problems) -> dict[str, str]:
-    """Resolve names one by one so that every unresolved name is reported, not just the first batch."""
-    try:
-        return resolve_tensor_names(names, base_names)
-    except MissingKeys:
-        pass
+    """Resolve names one by one (exact, else a unique suffix: ``formats.names.suffix_matches``) so
+    that every unresolved name is reported, not just the first batch."""
+    base = dict.fromkeys(base_names)  # O(1) exact test
     resolved = {}
     for name in names:
-        try:
-            resolved.update(resolve_tensor_names([name], base_names))
-        except MissingKeys:
-            hits = sum(b.endswith("." + name) or name.endswith("." + b) for b in base_names)
-            why = f"matches {hits} base tensors" if hits else "matches no base tensor"
+        matches = suffix_matches(name, base)
+        if len(matches) == 1:
+            resolved[name] = matches[0]
+        else:
+            why = f"matches {len(matches)} base tensors" if matches else "matches no base tensor"
             problems.append((MissingKeys, f"{label}: {name} {why}"))
     return resolved
 

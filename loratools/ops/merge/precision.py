@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,10 +77,10 @@ class ModuleStats:
 
 
 @dataclass(frozen=True)
-class MergeReport:
-    """What a merge/unmerge/swap did, with its precision record (``to_dict`` is the --json shape)."""
+class MergeResult:
+    """What a merge/unmerge/swap did, with its precision record (``to_dict`` is the --json shape
+    less the output, which the command's report, :class:`loratools.commands.merge.MergeResult`, adds)."""
 
-    output: str
     operation: str
     adapters: list[dict[str, Any]]
     dtype: str | None
@@ -120,7 +119,6 @@ class MergeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "output": self.output,
             "operation": self.operation,
             "adapters": self.adapters,
             "dtype": self.dtype,
@@ -142,8 +140,7 @@ class MergeReport:
         }
 
 
-def build_report(
-    output: Path,
+def build_result(
     operation: str,
     terms: Sequence[MergeTerm],
     options: MergeOptions,
@@ -151,8 +148,8 @@ def build_report(
     stats: list[ModuleStats],
     files: list[str],
     total: int,
-) -> MergeReport:
-    """The report of a finished pass over ``total`` base tensors, with the precision warnings."""
+) -> MergeResult:
+    """The result of a finished pass over ``total`` base tensors, with the precision warnings."""
     adapters = [
         {
             "path": t.label,
@@ -165,8 +162,8 @@ def build_report(
     ]
     replaced = [name for name, u in plan.updates.items() if u.replacement is not None]
     dtype = str(options.dtype).removeprefix("torch.") if options.dtype else None
-    report = MergeReport(
-        str(output), operation, adapters, dtype, stats, replaced, total - len(plan.updates), files,
+    report = MergeResult(
+        operation, adapters, dtype, stats, replaced, total - len(plan.updates), files,
         list(plan.warnings), options.lost_warning,
     )  # fmt: skip
     kept = any(m.survival is not None for m in stats)  # --keep-quantization: its own warning
@@ -174,7 +171,7 @@ def build_report(
     return replace(report, warnings=report.warnings + warn(report) + quantized_unmerge_warnings(report))
 
 
-def precision_warnings(report: MergeReport) -> list[str]:
+def precision_warnings(report: MergeResult) -> list[str]:
     """Warnings in plain words: the update as a whole, or most of some modules' updates, rounds
     away; or casting the base to a narrower dtype moves it more than the adapters do."""
     dtypes = sorted({m.dtype for m in report.modules})
@@ -208,7 +205,7 @@ def _step(dtype: str) -> float:
     return float(torch.finfo(getattr(torch, dtype)).eps) / 2
 
 
-def quantized_unmerge_warnings(report: MergeReport) -> list[str]:
+def quantized_unmerge_warnings(report: MergeResult) -> list[str]:
     """Adapters removed from a quantized model: the result is the base only up to its rounding."""
     errors = sorted((q, m.name) for m in report.modules if (q := m.quantization_error) is not None)
     if not errors:
@@ -221,7 +218,7 @@ def quantized_unmerge_warnings(report: MergeReport) -> list[str]:
     ]
 
 
-def survival_warnings(report: MergeReport, named: int = 8) -> list[str]:
+def survival_warnings(report: MergeResult, named: int = 8) -> list[str]:
     """A loud warning naming the modules whose update mostly vanished on requantization: the part
     of Q(W0+Δ) − Q(W0) along Δ, ``survival · direction``, below 1 − ``lost_warning`` of ‖Δ‖."""
     floor = 1.0 - report.lost_warning
