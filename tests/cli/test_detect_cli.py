@@ -319,6 +319,7 @@ def test_similarity_of_kohya_names_and_module_paths_asks_for_the_base(
     )
     assert result.exit_code == 0, result.stderr
     modules = json.loads(result.stdout)["modules"]
+    # φ(A, A) diagonal = 1 up to float32 bases
     assert len(modules) == 4 and all(m["diagonal"][-1] == pytest.approx(1.0, abs=1e-5) for m in modules)
 
 

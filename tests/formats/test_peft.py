@@ -14,8 +14,8 @@ from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import UnknownFormat
 from loratools.formats import LoadContext, peft
 from loratools.io.adapter_dir import load_adapter, save_adapter
-from tests._tolerances import LOGITS_FP32
 from tests.peft_helpers import logits_through_peft, logits_with_merged_by_hand, tokens
+from tests.tolerances import LOGITS_FP32
 
 
 def random_weight(
@@ -48,6 +48,7 @@ def test_round_trip_through_a_folder_is_exact(tmp_path: Path) -> None:
     assert sorted(back.modules) == sorted(adapter.modules)
     for name, w in adapter.weights.items():
         assert torch.equal(back.weights[name].a, w.a) and torch.equal(back.weights[name].b, w.b)
+        # float64 arithmetic on the same alpha and r
         assert back.weights[name].scale == pytest.approx(w.scale, rel=1e-12)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["rank_pattern"] == {
@@ -144,6 +145,7 @@ def test_we_read_what_peft_writes_exactly(tmp_path: Path, fixtures_dir: Path) ->
         assert torch.equal(w.a, stored[f"base_model.model.{module}.lora_A.weight"])
         assert torch.equal(w.b, stored[f"base_model.model.{module}.lora_B.weight"])
         layer = model.base_model.model.get_submodule(module)
+        # float64 arithmetic on the same alpha and r
         assert w.scale == pytest.approx(layer.scaling["default"], rel=1e-12)
     assert ours.weights["model.layers.0.mlp.down_proj"].rank == 2
     assert ours.weights["model.layers.1.self_attn.v_proj"].alpha == 5

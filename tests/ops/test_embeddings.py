@@ -25,9 +25,9 @@ from loratools.kinds import embedding
 from loratools.ops.combine import CombineOptions, combine_adapters
 from loratools.ops.resize import ResizeOptions, resize_adapter
 from loratools.ops.spectrum import adapter_spectrum
-from tests._tolerances import LOGITS_FP32, TOL
 from tests.llama_cpp import LLAMA_BIN
 from tests.ops.test_merge import read_all
+from tests.tolerances import LOGITS_FP32, TOL
 
 EMBED = "model.embed_tokens"
 Q0 = "model.layers.0.self_attn.q_proj"

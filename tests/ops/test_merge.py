@@ -1,6 +1,6 @@
 """ops/merge.py: W = W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ streamed over checkpoints, its inverse, swaps, refusals.
 
-Round-trip bounds used below (elementwise, EPS = one ulp relative, tests/_tolerances.py):
+Round-trip bounds used below (elementwise, EPS = one ulp relative, tests/tolerances.py):
 merge rounds W0+Δ once (≤ EPS/2·|W0+Δ|) and unmerge rounds once more (≤ EPS/2·|W0 + e|), so
 |unmerge(merge(W0)) − W0| ≤ EPS·(|W0| + |Δ|) + the float32 matmul's own error, which we allow as
 4·R·2⁻²⁴·(|L|@|R|) for R stacked ranks.
@@ -34,7 +34,7 @@ from loratools.ops.merge import (
     plan_merge,
     stacked_factors,
 )
-from tests._tolerances import EPS, TOL
+from tests.tolerances import EPS, TOL
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -99,7 +99,7 @@ def test_unmerge_of_merge_is_identity_within_the_rounding_bound(seed, d, k, r, s
     # γ_{r+1}·(|C| + |L||R|) ≈ (r+1)·2⁻²⁴·(|C| + |L||R|) (Higham, Accuracy and Stability, §3.5),
     # once for merge and once for unmerge; the narrower dtypes add one rounding (EPS/2) each way.
     accumulation = 2 * (r + 1) * 2.0**-24 * (w.abs() + 2 * product)
-    bound = EPS[dtype] * (w.abs() + product) + accumulation + 1e-30
+    bound = EPS[dtype] * (w.abs() + product) + accumulation + 1e-30  # 1e-30: float32 underflow near 0
     assert merged.dtype == dtype and restored.dtype == dtype
     assert bool(((restored.float() - w).abs() <= bound).all())
 
@@ -118,7 +118,9 @@ def test_merge_is_one_rounding_of_the_float64_sum(seed, d, k, r) -> None:
         # float32 C + L @ R accumulated into C: within (r+1)·2⁻²⁴·(|C| + |L||R|) (Higham §3.5)
         float32_error = (r + 2) * 2.0**-24 * (reference.abs() + w0.abs().double() + product)
         slack = EPS[dtype] / 2 * (reference.abs() + float32_error) + float32_error
+        # 1e-12: where the reference is 0
         assert bool(((out.double() - reference).abs() <= slack + 1e-12).all())
+        # float32 ‖Δ‖ vs float64: rounding ~1e-6
         assert stats.delta_norm == pytest.approx(float((exact - w0.double()).norm()), rel=1e-4)
 
 
@@ -127,6 +129,7 @@ def test_merge_is_one_rounding_of_the_float64_sum(seed, d, k, r) -> None:
 def test_delta_norm_is_the_frobenius_norm_of_the_product(seed, d, k, r) -> None:
     _, left, right = _factors(seed, d, k, r, 1.0)
     dense = float((left.double() @ right.double()).norm())
+    # factored float32 norm vs dense float64: ~1e-6, 100× slack
     assert delta_norm(left, right) == pytest.approx(dense, rel=1e-4, abs=1e-6)
 
 
@@ -150,6 +153,7 @@ def test_lost_fraction_sees_an_update_vanish_in_bf16_but_not_in_float32() -> Non
     _, bf16 = apply_update("t", w0.bfloat16(), left, right, torch.bfloat16)
     _, fp32 = apply_update("t", w0, left, right, torch.float32)
     _, widened = apply_update("t", w0.bfloat16(), left, right, torch.float32)
+    # ‖W0‖ of the bf16 base is off by ≤ 2⁻⁸ ≈ 4e-3
     assert bf16.relative_delta == pytest.approx(4e-5, rel=1e-2)
     assert bf16.lost_fraction > 0.9  # bf16 resolves ~2⁻⁹ relative: most of Δ rounds away
     assert fp32.lost_fraction < 0.05 and widened.lost_fraction < 0.05
@@ -308,7 +312,7 @@ def test_dtype_option_writes_float32_from_bf16(fixtures_dir: Path, tmp_path: Pat
     torch.testing.assert_close(out[f"{Q0}.weight"], expected, **TOL[torch.float32])
     assert torch.equal(out["model.norm.weight"], base["model.norm.weight"].float())
     assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "float32"
-    assert report.lost_fraction < 1e-5
+    assert report.lost_fraction < 1e-5  # float32 keeps a 4e-5 update: loses only float32 rounding
 
 
 def test_vanishing_update_is_reported_with_a_hint(fixtures_dir: Path, tmp_path: Path) -> None:
@@ -318,6 +322,7 @@ def test_vanishing_update_is_reported_with_a_hint(fixtures_dir: Path, tmp_path: 
     shrink = 4e-5 * float(base[f"{Q0}.weight"].float().norm()) / float(lora.delta().norm())
     save_adapter(Adapter({Q0: LoraWeight(lora.a, lora.b * shrink, lora.alpha)}), tmp_path / "tiny")
     report = merge_paths(str(fixtures_dir / "base-bf16"), tmp_path / "o", add=[(str(tmp_path / "tiny"), 1.0)])
+    # bf16 rounding of ‖W0‖ and Δ's survivors: within 5%
     assert report.relative_delta == pytest.approx(4e-5, rel=0.05)
     assert report.effect_vanishes and report.to_dict()["precision"]["effect_vanishes"] is True
     assert any("--dtype float32" in w for w in report.warnings)
@@ -483,8 +488,10 @@ def test_precision_stats_of_big_tensors_are_row_sampled_estimates_of_the_exact_o
     left, right = torch.randn(3000, 4, generator=gen) * 1e-3, torch.randn(4, 1024, generator=gen)
     out, stats = apply_update("t", w0, left, right, torch.bfloat16)
     exact_lost = (out.double() - w0.double() - left.double() @ right.double()).norm()
+    # row-sampled estimates (1000 of 3000 Gaussian rows): error ~√(2/1024)/√1000 ≈ 0.1%; 2% is slack
     assert stats.lost_norm == pytest.approx(float(exact_lost), rel=0.02)
-    assert stats.base_norm == pytest.approx(float(w0.double().norm()), rel=0.02)
+    assert stats.base_norm == pytest.approx(float(w0.double().norm()), rel=0.02)  # row-sampled estimate
+    # exact, not sampled: float32 factored norm
     assert stats.delta_norm == pytest.approx(float((left.double() @ right.double()).norm()), rel=1e-4)
     merged32, _ = apply_update("t", w0.float(), left, right, torch.float32)
     torch.testing.assert_close(merged32, w0.float() + left @ right, **TOL[torch.float32])  # stats leave it be
