@@ -78,11 +78,14 @@ def extract(base: str, finetuned: str, output: str, dtype: str | None, device: s
     check_not_an_input(Path(output), [base_path, ft_path])
     base_ckpt, ft_ckpt = open_checkpoint(base_path), open_checkpoint(ft_path)
     plan = plan_extraction(base_ckpt, ft_ckpt, options)
+    if dora and any(len(item.shape) == 3 for item in plan.lora_items):
+        raise InvalidOptions("--dora: PEFT has no DoRA for fused expert tensors (target_parameters)")
     with workers_from_env(os.environ, resolve_device(device)) as workers:
         total = len(workers.share(plan.items))
         with render.progress(total, "extract", quiet=quiet or not workers.is_main) as advance:
             result = run_extract(base_ckpt, ft_ckpt, options, plan=plan, workers=workers, progress=advance,
-                                 base_model=base, finetuned_model=finetuned, task_type=_task_type(ft_path))  # fmt: skip
+                                 base_model=base, finetuned_model=finetuned, task_type=_task_type(ft_path),
+                                 model_class=_model_class(ft_path))  # fmt: skip
     if result is None:  # another torchrun process: rank 0 writes
         return
     dora_reports = _with_dora(base_ckpt, ft_ckpt, result, quiet) if dora else None
@@ -129,13 +132,22 @@ def _target_names(values: tuple[str, ...]) -> tuple[str, ...] | None:
     return tuple(name for value in values for name in value.split(","))
 
 
-def _task_type(model_dir: Path) -> str | None:
-    """``CAUSAL_LM`` when the fine-tune's config.json names a ``…ForCausalLM`` architecture."""
+def _architectures(model_dir: Path) -> list[str]:
+    """The ``architectures`` of the folder's config.json (none for a file or a folder without one)."""
     config = model_dir / "config.json" if model_dir.is_dir() else None
     if config is None or not config.is_file():
-        return None
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
+        return []
+    return [str(a) for a in json.loads(config.read_text()).get("architectures") or []]
+
+
+def _task_type(model_dir: Path) -> str | None:
+    """``CAUSAL_LM`` when the fine-tune's config.json names a ``…ForCausalLM`` architecture."""
+    return "CAUSAL_LM" if any(a.endswith("ForCausalLM") for a in _architectures(model_dir)) else None
+
+
+def _model_class(model_dir: Path) -> str | None:
+    """The model class config.json names (the layout of fused expert tensors depends on it)."""
+    return next(iter(_architectures(model_dir)), None)
 
 
 def _report(summary: dict, as_json: bool, quiet: bool) -> None:

@@ -50,21 +50,25 @@ __all__ = [
     "TRANSPOSED_CLASSES",
     "ExpertLora",
     "FusedParam",
+    "expert_lora",
     "from_peft",
+    "fused_layout",
     "fused_name",
     "merge_fused",
+    "peft_patterns",
     "peft_prefix",
     "peft_tensors",
     "read_peft",
     "resolve_wrappers",
     "to_peft",
+    "wrapper_depths",
 ]
 
 # ``<parameter>[<expert>]``: brackets never occur in checkpoint names, so the split is unambiguous
 FUSED_NAME = re.compile(r"^(?P<param>.+)\[(?P<expert>\d+)\]$")
 # transformers models whose fused experts are (E, in, out) (the experts module's ``is_transposed``),
 # by the prefix of the class PEFT records in ``auto_mapping.base_model_class``
-TRANSPOSED_CLASSES = ("GptOss",)
+TRANSPOSED_CLASSES = ("GptOss", "Aria", "OpenaiPrivacyFilter")
 # ``<module>(.base_layer)*.lora_A.weight``: the nesting depth is the number of ``base_layer``
 WRAPPER_KEY = re.compile(
     r"^(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
@@ -282,7 +286,8 @@ def read_peft(
         tensors: the adapter's tensors by PEFT key.
         config: adapter_config.json (``target_parameters``, ``auto_mapping``).
         base_shapes: the base's tensor name → shape (the fused parameters are found here).
-        alpha_of: module path → its alpha (PEFT's lora_alpha/alpha_pattern rule).
+        alpha_of: PEFT's key of a targeted parameter (``<module>.<parameter>``) → its alpha
+            (PEFT's lora_alpha/alpha_pattern rule).
         use_rslora: scale by alpha/√r.
         source: the adapter, for messages.
 
@@ -321,7 +326,8 @@ def read_peft(
                 '"auto_mapping": {"base_model_class": …} (gpt-oss: GptOssForCausalLM)'
             ) from None
         for depth, ((a, b), param) in enumerate(zip(pairs, resolved, strict=True)):
-            weights.update(from_peft(a, b, param, float(alpha_of(module)), use_rslora, depth, module))
+            alpha = float(alpha_of(f"{module}.{param.name.rpartition('.')[2]}"))  # PEFT's key for it
+            weights.update(from_peft(a, b, param, alpha, use_rslora, depth, module))
     if problems:
         raise MissingKeys(
             f"{source}: target_parameters that fit no 3-D base tensor: {list_problems(problems)}"
@@ -356,30 +362,58 @@ def _transposed_hint(config: Mapping[str, Any]) -> bool | None:
     return True if isinstance(name, str) and name.startswith(TRANSPOSED_CLASSES) else None
 
 
-def peft_tensors(weights: Mapping[str, LoraWeight], rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """PEFT's ``target_parameters`` keys and tensors for the expert modules of an adapter.
-
-    Args:
-        weights: the ``param[e]`` modules (every one an :class:`ExpertLora` read from PEFT).
-        rank, alpha: the adapter config's ``r`` and ``lora_alpha``, which PEFT applies to them.
+def _by_parameter(weights: Mapping[str, LoraWeight]) -> dict[str, list[ExpertLora]]:
+    """The expert modules grouped by PEFT's key for their parameter, ``<wrapped module>.<parameter leaf>``.
 
     Raises:
-        UnknownFormat: a module whose fused layout is unknown (made by an op that forgot it), or
-            expert modules whose rank or alpha is not the config's.
+        UnknownFormat: a module whose fused layout is unknown (made by an op that forgot it).
     """
-    groups: dict[str, dict[str, LoraWeight]] = {}
-    first: dict[str, ExpertLora] = {}
+    groups: dict[str, list[ExpertLora]] = {}
     for name, weight in weights.items():
         if not isinstance(weight, ExpertLora) or weight.param is None:
             raise UnknownFormat(
                 f"module {name} is one expert of a fused tensor, but its layout was not kept; "
                 "write the adapter read from PEFT (or merge it) instead"
             )
-        if (weight.rank, weight.alpha) != (rank, alpha):
-            raise UnknownFormat(
-                f"module {name} has rank {weight.rank}, alpha {weight.alpha}; PEFT applies r={rank}, "
-                f"lora_alpha={alpha} to target_parameters: resize the adapter to one rank first"
-            )
+        module = weight.module or weight.param.name.rpartition(".")[0]
+        groups.setdefault(f"{module}.{weight.param.name.rpartition('.')[2]}", []).append(weight)
+    return groups
+
+
+def peft_patterns(
+    weights: Mapping[str, LoraWeight], rank: int, alpha: float
+) -> tuple[dict[str, int], dict[str, float]]:
+    """``rank_pattern`` and ``alpha_pattern`` entries for the fused parameters whose r or alpha is
+    not the config's ``r``/``lora_alpha``. PEFT matches the patterns of a targeted parameter against
+    ``<module>.<parameter>`` (``model.layers.0.mlp.experts.gate_up_proj``), one r per parameter;
+    :func:`to_peft` checks that its experts share it."""
+    ranks, alphas = {}, {}
+    for key, experts in _by_parameter(weights).items():
+        if experts[0].rank != rank:
+            ranks[key] = experts[0].rank
+        if experts[0].alpha != alpha:
+            alphas[key] = experts[0].alpha
+    return ranks, alphas
+
+
+def peft_tensors(weights: Mapping[str, LoraWeight], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """PEFT's ``target_parameters`` keys and tensors for the expert modules of an adapter.
+
+    Args:
+        weights: the ``param[e]`` modules (every one an :class:`ExpertLora` with its layout).
+        rank, alpha: the adapter config's ``r`` and ``lora_alpha``; parameters with another
+            rank or alpha need the :func:`peft_patterns` entries in the config.
+
+    Raises:
+        UnknownFormat: a module whose fused layout is unknown (made by an op that forgot it).
+        ShapeMismatch: a parameter's experts that differ in rank or alpha (see :func:`to_peft`).
+    """
+    del rank, alpha  # kept for the call sites: the patterns carry what differs
+    _by_parameter(weights)
+    groups: dict[str, dict[str, LoraWeight]] = {}
+    first: dict[str, ExpertLora] = {}
+    for name, weight in weights.items():
+        assert isinstance(weight, ExpertLora) and weight.param is not None  # checked above
         groups.setdefault(weight.param.name, {})[name] = weight
         first.setdefault(weight.param.name, weight)
     tensors = {}
@@ -392,3 +426,73 @@ def peft_tensors(weights: Mapping[str, LoraWeight], rank: int, alpha: float) -> 
         )
         tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
     return tensors
+
+
+# -- making expert modules (extract): the layout and the nesting PEFT will use -------------------
+
+# the order in which transformers' experts modules register their fused parameters; PEFT nests a
+# wrapper per targeted parameter in this order, so the last one is the outermost (depth 0)
+REGISTRATION_ORDER = ("gate_up_proj", "gate_proj", "w1", "up_proj", "w3", "down_proj", "w2")
+# projections whose input side is the hidden size (the others' output side is)
+INPUT_PROJECTIONS = ("gate_up_proj", "gate_proj", "w1", "up_proj", "w3")
+
+
+def wrapper_depths(params: Sequence[str]) -> dict[str, int]:
+    """The nesting depth PEFT gives each targeted fused parameter (0 = outermost), by module.
+
+    PEFT wraps a module's targeted parameters in their registration order, which no checkpoint
+    records; transformers' experts modules register gate/up before down
+    (:data:`REGISTRATION_ORDER`), other names follow in alphabetical order.
+    """
+    modules: dict[str, list[str]] = {}
+    for param in params:
+        modules.setdefault(param.rpartition(".")[0], []).append(param)
+
+    def order(param: str) -> tuple[int, str]:
+        leaf = param.rpartition(".")[2]
+        known = leaf in REGISTRATION_ORDER
+        return (REGISTRATION_ORDER.index(leaf) if known else len(REGISTRATION_ORDER), leaf)
+
+    depths = {}
+    for names in modules.values():
+        ordered = sorted(names, key=order)
+        depths.update({name: len(ordered) - 1 - i for i, name in enumerate(ordered)})
+    return depths
+
+
+def fused_layout(name: str, shape: Sequence[int], model_class: str | None, hidden: int | None) -> bool:
+    """Whether the fused parameter ``name`` (E, p, q) stores its slices (in, out) (PEFT's ``is_transposed``).
+
+    The model class decides when known (:data:`TRANSPOSED_CLASSES`, from config.json's
+    ``architectures``); otherwise the hidden size does: gate/up projections read it (their ``in``),
+    down projections write it (their ``out``).
+
+    Raises:
+        ShapeMismatch: neither says (no model class, and the slice is square or does not show the
+            hidden size).
+    """
+    if model_class is not None:
+        return model_class.startswith(TRANSPOSED_CLASSES)
+    p, q = int(shape[1]), int(shape[2])
+    if hidden is not None and p != q and hidden in (p, q):
+        reads_hidden = name.rpartition(".")[2] in INPUT_PROJECTIONS
+        in_first = (p == hidden) == reads_hidden  # the slice's first dim is its input side
+        return in_first
+    raise ShapeMismatch(
+        f"{name} {tuple(shape)}: cannot tell whether its experts are stored (in, out) or (out, in); "
+        "keep the model's config.json (its architectures name the model class) beside the checkpoint"
+    )
+
+
+def expert_lora(weight: LoraWeight, param: FusedParam, expert: int, depth: int) -> ExpertLora:
+    """``weight`` (slice layout) as expert ``expert`` of ``param``, written at nesting ``depth``."""
+    return ExpertLora(
+        weight.a,
+        weight.b,
+        weight.alpha,
+        weight.use_rslora,
+        param=param,
+        expert=expert,
+        depth=depth,
+        module=param.name.rpartition(".")[0],
+    )

@@ -34,6 +34,7 @@ __all__ = [
     "experts_entry",
     "fused_experts",
     "is_expert",
+    "is_fused_expert",
     "is_router",
     "merged_experts",
 ]
@@ -48,11 +49,14 @@ def is_expert(name: str) -> bool:
     return EXPERT.match(name) is not None
 
 
+def is_fused_expert(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether tensor ``name`` of ``shape`` holds one projection of all experts (E, p, q), not a bias."""
+    return len(shape) == 3 and FUSED.match(name) is not None and not name.endswith("_bias")
+
+
 def fused_experts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     """Fused expert tensors of a base (``….experts.<proj>``, 3-D, not a bias) → their expert count E."""
-    return {
-        n: int(s[0]) for n, s in shapes.items() if len(s) == 3 and FUSED.match(n) and not n.endswith("_bias")
-    }
+    return {n: int(s[0]) for n, s in shapes.items() if is_fused_expert(n, tuple(s))}
 
 
 def is_router(name: str) -> bool:
@@ -100,7 +104,8 @@ def count_experts(
     Args:
         base_names: every tensor name of the base.
         touched: tensor names the command changed (``param[e]`` for a fused tensor's expert e).
-        dropped: tensor names whose change the command would lose (a fused tensor by its name).
+        dropped: tensor names whose change the command would lose (a fused tensor by its name:
+            counted, and listed, as its E experts ``name[e]``).
         routers: router tensor names carried whole.
         fused: the base's fused expert tensors → E (:func:`fused_experts`); each counts E weights.
     """
@@ -120,7 +125,10 @@ def count_experts(
         base=len(experts) + len(slices),
         experts=len(groups),
         touched=sum(1 for n in set(touched) if is_expert(n) or n in slices),
-        dropped=sorted(n for n in set(dropped) if is_expert(n) or n in fused),
+        dropped=sorted(  # a dropped fused tensor loses each of its E experts
+            {n for n in dropped if is_expert(n)}
+            | {f"{n}[{e}]" for n in dropped if n in fused for e in range(fused[n])}
+        ),
         routers=sorted(set(routers)),
     )
 

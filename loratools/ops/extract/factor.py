@@ -18,6 +18,7 @@ import torch
 
 from loratools.adapter import LoraWeight
 from loratools.kinds import embedding
+from loratools.kinds.fused import FusedParam, expert_lora, fused_name
 from loratools.linalg import Svd, exact_svd, randomized_svd, rank_for_energy
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item
@@ -101,3 +102,47 @@ def factor_module(
     error = residual_norm(delta, weight) / math.sqrt(total)
     shape = (int(item.shape[0]), int(item.shape[1]))
     return weight, ModuleReport(module, shape, chosen, min(energy, 1.0), error, math.sqrt(total))
+
+
+def factor_fused(
+    item: Item,
+    delta: torch.Tensor,
+    ranks: list[int] | None,
+    options: ExtractOptions,
+    dtype: torch.dtype,
+    param: FusedParam,
+    depth: int,
+) -> list[tuple[LoraWeight, ModuleReport]]:
+    """Factor a fused expert tensor's ΔW (E, p, q): one LoRA per expert, one rank r for all.
+
+    PEFT stores one rank for the E experts of a parameter (:mod:`loratools.kinds.fused`). The rank
+    rule picks r_e per expert (``ranks`` fixes them, for a budget) and r = max_e r_e; every expert
+    then keeps its top r singular triplets, not r_e and zero columns: the file holds r columns
+    per expert either way, so the extra triplets cost nothing and lower the error (each expert's
+    error is the rank-r Eckart–Young error, ≤ the rank-r_e one). Empty list when r = 0.
+    """
+    width = max(ranks) if ranks is not None else options.width
+    if width == 0:
+        return []
+    totals = delta.square().sum(dim=(1, 2)).tolist()  # ‖ΔW[e]‖²_F, (E,)
+    svds = [truncated_spectrum(delta[e], width, options) for e in range(delta.shape[0])]
+    if ranks is None:
+        ranks = [
+            choose_rank(svd.s, total, options) if total > 0 else 0
+            for svd, total in zip(svds, totals, strict=True)
+        ]
+    rank = min(max(ranks), svds[0].rank)  # every slice has the same shape, so the same cap
+    if rank == 0:
+        return []
+    shape = (int(item.shape[1]), int(item.shape[2]))
+    out: list[tuple[LoraWeight, ModuleReport]] = []
+    for e, (svd, total) in enumerate(zip(svds, totals, strict=True)):
+        weight = expert_lora(lora_from_svd(svd, rank, options, dtype), param, e, depth)
+        if total > 0:
+            energy = min(float(svd.s[:rank].double().square().sum()) / total, 1.0)
+            error = residual_norm(delta[e], weight) / math.sqrt(total)
+        else:  # an expert the fine-tune left alone: zero factors (PEFT stores every expert)
+            energy, error = 1.0, 0.0
+        report = ModuleReport(fused_name(param.name, e), shape, rank, energy, error, math.sqrt(total))
+        out.append((weight, report))
+    return out

@@ -9,7 +9,7 @@ process's :class:`Outcome` is gathered and merged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -17,8 +17,9 @@ import torch
 from loratools.adapter import LoraWeight
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
+from loratools.kinds.fused import FusedParam, fused_name
 from loratools.ops.delta import DeltaBuffer
-from loratools.ops.extract.factor import ModuleReport, factor_module, truncated_spectrum
+from loratools.ops.extract.factor import ModuleReport, factor_fused, factor_module, truncated_spectrum
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item, TensorSource
 from loratools.ops.moe import is_router
@@ -57,7 +58,12 @@ def spectra_pass(
     outcome = Outcome()
     for name, w_ft, w_base in _pairs(base, finetuned, [i.name for i in items]):
         delta, total = buffer.delta(name, w_ft, w_base)
-        if total > 0:
+        if total > 0 and delta.ndim == 3:  # fused experts (E, p, q): one spectrum per expert
+            for e in range(delta.shape[0]):
+                if bool(delta[e].any()):
+                    s = truncated_spectrum(delta[e], options.width, options).s.cpu()
+                    outcome.spectra[fused_name(name, e)] = s
+        elif total > 0:
             outcome.spectra[name] = truncated_spectrum(delta, options.width, options).s.cpu()
     return outcome
 
@@ -102,13 +108,19 @@ def factor_pass(
     ranks: dict[str, int] | None,
     lora_modules: set[str],
     progress: Progress,
+    fused: Mapping[str, tuple[FusedParam, int]] | None = None,
 ) -> Outcome:
-    """Factor every LoRA item (``ranks`` fixes them, for a budget) and compare the others."""
+    """Factor every LoRA item (``ranks`` fixes them, for a budget) and compare the others.
+
+    ``fused``: the fused expert tensors' layouts and PEFT nesting depths (factored per expert).
+    """
     outcome = Outcome()
     by_name = {item.name: item for item in items}
     for name, w_ft, w_base in _pairs(base, finetuned, list(by_name)):
         item = by_name[name]
-        if item.kind == "lora" and (ranks is None or ranks.get(name, 0) > 0):
+        if fused and name in fused:
+            _factor_fused(outcome, item, buffer.delta(name, w_ft, w_base), ranks, options, dtype, fused[name])
+        elif item.kind == "lora" and (ranks is None or ranks.get(name, 0) > 0):
             delta, total = buffer.delta(name, w_ft, w_base)
             rank = None if ranks is None else ranks[name]
             factored = factor_module(item, delta, total, rank, options, dtype) if total > 0 else None
@@ -128,6 +140,31 @@ def factor_pass(
                 outcome.skipped[name] = reason
         progress(name)
     return outcome
+
+
+def _factor_fused(
+    outcome: Outcome,
+    item: Item,
+    delta_total: tuple[torch.Tensor, float],
+    ranks: dict[str, int] | None,
+    options: ExtractOptions,
+    dtype: torch.dtype,
+    layout: tuple[FusedParam, int],
+) -> None:
+    """A fused expert tensor: its experts' LoRAs go in as ``name[e]``, or the reason it has none."""
+    delta, total = delta_total
+    param, depth = layout
+    experts = [fused_name(item.name, e) for e in range(param.num_experts)]
+    fixed = None if ranks is None else [ranks.get(n, 0) for n in experts]
+    factored = factor_fused(item, delta, fixed, options, dtype, param, depth) if total > 0 else []
+    if total == 0:
+        outcome.skipped[item.name] = "unchanged"
+    elif not factored:
+        outcome.skipped[item.name] = (
+            "no rank left in --budget" if ranks is not None else "no singular value above --sv-threshold"
+        )
+    for weight, report in factored:
+        outcome.weights[report.name] = (weight, report)
 
 
 def _merge(outcomes: list[Outcome]) -> Outcome:
