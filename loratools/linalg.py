@@ -248,3 +248,58 @@ def allocate_budget(
     for _, name in candidates[:left]:
         ranks[name] += 1
     return ranks
+
+
+__all__ += ["batched_randomized_svd"]  # appended here so that this addition stays one block
+
+
+def batched_randomized_svd(
+    m: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    niter: int = 1,
+    rtol: float = 1e-3,
+    max_iter: int = 12,
+    seed: int = 0,
+) -> list[Svd]:
+    """:func:`randomized_svd` of every matrix of a stack ``m`` (b, d, k) at once.
+
+    The experts of one projection share a shape, so their range finders run as batched products
+    (``torch.matmul`` on (b, d, k) @ (b, k, l)) and batched QR/SVD instead of b separate calls.
+    Every matrix is sketched with the same Gaussian Ω (k, l) that :func:`randomized_svd` draws
+    for ``seed``, so each result is the one a separate call would give, up to float rounding,
+    except that the batch iterates until *every* matrix meets the stopping rule (an iteration
+    never worsens a matrix that had already converged: its residual only approaches the optimum).
+    A sketch as wide as half the smaller side takes the exact batched SVD instead.
+
+    Args:
+        m: the stack (b, d, k); upcast to float32.
+        rank, oversample, niter, rtol, max_iter, seed: as in :func:`randomized_svd`.
+
+    Returns:
+        b Svds, each u (d, rank), s (rank,), vh (rank, k).
+    """
+    m = _as_float(m)
+    batch, d, k = m.shape
+    width = min(rank + oversample, d, k)
+    if width >= min(d, k) // 2:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)  # (b, d, n), (b, n), (b, n, k)
+        return [Svd(u[i, :, :rank], s[i, :rank], vh[i, :rank]) for i in range(batch)]
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    omega = torch.randn(k, width, generator=gen, device=m.device, dtype=m.dtype)  # (k, l), shared
+    q = _orthonormal(m @ omega)  # (b, d, l)
+    total = torch.linalg.vector_norm(m, dim=(1, 2)).square()  # (b,) ‖M‖²_F
+    residual, iteration = torch.full_like(total, float("inf")), 0
+    while True:
+        z = m.mT @ q  # (b, k, l) = (Qᵀ M)ᵀ
+        if iteration >= niter:
+            u_small, s, vh = torch.linalg.svd(z.mT, full_matrices=False)  # (b, l, l), (b, l), (b, l, k)
+            new_residual = (total - s[:, :rank].square().sum(dim=1)).clamp(min=0.0)
+            done = (residual - new_residual <= rtol * new_residual) | (new_residual <= 1e-12 * total)
+            if bool(done.all()) or iteration >= max_iter:
+                u = q @ u_small  # (b, d, l)
+                return [Svd(u[i, :, :rank], s[i, :rank], vh[i, :rank]) for i in range(batch)]
+            residual = new_residual
+        q = _orthonormal(m @ _orthonormal(z))  # one subspace iteration, (b, d, l)
+        iteration += 1

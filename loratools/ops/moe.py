@@ -31,6 +31,7 @@ __all__ = [
     "ExpertCount",
     "check_no_expert_dropped",
     "count_experts",
+    "expert_group",
     "experts_entry",
     "fused_experts",
     "is_expert",
@@ -52,6 +53,13 @@ def is_expert(name: str) -> bool:
 def is_fused_expert(name: str, shape: tuple[int, ...]) -> bool:
     """Whether tensor ``name`` of ``shape`` holds one projection of all experts (E, p, q), not a bias."""
     return len(shape) == 3 and FUSED.match(name) is not None and not name.endswith("_bias")
+
+
+def expert_group(name: str) -> tuple[str, str] | None:
+    """(block, projection) of one expert's 2-D weight (``….experts``, ``w1``); None for other tensors.
+    The experts of one projection of one layer share a shape: extract factors them as one batch."""
+    match = EXPERT.match(name)
+    return (match["block"], match["proj"]) if match else None
 
 
 def fused_experts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:

@@ -19,7 +19,7 @@ import torch
 from loratools.adapter import LoraWeight
 from loratools.kinds import embedding
 from loratools.kinds.fused import FusedParam, expert_lora, fused_name
-from loratools.linalg import Svd, exact_svd, randomized_svd, rank_for_energy
+from loratools.linalg import Svd, batched_randomized_svd, exact_svd, randomized_svd, rank_for_energy
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item
 from loratools.ops.spectrum.noise import NoiseFloor
@@ -47,6 +47,15 @@ def truncated_spectrum(delta: torch.Tensor, width: int, options: ExtractOptions)
     if options.exact:
         return exact_svd(delta).truncate(width)
     return randomized_svd(delta, width, seed=options.seed)
+
+
+def truncated_spectra(stack: torch.Tensor, width: int, options: ExtractOptions) -> list[Svd]:
+    """:func:`truncated_spectrum` of every ΔW of a stack (b, out, in) of one shape, as one batched SVD."""
+    width = min(width, *stack.shape[1:])
+    if options.exact:
+        u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # (b, out, n), (b, n), (b, n, in)
+        return [Svd(u[i], s[i], vh[i]).truncate(width) for i in range(stack.shape[0])]
+    return batched_randomized_svd(stack, width, seed=options.seed)
 
 
 def choose_rank(s: torch.Tensor, total: float, options: ExtractOptions) -> int:
@@ -91,6 +100,19 @@ def factor_module(
 ) -> tuple[LoraWeight, ModuleReport] | None:
     """Factor one ΔW: compute its spectrum, choose the rank, write factors, measure the error."""
     svd = truncated_spectrum(delta, rank if rank is not None else options.width, options)
+    return factor_from_svd(item, delta, total, svd, rank, options, dtype)
+
+
+def factor_from_svd(
+    item: Item,
+    delta: torch.Tensor,
+    total: float,
+    svd: Svd,
+    rank: int | None,
+    options: ExtractOptions,
+    dtype: torch.dtype,
+) -> tuple[LoraWeight, ModuleReport] | None:
+    """Factor one ΔW from its truncated SVD: choose the rank, write factors, measure the error."""
     chosen = choose_rank(svd.s, total, options) if rank is None else min(rank, svd.rank)
     if chosen == 0:
         return None
@@ -125,7 +147,7 @@ def factor_fused(
     if width == 0:
         return []
     totals = delta.square().sum(dim=(1, 2)).tolist()  # ‖ΔW[e]‖²_F, (E,)
-    svds = [truncated_spectrum(delta[e], width, options) for e in range(delta.shape[0])]
+    svds = truncated_spectra(delta, width, options)  # one batched SVD for the E experts
     if ranks is None:
         ranks = [
             choose_rank(svd.s, total, options) if total > 0 else 0
