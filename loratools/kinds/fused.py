@@ -37,12 +37,12 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from loratools.adapter import LoraWeight
+from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import MissingKeys, ShapeMismatch, UnknownFormat, list_problems
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "peft_tensors",
     "read_peft",
     "resolve_wrappers",
+    "split_experts",
     "to_peft",
     "wrapper_depths",
 ]
@@ -496,3 +497,71 @@ def expert_lora(weight: LoraWeight, param: FusedParam, expert: int, depth: int) 
         depth=depth,
         module=param.name.rpartition(".")[0],
     )
+
+
+# -- per-expert 2-D names (runtimes that load Mixtral/Qwen-MoE style expert LoRA) ----------------
+
+# models whose fused gate_up_proj interleaves gate and up columns (gate = [..., ::2], up =
+# [..., 1::2]: transformers' ``is_concatenated=False``); the others concatenate [gate; up]
+INTERLEAVED_CLASSES = ("GptOss", "OpenaiPrivacyFilter")
+# the per-expert 2-D modules a fused parameter becomes (Qwen-MoE names: gate_proj, up_proj, down_proj)
+SPLIT_NAMES = {"gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def split_experts(adapter: Adapter, model_class: str | None = None) -> Adapter:
+    """The adapter with every fused-expert module as plain per-expert 2-D LoRAs.
+
+    Expert e of ``<block>.experts.<proj>`` becomes ``<block>.experts.<e>.<proj>`` in the (out, in)
+    layout of the per-expert ``nn.Linear`` (Mixtral, Qwen-MoE on disk): for a transposed
+    parameter (slice (in, out)) ``A = B_sliceᵀ``, ``B = A_sliceᵀ``. A fused ``gate_up_proj`` is
+    split into ``gate_proj`` and ``up_proj`` by rows of B (exact: ΔW_gate = s·B[gate rows] @ A,
+    the same A and rank for both): rows ``[:I]``/``[I:]`` where gate and up are concatenated,
+    ``0::2``/``1::2`` where they are interleaved (:data:`INTERLEAVED_CLASSES`, gpt-oss).
+
+    Args:
+        adapter: an adapter read with its base (fused modules are :class:`ExpertLora`).
+        model_class: the base model class (config.json ``architectures[0]``); defaults to the
+            adapter's ``auto_mapping.base_model_class``. Needed only to split ``gate_up_proj``.
+
+    Raises:
+        UnknownFormat: a ``gate_up_proj`` to split whose model class is unknown.
+    """
+    model_class = model_class or _model_class(adapter.extra_config)
+    weights: dict[str, Any] = {}
+    for name, weight in adapter.weights.items():
+        if isinstance(weight, ExpertLora) and weight.param is not None:
+            weights.update(_per_expert(weight, weight.param, model_class))
+        else:
+            weights[name] = weight
+    extra = {k: v for k, v in adapter.extra_config.items() if k != "target_parameters"}
+    return replace(adapter, weights=weights, extra_config=extra)
+
+
+def _model_class(config: Mapping[str, Any]) -> str | None:
+    mapping = config.get("auto_mapping")
+    name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _per_expert(weight: ExpertLora, param: FusedParam, model_class: str | None) -> dict[str, LoraWeight]:
+    """One expert's LoRA(s) in the per-expert (out, in) layout, by 2-D module name."""
+    a, b = (weight.b.T, weight.a.T) if param.transposed else (weight.a, weight.b)  # (r, in), (out, r)
+    block, _, leaf = param.name.rpartition(".")
+    prefix = f"{block}.{weight.expert}"
+    if leaf not in SPLIT_NAMES:
+        return {
+            f"{prefix}.{leaf}": LoraWeight(a.contiguous(), b.contiguous(), weight.alpha, weight.use_rslora)
+        }
+    if model_class is None:
+        raise UnknownFormat(
+            f"{param.name}: splitting gate_up_proj into gate_proj and up_proj needs the model class "
+            "(gate and up are interleaved in gpt-oss, concatenated in others); give --base with its config.json"
+        )
+    half = b.shape[0] // 2
+    rows = (slice(0, None, 2), slice(1, None, 2)) if model_class.startswith(INTERLEAVED_CLASSES) else (
+        slice(0, half), slice(half, None)
+    )  # fmt: skip
+    return {
+        f"{prefix}.{part}": LoraWeight(a.clone(), b[row].contiguous(), weight.alpha, weight.use_rslora)
+        for part, row in zip(SPLIT_NAMES[leaf], rows, strict=True)  # A cloned: files store no shared memory
+    }
