@@ -54,6 +54,7 @@ __all__ = [
     "from_peft",
     "fused_layout",
     "fused_name",
+    "keep_layout",
     "merge_fused",
     "peft_patterns",
     "peft_prefix",
@@ -565,3 +566,46 @@ def _per_expert(weight: ExpertLora, param: FusedParam, model_class: str | None) 
         f"{prefix}.{part}": LoraWeight(a.clone(), b[row].contiguous(), weight.alpha, weight.use_rslora)
         for part, row in zip(SPLIT_NAMES[leaf], rows, strict=True)  # A cloned: files store no shared memory
     }
+
+
+def keep_layout(adapter: Adapter, sources: Sequence[Adapter]) -> Adapter:
+    """``adapter`` (made by an op from ``sources``) with its ``param[e]`` modules as :class:`ExpertLora`
+    again, so that it can be written as PEFT ``target_parameters``.
+
+    An op (combine, resize) returns plain LoRAs; the layout, expert index and nesting come from the
+    sources' module of the same name. PEFT stores one rank and alpha per fused parameter, so a
+    parameter whose experts came out with different ranks or scales is written with the largest
+    rank R and alpha = R (scale 1): each expert's scale is folded into B and its factors padded
+    with zero rows of A and columns of B, which leaves every ``s·B@A`` exactly as it was.
+    """
+    layouts = {n: w for source in sources for n, w in source.weights.items() if isinstance(w, ExpertLora)}
+    experts = {n: w for n, w in adapter.weights.items() if n in layouts and isinstance(w, LoraWeight)}
+    if not experts:
+        return adapter
+    by_param: dict[str, list[str]] = {}
+    for name in experts:
+        by_param.setdefault(FUSED_NAME.match(name)["param"], []).append(name)  # type: ignore[index]
+    weights = dict(adapter.weights)
+    for names in by_param.values():
+        same = len({(experts[n].rank, experts[n].alpha, experts[n].use_rslora) for n in names}) == 1
+        rank = max(experts[n].rank for n in names)
+        for name in names:
+            weight, layout = experts[name], layouts[name]
+            a, b, alpha, rslora = weight.a, weight.b, weight.alpha, weight.use_rslora
+            if not same:  # fold s into B, pad to rank R: s'·B'@A' = 1·[s·B, 0] @ [A; 0] = s·B@A
+                a = torch.cat([a, a.new_zeros(rank - weight.rank, a.shape[1])])  # (R, in)
+                b = torch.cat(
+                    [b * weight.scale, b.new_zeros(b.shape[0], rank - weight.rank)], dim=1
+                )  # (out, R)
+                alpha, rslora = float(rank), False
+            weights[name] = ExpertLora(
+                a,
+                b,
+                alpha,
+                rslora,
+                param=layout.param,
+                expert=layout.expert,
+                depth=layout.depth,
+                module=layout.module,
+            )
+    return replace(adapter, weights=weights)

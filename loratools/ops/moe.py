@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loratools.errors import LoratoolsError, list_problems
+from loratools.kinds.fused import FUSED_NAME
 
 __all__ = [
     "ExpertCount",
+    "adapter_experts",
     "check_no_expert_dropped",
     "count_experts",
     "expert_group",
@@ -184,3 +186,17 @@ def experts_entry(base_names: Iterable[str], touched: Iterable[str]) -> dict[str
     base has no experts."""
     count = count_experts(base_names, touched)
     return count.to_dict() if count is not None else None
+
+
+def adapter_experts(
+    modules: Iterable[str], base_shapes: Mapping[str, tuple[int, ...]] | None
+) -> dict[str, Any] | None:
+    """The ``experts`` entry of inspect: the expert weights an adapter adapts, against the base's
+    when given (2-D experts and fused tensors' experts ``param[e]`` counted one by one); without a
+    base only ``{"touched": n}``. None when the adapter adapts no expert (and the base has none)."""
+    touched = [m if FUSED_NAME.match(m) else f"{m}.weight" for m in modules]
+    if base_shapes is None:
+        count = sum(1 for n in touched if is_expert(n) or FUSED_NAME.match(n))
+        return {"touched": count} if count else None
+    found = count_experts(list(base_shapes), touched, fused=fused_experts(base_shapes))
+    return found.to_dict() if found is not None else None
