@@ -23,7 +23,7 @@ from loratools.formats import gguf as gguf_names
 from loratools.formats import kohya
 from loratools.io.safetensors_file import TensorSpec
 from loratools.kinds import embedding
-from loratools.kinds.fused import split_experts
+from loratools.kinds.fused import FUSED_NAME, split_experts
 from loratools.progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -320,6 +320,12 @@ def _adapter_writer(
         from loratools.io.adapter_dir import save_adapter
 
         return lambda: {"path": str(save_adapter(adapter, options.output, force=options.force))}
+    fused = [m for m in adapter.weights if FUSED_NAME.match(m)]
+    if fused:  # only PEFT's target_parameters holds a fused tensor's experts
+        raise LoratoolsError(
+            f"--to {options.to} has no form for fused expert tensors ({fused[0]}, …); add --split-experts "
+            "to write them as per-expert modules"
+        )
     if options.to == "kohya":
         embedding.refuse_embeddings(adapter.weights, "kohya")
         tensors, metadata = kohya.from_adapter(adapter, options.prefix)

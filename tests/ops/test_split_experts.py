@@ -66,6 +66,21 @@ def test_split_gpt_oss_through_the_cli_is_peft_delta_deinterleaved(run_cli, tmp_
     config = json.loads((out / "adapter_config.json").read_text())
     assert "target_parameters" not in config  # plain per-expert modules now
 
+    kohya = run_cli("convert", adapter, "--to", "kohya", "-o", tmp_path / "k.safetensors", "--base", base)
+    assert kohya.exit_code == 1 and "--split-experts" in kohya.stderr  # kohya cannot hold fused experts
+    kohya = run_cli(
+        "convert",
+        adapter,
+        "--to",
+        "kohya",
+        "-o",
+        tmp_path / "k.safetensors",
+        "--base",
+        base,
+        "--split-experts",
+    )
+    assert kohya.exit_code == 0, kohya.output
+
     from loratools.io.adapter_dir import load_adapter
 
     split = load_adapter(out)
