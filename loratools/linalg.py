@@ -266,12 +266,11 @@ def batched_randomized_svd(
     """:func:`randomized_svd` of every matrix of a stack ``m`` (b, d, k) at once.
 
     The experts of one projection share a shape, so their range finders run as batched products
-    (``torch.matmul`` on (b, d, k) @ (b, k, l)) and batched QR/SVD instead of b separate calls.
-    Every matrix is sketched with the same Gaussian Ω (k, l) that :func:`randomized_svd` draws
-    for ``seed``, so each result is the one a separate call would give, up to float rounding,
-    except that the batch iterates until every matrix has met the stopping rule once (further
-    iterations only bring a converged matrix closer to the optimum; the flag is kept, because at
-    a residual near float32 resolution the rule flickers and all b would rarely meet it at once).
+    ((b, d, k) @ (b, k, l)) and batched QR and small SVDs instead of b separate calls. Every
+    matrix is sketched with the Gaussian Ω (k, l) that :func:`randomized_svd` draws for ``seed``
+    and leaves the batch at the iteration where a separate call would stop (its own stopping
+    rule), so each result is the one a separate call gives, up to float rounding. Once some
+    matrices have stopped, the others go on as a smaller stack (one gather each time it shrinks).
     A sketch as wide as half the smaller side takes the exact batched SVD instead.
 
     Args:
@@ -289,20 +288,29 @@ def batched_randomized_svd(
         return [Svd(u[i, :, :rank], s[i, :rank], vh[i, :rank]) for i in range(batch)]
     gen = torch.Generator(device=m.device).manual_seed(seed)
     omega = torch.randn(k, width, generator=gen, device=m.device, dtype=m.dtype)  # (k, l), shared
+    results: list[Svd | None] = [None] * batch
+    active = torch.arange(batch)  # the matrices still iterating, as rows of m
     q = _orthonormal(m @ omega)  # (b, d, l)
-    # (b,) ‖M‖²_F; residuals in float64: ‖M‖² − Σ s̃ᵢ² cancels, and float32 noise would decide the stop
-    total = torch.linalg.vector_norm(m, dim=(1, 2)).double().square()
+    # ‖M‖²_F as a separate call computes it (a float32 norm, squared in float64)
+    total = torch.linalg.vector_norm(m, dim=(1, 2)).double().square()  # (b,)
     residual, iteration = torch.full_like(total, float("inf")), 0
-    converged = torch.zeros_like(total, dtype=torch.bool)  # sticky: met the stopping rule once
     while True:
         z = m.mT @ q  # (b, k, l) = (Qᵀ M)ᵀ
         if iteration >= niter:
             u_small, s, vh = torch.linalg.svd(z.mT, full_matrices=False)  # (b, l, l), (b, l), (b, l, k)
             new_residual = (total - s[:, :rank].double().square().sum(dim=1)).clamp(min=0.0)
-            converged |= (residual - new_residual <= rtol * new_residual) | (new_residual <= 1e-12 * total)
-            if bool(converged.all()) or iteration >= max_iter:
-                u = q @ u_small  # (b, d, l)
-                return [Svd(u[i, :, :rank], s[i, :rank], vh[i, :rank]) for i in range(batch)]
+            done = (residual - new_residual <= rtol * new_residual) | (new_residual <= 1e-12 * total)
+            if iteration >= max_iter:
+                done[:] = True
+            if bool(done.any()):
+                u = q[done] @ u_small[done]  # (n, d, l)
+                for row, i in enumerate(active[done].tolist()):
+                    results[i] = Svd(u[row, :, :rank], s[done][row, :rank], vh[done][row, :rank])
+                if bool(done.all()):
+                    return [r for r in results if r is not None]
+                keep = ~done
+                active, m, q, z = active[keep], m[keep], q[keep], z[keep]
+                total, new_residual = total[keep], new_residual[keep]
             residual = new_residual
         q = _orthonormal(m @ _orthonormal(z))  # one subspace iteration, (b, d, l)
         iteration += 1
