@@ -85,7 +85,7 @@ def extract(base: str, finetuned: str, output: str, dtype: str | None, device: s
         with render.progress(total, "extract", quiet=quiet or not workers.is_main) as advance:
             result = run_extract(base_ckpt, ft_ckpt, options, plan=plan, workers=workers, progress=advance,
                                  base_model=base, finetuned_model=finetuned, task_type=_task_type(ft_path),
-                                 model_class=_model_class(ft_path))  # fmt: skip
+                                 model_class=_model_class(ft_path) or _model_class(base_path))  # fmt: skip
     if result is None:  # another torchrun process: rank 0 writes
         return
     dora_reports = _with_dora(base_ckpt, ft_ckpt, result, quiet) if dora else None
