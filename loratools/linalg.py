@@ -295,7 +295,7 @@ def batched_randomized_svd(
     total = torch.linalg.vector_norm(m, dim=(1, 2)).double().square()  # (b,)
     residual, iteration = torch.full_like(total, float("inf")), 0
     while True:
-        z = m.mT @ q  # (b, k, l) = (Qᵀ M)ᵀ
+        z = (q.mT @ m).mT  # (b, k, l) = (Qᵀ M)ᵀ; Qᵀ M keeps M untransposed (bmm would copy a transposed M)
         if iteration >= niter:
             u_small, s, vh = torch.linalg.svd(z.mT, full_matrices=False)  # (b, l, l), (b, l), (b, l, k)
             new_residual = (total - s[:, :rank].double().square().sum(dim=1)).clamp(min=0.0)
