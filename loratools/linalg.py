@@ -34,6 +34,7 @@ __all__ = [
     "Split",
     "Svd",
     "allocate_budget",
+    "batched_randomized_svd",
     "energy_curve",
     "energy_kept",
     "exact_svd",
@@ -415,3 +416,66 @@ class RankRule:
                 f"{self.min_rank} each; raise --budget or lower --min-rank"
             )
         return allocate_budget(spectra, self.budget, min_rank=self.min_rank)
+
+
+def batched_randomized_svd(
+    m: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 8,
+    niter: int = 1,
+    rtol: float = 1e-3,
+    max_iter: int = 12,
+    seed: int = 0,
+) -> list[Svd]:
+    """:func:`randomized_svd` of every matrix of a stack ``m`` (b, d, k) at once.
+
+    The experts of one projection share a shape, so their range finders run as batched products
+    ((b, d, k) @ (b, k, l)) and batched QR and small SVDs instead of b separate calls. Every
+    matrix is sketched with the Gaussian Ω (k, l) that :func:`randomized_svd` draws for ``seed``
+    and leaves the batch at the iteration where a separate call would stop (its own stopping
+    rule), so each result is the one a separate call gives, up to float rounding. Once some
+    matrices have stopped, the others go on as a smaller stack (one gather each time it shrinks).
+    A sketch as wide as half the smaller side takes the exact batched SVD instead.
+
+    Args:
+        m: the stack (b, d, k); upcast to float32.
+        rank, oversample, niter, rtol, max_iter, seed: as in :func:`randomized_svd`.
+
+    Returns:
+        b Svds, each u (d, rank), s (rank,), vh (rank, k).
+    """
+    m = _as_float(m)
+    batch, d, k = m.shape
+    width = min(rank + oversample, d, k)
+    if width >= min(d, k) // 2:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)  # (b, d, n), (b, n), (b, n, k)
+        return [Svd(u[i, :, :rank], s[i, :rank], vh[i, :rank]) for i in range(batch)]
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    omega = torch.randn(k, width, generator=gen, device=m.device, dtype=m.dtype)  # (k, l), shared
+    results: list[Svd | None] = [None] * batch
+    active = torch.arange(batch)  # the matrices still iterating, as rows of m
+    q = _orthonormal(m @ omega)  # (b, d, l)
+    # ‖M‖²_F as a separate call computes it (a float32 norm, squared in float64)
+    total = torch.linalg.vector_norm(m, dim=(1, 2)).double().square()  # (b,)
+    residual, iteration = torch.full_like(total, float("inf")), 0
+    while True:
+        z = (q.mT @ m).mT  # (b, k, l) = (Qᵀ M)ᵀ; Qᵀ M keeps M untransposed (bmm would copy a transposed M)
+        if iteration >= niter:
+            u_small, s, vh = torch.linalg.svd(z.mT, full_matrices=False)  # (b, l, l), (b, l), (b, l, k)
+            new_residual = (total - s[:, :rank].double().square().sum(dim=1)).clamp(min=0.0)
+            done = (residual - new_residual <= rtol * new_residual) | (new_residual <= 1e-12 * total)
+            if iteration >= max_iter:
+                done[:] = True
+            if bool(done.any()):
+                u = q[done] @ u_small[done]  # (n, d, l)
+                for row, i in enumerate(active[done].tolist()):
+                    results[i] = Svd(u[row, :, :rank], s[done][row, :rank], vh[done][row, :rank])
+                if bool(done.all()):
+                    return [r for r in results if r is not None]
+                keep = ~done
+                active, m, q, z = active[keep], m[keep], q[keep], z[keep]
+                total, new_residual = total[keep], new_residual[keep]
+            residual = new_residual
+        q = _orthonormal(m @ _orthonormal(z))  # one subspace iteration, (b, d, l)
+        iteration += 1

@@ -53,6 +53,11 @@ TARGETS = {
     help="DoRA (needs --base), LoHa, LoKr → plain LoRA keeping this energy fraction.",
 )
 @click.option("--budget", type=int, default=None, help="LoHa, LoKr → plain LoRA of this total rank.")
+@click.option(
+    "--split-experts",
+    is_flag=True,
+    help="Fused-expert LoRA → per-expert experts.<e>.<proj> modules (needs --base).",
+)
 @force_flag
 @reporting
 def convert(
@@ -66,6 +71,7 @@ def convert(
     rank: int | None,
     energy: float | None,
     budget: int | None,
+    split_experts: bool,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -79,12 +85,14 @@ def convert(
       loratools convert model.bin|model.gguf --to safetensors -o DIR [--dtype bf16]
       loratools convert DORA --to gguf -o lora.gguf --base BASE -r 16   # DoRA → plain LoRA
       loratools convert LOKR --to kohya -o lora.safetensors --energy 0.99  # LoHa/LoKr → LoRA
+      loratools convert ADAPTER --to peft -o DIR --base BASE --split-experts  # per-expert names
     """
     from loratools.commands.convert import ConvertOptions, open_convert
 
     options = ConvertOptions(
-        source, to, output, base, prefix, dtype, max_shard_size, force, rank, energy, budget=budget
-    )
+        source, to, output, base, prefix, dtype, max_shard_size, force, rank, energy, budget=budget,
+        split_experts=split_experts,
+    )  # fmt: skip
     opened = open_convert(options)
     with render.progress(opened.total, f"convert → {to}", quiet=quiet or as_json) as advance:
         report = opened.run(advance).to_dict()

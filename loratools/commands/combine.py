@@ -111,12 +111,13 @@ class OpenCombine:
     def run(self, progress: Progress = no_progress) -> CombineReport:
         """Combine per module and write the result atomically to ``options.output``."""
         from loratools.io.adapter_dir import describe_adapter, save_adapter_as
+        from loratools.kinds.fused import keep_layout
         from loratools.ops.combine import combine_adapters
 
         o = self.options
         sources = list(o.adapters)
         result = combine_adapters(self.adapters, o.combining, sources=sources, progress=progress)
-        save_adapter_as(result.adapter, o.output, force=o.force)
+        save_adapter_as(keep_layout(result.adapter, self.adapters), o.output, force=o.force)
         lines = tuple(describe_adapter(s, a) for s, a in zip(sources, self.adapters, strict=True))
         return CombineReport(o.output, lines, result)
 
@@ -136,8 +137,10 @@ def open_combine(options: CombineOptions) -> OpenCombine:
 
     paths = [resolve_path(a, what="adapter") for a in options.adapters]
     check_not_an_input(options.output, paths)
-    base_names = open_checkpoint(resolve_path(options.base)).names() if options.base else None
-    loaded = tuple(load_adapter(p, base_names=base_names) for p in paths)
+    base = open_checkpoint(resolve_path(options.base)) if options.base else None
+    base_names = base.names() if base is not None else None
+    shapes = {i.name: tuple(i.shape) for i in base.infos()} if base is not None else None  # fused experts
+    loaded = tuple(load_adapter(p, base_names=base_names, base_shapes=shapes) for p in paths)
     for adapter in loaded:
         check_output_form(adapter, options.output)
     _check_same_naming(options.adapters, loaded)

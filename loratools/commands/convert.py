@@ -24,6 +24,7 @@ from loratools.errors import LoratoolsError
 from loratools.formats import gguf as gguf_names
 from loratools.formats import kohya
 from loratools.kinds import embedding
+from loratools.kinds.fused import FUSED_NAME, split_experts
 from loratools.progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class ConvertOptions:
             and LoKr adapters the same rules (and ``budget``) give their optimal plain LoRA, no
             base needed (:func:`loratools.ops.resize.lycoris_to_lora`).
         budget: LoHa/LoKr → plain LoRA with this total rank over all modules.
+        split_experts: write fused-expert LoRA (PEFT ``target_parameters``, read against
+            ``base``) as per-expert 2-D modules ``….experts.<e>.<proj>``
+            (:func:`loratools.kinds.fused.split_experts`).
     """
 
     source: str
@@ -71,12 +75,17 @@ class ConvertOptions:
     rank: int | None = None
     energy: float | None = None
     budget: int | None = None
+    split_experts: bool = False
 
     def __post_init__(self) -> None:
         from loratools.io.model_copy import parse_size
 
         object.__setattr__(self, "output", Path(self.output))
         _check_bake_rule(self)
+        if self.split_experts and self.base is None:
+            raise LoratoolsError(
+                "--split-experts reads the fused experts against their base: pass --base BASE"
+            )
         if self.to not in TARGETS:
             raise LoratoolsError(f"--to {self.to!r}: choose one of {', '.join(TARGETS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -306,7 +315,13 @@ def _open_adapter(options: ConvertOptions) -> tuple[int, Callable[[Progress], di
     source = resolve_path(options.source, what="adapter")
     fmt = adapter_format(source)
     base = _open_base(options.base)
-    adapter = load_adapter(source, base_names=base.names() if base is not None else None)
+    adapter = load_adapter(
+        source,
+        base_names=base.names() if base is not None else None,
+        base_shapes=base.shapes if base is not None else None,  # fused experts (target_parameters)
+    )
+    if options.split_experts and base is not None:
+        adapter = split_experts(adapter, next(iter((base.config or {}).get("architectures") or []), None))
     adapter, converted = _lycoris_to_lora(adapter, options)
     adapter, baked = _dora_to_lora(adapter, options) if converted is None else (adapter, [])
     if options.dtype:
@@ -341,6 +356,12 @@ def _adapter_writer(
         from loratools.io.adapter_dir import save_adapter
 
         return lambda: {"path": str(save_adapter(adapter, options.output, force=options.force))}
+    fused = [m for m in adapter.weights if FUSED_NAME.match(m)]
+    if fused:  # only PEFT's target_parameters holds a fused tensor's experts
+        raise LoratoolsError(
+            f"--to {options.to} has no form for fused expert tensors ({fused[0]}, …); add --split-experts "
+            "to write them as per-expert modules"
+        )
     if options.to == "kohya":
         embedding.refuse_embeddings(adapter.weights, "kohya")
         tensors, metadata, _ = kohya.from_adapter(adapter, options.prefix)

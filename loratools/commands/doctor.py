@@ -21,6 +21,7 @@ from loratools.io.model_config import read_model_config, tied_embeddings
 from loratools.io.resolve import resolve_path
 from loratools.io.safetensors_file import SafetensorsFile
 from loratools.kinds import KINDS
+from loratools.kinds.fused import ExpertLora
 from loratools.ops.doctor import BaseFacts, DoctorReport, adapter_facts, diagnose, parse_runtimes
 from loratools.ops.merge.update import apply_update
 from loratools.progress import Progress, no_progress
@@ -69,7 +70,10 @@ def doctor(options: DoctorOptions, progress: Progress = no_progress) -> DoctorRe
     adapter, error = None, None
     if kind.family != "gguf":  # GGUF adapters are llama.cpp's to load; the header says enough
         try:
-            adapter = load_adapter(path, base_names=base.names() if base is not None else None)
+            shapes = {i.name: tuple(i.shape) for i in base.infos()} if base is not None else None
+            adapter = load_adapter(
+                path, base_names=base.names() if base is not None else None, base_shapes=shapes
+            )
         except LoratoolsError as exc:
             error = str(exc)
     base_facts = None
@@ -114,9 +118,11 @@ def _base_facts(
     adapter: Adapter, base: Checkpoint, facts: BaseFacts, precision: bool, progress: Progress
 ) -> BaseFacts:
     """Names, shapes, dtype and (optionally) the merge precision of every module against ``base``."""
-    tensor_of, missing = _resolve_each(adapter.modules, base.names())
+    # a fused tensor's experts (read against this base, so they fit it): its dtype, not its precision
+    experts = {m: w.param.name for m, w in adapter.weights.items() if isinstance(w, ExpertLora) and w.param}
+    tensor_of, missing = _resolve_each([m for m in adapter.modules if m not in experts], base.names())
     mismatched: list[str] = []
-    dtypes: Counter[str] = Counter()
+    dtypes: Counter[str] = Counter(str(base.info(t).dtype).removeprefix("torch.") for t in experts.values())
     fitting: dict[str, str] = {}
     for module, tensor in tensor_of.items():
         weight = adapter.weights[module]

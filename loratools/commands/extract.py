@@ -129,6 +129,7 @@ class OpenExtract:
     finetuned: Checkpoint
     plan: ExtractPlan
     task_type: str | None
+    model_class: str | None  # config.json's architectures[0]: the layout of fused expert tensors
 
     @property
     def is_main(self) -> bool:
@@ -154,6 +155,7 @@ class OpenExtract:
             result = run_extract(
                 self.base, self.finetuned, o.factoring, plan=self.plan, workers=workers, progress=progress,
                 base_model=o.base, finetuned_model=o.finetuned, task_type=self.task_type,
+                model_class=self.model_class,
             )  # fmt: skip
         if result is None:  # another torchrun process: rank 0 writes
             return None
@@ -175,7 +177,7 @@ def open_extract(options: ExtractOptions) -> OpenExtract:
             pair up (see :func:`loratools.ops.extract.plan_extraction`).
     """
     from loratools.io.checkpoint import open_checkpoint
-    from loratools.io.model_config import read_model_config, task_type
+    from loratools.io.model_config import model_class, read_model_config, task_type
     from loratools.io.resolve import resolve_path
     from loratools.io.writer import check_not_an_input, check_output_free
     from loratools.ops.extract import plan_extraction
@@ -191,8 +193,14 @@ def open_extract(options: ExtractOptions) -> OpenExtract:
     check_not_an_input(output, [base_path, ft_path])
     base, finetuned = open_checkpoint(base_path), open_checkpoint(ft_path)
     plan = plan_extraction(base, finetuned, options.factoring)
-    kind = task_type(read_model_config(ft_path)) if ft_path.is_dir() else None
-    return OpenExtract(options, base, finetuned, plan, kind)
+    if options.dora and any(len(item.shape) == 3 for item in plan.lora_items):
+        raise InvalidOptions("--dora: PEFT has no DoRA for fused expert tensors (target_parameters)")
+    ft_config = read_model_config(ft_path) if ft_path.is_dir() else {}
+    base_config = read_model_config(base_path) if base_path.is_dir() else {}
+    kind = task_type(ft_config)
+    return OpenExtract(
+        options, base, finetuned, plan, kind, model_class(ft_config) or model_class(base_config)
+    )
 
 
 def extract(options: ExtractOptions, progress: Progress = no_progress) -> ExtractReport | None:

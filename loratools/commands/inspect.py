@@ -104,10 +104,15 @@ def _adapter(local: Path, family: str, base: str | None) -> dict[str, Any]:
     from loratools.io.resolve import resolve_path
     from loratools.io.safetensors_file import SafetensorsFile
     from loratools.ops.inspect import summarize_adapter, summarize_training
+    from loratools.ops.moe import adapter_experts
 
     ckpt = open_checkpoint(resolve_path(base)) if base else None
-    adapter = load_adapter(local, base_names=ckpt.names() if ckpt is not None else None)
+    shapes = {i.name: tuple(i.shape) for i in ckpt.infos()} if ckpt is not None else None  # fused experts
+    adapter = load_adapter(local, base_names=ckpt.names() if ckpt is not None else None, base_shapes=shapes)
     summary = summarize_adapter(adapter, family)
+    experts = adapter_experts(adapter.weights, shapes)
+    if experts is not None:
+        summary["experts"] = experts
     if ckpt is not None and "dora" in summary:
         summary.update(_dora_with_base(adapter, ckpt))
     if family == "kohya":

@@ -99,11 +99,12 @@ class OpenResize:
     def run(self, progress: Progress = no_progress) -> ResizeReport:
         """Resize every module and write the result atomically to ``options.output``."""
         from loratools.io.adapter_dir import describe_adapter, save_adapter_as
+        from loratools.kinds.fused import keep_layout
         from loratools.ops.resize import resize_adapter
 
         o = self.options
         result = resize_adapter(self.adapter, o.ranks, progress=progress)
-        save_adapter_as(result.adapter, o.output, force=o.force)
+        save_adapter_as(keep_layout(result.adapter, [self.adapter]), o.output, force=o.force)
         return ResizeReport(o.output, describe_adapter(self.path, self.adapter), result)
 
 
@@ -121,8 +122,10 @@ def open_resize(options: ResizeOptions) -> OpenResize:
 
     path = resolve_path(options.adapter, what="adapter")
     check_not_an_input(options.output, [path])
-    base_names = open_checkpoint(resolve_path(options.base)).names() if options.base else None
-    adapter = load_adapter(path, base_names=base_names)
+    base = open_checkpoint(resolve_path(options.base)) if options.base else None
+    base_names = base.names() if base is not None else None
+    shapes = {i.name: tuple(i.shape) for i in base.infos()} if base is not None else None  # fused experts
+    adapter = load_adapter(path, base_names=base_names, base_shapes=shapes)
     check_output_form(adapter, options.output)
     return OpenResize(options, path, adapter)
 

@@ -102,9 +102,11 @@ def open_similarity(options: SimilarityOptions) -> OpenSimilarity:
     from loratools.io.checkpoint import open_checkpoint
     from loratools.io.resolve import resolve_path
 
-    base_names = open_checkpoint(resolve_path(options.base)).names() if options.base else None
-    first = load_adapter(options.first, base_names=base_names)
-    second = load_adapter(options.second, base_names=base_names)
+    base = open_checkpoint(resolve_path(options.base)) if options.base else None
+    base_names = base.names() if base is not None else None
+    shapes = {i.name: tuple(i.shape) for i in base.infos()} if base is not None else None  # fused experts
+    first = load_adapter(options.first, base_names=base_names, base_shapes=shapes)
+    second = load_adapter(options.second, base_names=base_names, base_shapes=shapes)
     return OpenSimilarity(options, (first, second))
 
 

@@ -256,6 +256,10 @@ def from_adapter(adapter: Adapter) -> AdapterFiles:
     rank_pattern = {m: p for m, p in rank_pattern.items() if m in weights}
     alpha_pattern = {m: p for m, p in alpha_pattern.items() if m in weights}
     tensors: dict[str, torch.Tensor] = fused.peft_tensors(experts, r, alpha) if experts else {}
+    if experts:  # a wrapped experts module with its own r/alpha: keyed by the module's path
+        fused_ranks, fused_alphas = fused.peft_patterns(experts, r, alpha)
+        rank_pattern.update(fused_ranks)
+        alpha_pattern.update(fused_alphas)
     for module, w in weights.items():
         tensors.update(_module_tensors(module, w))
     for name, tensor in adapter.saved_modules.items():

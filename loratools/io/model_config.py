@@ -9,7 +9,14 @@ from typing import Any
 
 from loratools.errors import CheckpointError
 
-__all__ = ["read_json_object", "read_model_config", "require_model_config", "task_type", "tied_embeddings"]
+__all__ = [
+    "model_class",
+    "read_json_object",
+    "read_model_config",
+    "require_model_config",
+    "task_type",
+    "tied_embeddings",
+]
 
 
 def read_model_config(checkpoint: Path) -> dict[str, Any]:
@@ -64,3 +71,9 @@ def task_type(config: dict[str, Any]) -> str | None:
     if not isinstance(architectures, list):
         return None
     return "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
+
+
+def model_class(config: dict[str, Any]) -> str | None:
+    """The model class ``architectures`` names first (the layout of fused expert tensors depends on it)."""
+    architectures = config.get("architectures") or []
+    return str(architectures[0]) if isinstance(architectures, list) and architectures else None

@@ -37,12 +37,12 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from loratools.adapter import LoraWeight
+from loratools.adapter import Adapter, LoraWeight
 from loratools.errors import MissingKeys, ShapeMismatch, UnknownFormat, list_problems
 
 __all__ = [
@@ -50,21 +50,27 @@ __all__ = [
     "TRANSPOSED_CLASSES",
     "ExpertLora",
     "FusedParam",
+    "expert_lora",
     "from_peft",
+    "fused_layout",
     "fused_name",
+    "keep_layout",
     "merge_fused",
+    "peft_patterns",
     "peft_prefix",
     "peft_tensors",
     "read_peft",
     "resolve_wrappers",
+    "split_experts",
     "to_peft",
+    "wrapper_depths",
 ]
 
 # ``<parameter>[<expert>]``: brackets never occur in checkpoint names, so the split is unambiguous
 FUSED_NAME = re.compile(r"^(?P<param>.+)\[(?P<expert>\d+)\]$")
 # transformers models whose fused experts are (E, in, out) (the experts module's ``is_transposed``),
 # by the prefix of the class PEFT records in ``auto_mapping.base_model_class``
-TRANSPOSED_CLASSES = ("GptOss",)
+TRANSPOSED_CLASSES = ("GptOss", "Aria", "OpenaiPrivacyFilter")
 # ``<module>(.base_layer)*.lora_A.weight``: the nesting depth is the number of ``base_layer``
 WRAPPER_KEY = re.compile(
     r"^(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
@@ -282,7 +288,8 @@ def read_peft(
         tensors: the adapter's tensors by PEFT key.
         config: adapter_config.json (``target_parameters``, ``auto_mapping``).
         base_shapes: the base's tensor name → shape (the fused parameters are found here).
-        alpha_of: module path → its alpha (PEFT's lora_alpha/alpha_pattern rule).
+        alpha_of: PEFT's key of a targeted parameter (``<module>.<parameter>``) → its alpha
+            (PEFT's lora_alpha/alpha_pattern rule).
         use_rslora: scale by alpha/√r.
         source: the adapter, for messages.
 
@@ -321,7 +328,8 @@ def read_peft(
                 '"auto_mapping": {"base_model_class": …} (gpt-oss: GptOssForCausalLM)'
             ) from None
         for depth, ((a, b), param) in enumerate(zip(pairs, resolved, strict=True)):
-            weights.update(from_peft(a, b, param, float(alpha_of(module)), use_rslora, depth, module))
+            alpha = float(alpha_of(f"{module}.{param.name.rpartition('.')[2]}"))  # PEFT's key for it
+            weights.update(from_peft(a, b, param, alpha, use_rslora, depth, module))
     if problems:
         raise MissingKeys(
             f"{source}: target_parameters that fit no 3-D base tensor: {list_problems(problems)}"
@@ -356,30 +364,58 @@ def _transposed_hint(config: Mapping[str, Any]) -> bool | None:
     return True if isinstance(name, str) and name.startswith(TRANSPOSED_CLASSES) else None
 
 
-def peft_tensors(weights: Mapping[str, LoraWeight], rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """PEFT's ``target_parameters`` keys and tensors for the expert modules of an adapter.
-
-    Args:
-        weights: the ``param[e]`` modules (every one an :class:`ExpertLora` read from PEFT).
-        rank, alpha: the adapter config's ``r`` and ``lora_alpha``, which PEFT applies to them.
+def _by_parameter(weights: Mapping[str, LoraWeight]) -> dict[str, list[ExpertLora]]:
+    """The expert modules grouped by PEFT's key for their parameter, ``<wrapped module>.<parameter leaf>``.
 
     Raises:
-        UnknownFormat: a module whose fused layout is unknown (made by an op that forgot it), or
-            expert modules whose rank or alpha is not the config's.
+        UnknownFormat: a module whose fused layout is unknown (made by an op that forgot it).
     """
-    groups: dict[str, dict[str, LoraWeight]] = {}
-    first: dict[str, ExpertLora] = {}
+    groups: dict[str, list[ExpertLora]] = {}
     for name, weight in weights.items():
         if not isinstance(weight, ExpertLora) or weight.param is None:
             raise UnknownFormat(
                 f"module {name} is one expert of a fused tensor, but its layout was not kept; "
                 "write the adapter read from PEFT (or merge it) instead"
             )
-        if (weight.rank, weight.alpha) != (rank, alpha):
-            raise UnknownFormat(
-                f"module {name} has rank {weight.rank}, alpha {weight.alpha}; PEFT applies r={rank}, "
-                f"lora_alpha={alpha} to target_parameters: resize the adapter to one rank first"
-            )
+        module = weight.module or weight.param.name.rpartition(".")[0]
+        groups.setdefault(f"{module}.{weight.param.name.rpartition('.')[2]}", []).append(weight)
+    return groups
+
+
+def peft_patterns(
+    weights: Mapping[str, LoraWeight], rank: int, alpha: float
+) -> tuple[dict[str, int], dict[str, float]]:
+    """``rank_pattern`` and ``alpha_pattern`` entries for the fused parameters whose r or alpha is
+    not the config's ``r``/``lora_alpha``. PEFT matches the patterns of a targeted parameter against
+    ``<module>.<parameter>`` (``model.layers.0.mlp.experts.gate_up_proj``), one r per parameter;
+    :func:`to_peft` checks that its experts share it."""
+    ranks, alphas = {}, {}
+    for key, experts in _by_parameter(weights).items():
+        if experts[0].rank != rank:
+            ranks[key] = experts[0].rank
+        if experts[0].alpha != alpha:
+            alphas[key] = experts[0].alpha
+    return ranks, alphas
+
+
+def peft_tensors(weights: Mapping[str, LoraWeight], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """PEFT's ``target_parameters`` keys and tensors for the expert modules of an adapter.
+
+    Args:
+        weights: the ``param[e]`` modules (every one an :class:`ExpertLora` with its layout).
+        rank, alpha: the adapter config's ``r`` and ``lora_alpha``; parameters with another
+            rank or alpha need the :func:`peft_patterns` entries in the config.
+
+    Raises:
+        UnknownFormat: a module whose fused layout is unknown (made by an op that forgot it).
+        ShapeMismatch: a parameter's experts that differ in rank or alpha (see :func:`to_peft`).
+    """
+    del rank, alpha  # kept for the call sites: the patterns carry what differs
+    _by_parameter(weights)
+    groups: dict[str, dict[str, LoraWeight]] = {}
+    first: dict[str, ExpertLora] = {}
+    for name, weight in weights.items():
+        assert isinstance(weight, ExpertLora) and weight.param is not None  # checked above
         groups.setdefault(weight.param.name, {})[name] = weight
         first.setdefault(weight.param.name, weight)
     tensors = {}
@@ -392,3 +428,184 @@ def peft_tensors(weights: Mapping[str, LoraWeight], rank: int, alpha: float) -> 
         )
         tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
     return tensors
+
+
+# -- making expert modules (extract): the layout and the nesting PEFT will use -------------------
+
+# the order in which transformers' experts modules register their fused parameters; PEFT nests a
+# wrapper per targeted parameter in this order, so the last one is the outermost (depth 0)
+REGISTRATION_ORDER = ("gate_up_proj", "gate_proj", "w1", "up_proj", "w3", "down_proj", "w2")
+# projections whose input side is the hidden size (the others' output side is)
+INPUT_PROJECTIONS = ("gate_up_proj", "gate_proj", "w1", "up_proj", "w3")
+
+
+def wrapper_depths(params: Sequence[str]) -> dict[str, int]:
+    """The nesting depth PEFT gives each targeted fused parameter (0 = outermost), by module.
+
+    PEFT wraps a module's targeted parameters in their registration order, which no checkpoint
+    records; transformers' experts modules register gate/up before down
+    (:data:`REGISTRATION_ORDER`), other names follow in alphabetical order.
+    """
+    modules: dict[str, list[str]] = {}
+    for param in params:
+        modules.setdefault(param.rpartition(".")[0], []).append(param)
+
+    def order(param: str) -> tuple[int, str]:
+        leaf = param.rpartition(".")[2]
+        known = leaf in REGISTRATION_ORDER
+        return (REGISTRATION_ORDER.index(leaf) if known else len(REGISTRATION_ORDER), leaf)
+
+    depths = {}
+    for names in modules.values():
+        ordered = sorted(names, key=order)
+        depths.update({name: len(ordered) - 1 - i for i, name in enumerate(ordered)})
+    return depths
+
+
+def fused_layout(name: str, shape: Sequence[int], model_class: str | None, hidden: int | None) -> bool:
+    """Whether the fused parameter ``name`` (E, p, q) stores its slices (in, out) (PEFT's ``is_transposed``).
+
+    The model class decides when known (:data:`TRANSPOSED_CLASSES`, from config.json's
+    ``architectures``); otherwise the hidden size does: gate/up projections read it (their ``in``),
+    down projections write it (their ``out``).
+
+    Raises:
+        ShapeMismatch: neither says (no model class, and the slice is square or does not show the
+            hidden size).
+    """
+    if model_class is not None:
+        return model_class.startswith(TRANSPOSED_CLASSES)
+    p, q = int(shape[1]), int(shape[2])
+    if hidden is not None and p != q and hidden in (p, q):
+        reads_hidden = name.rpartition(".")[2] in INPUT_PROJECTIONS
+        in_first = (p == hidden) == reads_hidden  # the slice's first dim is its input side
+        return in_first
+    raise ShapeMismatch(
+        f"{name} {tuple(shape)}: cannot tell whether its experts are stored (in, out) or (out, in); "
+        "keep the model's config.json (its architectures name the model class) beside the checkpoint"
+    )
+
+
+def expert_lora(weight: LoraWeight, param: FusedParam, expert: int, depth: int) -> ExpertLora:
+    """``weight`` (slice layout) as expert ``expert`` of ``param``, written at nesting ``depth``."""
+    return ExpertLora(
+        weight.a,
+        weight.b,
+        weight.alpha,
+        weight.use_rslora,
+        param=param,
+        expert=expert,
+        depth=depth,
+        module=param.name.rpartition(".")[0],
+    )
+
+
+# -- per-expert 2-D names (runtimes that load Mixtral/Qwen-MoE style expert LoRA) ----------------
+
+# models whose fused gate_up_proj interleaves gate and up columns (gate = [..., ::2], up =
+# [..., 1::2]: transformers' ``is_concatenated=False``); the others concatenate [gate; up]
+INTERLEAVED_CLASSES = ("GptOss", "OpenaiPrivacyFilter")
+# the per-expert 2-D modules a fused parameter becomes (Qwen-MoE names: gate_proj, up_proj, down_proj)
+SPLIT_NAMES = {"gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def split_experts(adapter: Adapter, model_class: str | None = None) -> Adapter:
+    """The adapter with every fused-expert module as plain per-expert 2-D LoRAs.
+
+    Expert e of ``<block>.experts.<proj>`` becomes ``<block>.experts.<e>.<proj>`` in the (out, in)
+    layout of the per-expert ``nn.Linear`` (Mixtral, Qwen-MoE on disk): for a transposed
+    parameter (slice (in, out)) ``A = B_sliceᵀ``, ``B = A_sliceᵀ``. A fused ``gate_up_proj`` is
+    split into ``gate_proj`` and ``up_proj`` by rows of B (exact: ΔW_gate = s·B[gate rows] @ A,
+    the same A and rank for both): rows ``[:I]``/``[I:]`` where gate and up are concatenated,
+    ``0::2``/``1::2`` where they are interleaved (:data:`INTERLEAVED_CLASSES`, gpt-oss).
+
+    Args:
+        adapter: an adapter read with its base (fused modules are :class:`ExpertLora`).
+        model_class: the base model class (config.json ``architectures[0]``); defaults to the
+            adapter's ``auto_mapping.base_model_class``. Needed only to split ``gate_up_proj``.
+
+    Raises:
+        UnknownFormat: a ``gate_up_proj`` to split whose model class is unknown.
+    """
+    model_class = model_class or _model_class(adapter.extra_config)
+    weights: dict[str, Any] = {}
+    for name, weight in adapter.weights.items():
+        if isinstance(weight, ExpertLora) and weight.param is not None:
+            weights.update(_per_expert(weight, weight.param, model_class))
+        else:
+            weights[name] = weight
+    extra = {k: v for k, v in adapter.extra_config.items() if k != "target_parameters"}
+    return replace(adapter, weights=weights, extra_config=extra)
+
+
+def _model_class(config: Mapping[str, Any]) -> str | None:
+    mapping = config.get("auto_mapping")
+    name = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _per_expert(weight: ExpertLora, param: FusedParam, model_class: str | None) -> dict[str, LoraWeight]:
+    """One expert's LoRA(s) in the per-expert (out, in) layout, by 2-D module name."""
+    a, b = (weight.b.T, weight.a.T) if param.transposed else (weight.a, weight.b)  # (r, in), (out, r)
+    block, _, leaf = param.name.rpartition(".")
+    prefix = f"{block}.{weight.expert}"
+    if leaf not in SPLIT_NAMES:
+        return {
+            f"{prefix}.{leaf}": LoraWeight(a.contiguous(), b.contiguous(), weight.alpha, weight.use_rslora)
+        }
+    if model_class is None:
+        raise UnknownFormat(
+            f"{param.name}: splitting gate_up_proj into gate_proj and up_proj needs the model class "
+            "(gate and up are interleaved in gpt-oss, concatenated in others); give --base with its config.json"
+        )
+    half = b.shape[0] // 2
+    rows = (slice(0, None, 2), slice(1, None, 2)) if model_class.startswith(INTERLEAVED_CLASSES) else (
+        slice(0, half), slice(half, None)
+    )  # fmt: skip
+    return {
+        f"{prefix}.{part}": LoraWeight(a.clone(), b[row].contiguous(), weight.alpha, weight.use_rslora)
+        for part, row in zip(SPLIT_NAMES[leaf], rows, strict=True)  # A cloned: files store no shared memory
+    }
+
+
+def keep_layout(adapter: Adapter, sources: Sequence[Adapter]) -> Adapter:
+    """``adapter`` (made by an op from ``sources``) with its ``param[e]`` modules as :class:`ExpertLora`
+    again, so that it can be written as PEFT ``target_parameters``.
+
+    An op (combine, resize) returns plain LoRAs; the layout, expert index and nesting come from the
+    sources' module of the same name. PEFT stores one rank and alpha per fused parameter, so a
+    parameter whose experts came out with different ranks or scales is written with the largest
+    rank R and alpha = R (scale 1): each expert's scale is folded into B and its factors padded
+    with zero rows of A and columns of B, which leaves every ``s·B@A`` exactly as it was.
+    """
+    layouts = {n: w for source in sources for n, w in source.weights.items() if isinstance(w, ExpertLora)}
+    experts = {n: w for n, w in adapter.weights.items() if n in layouts and isinstance(w, LoraWeight)}
+    if not experts:
+        return adapter
+    by_param: dict[str, list[str]] = {}
+    for name in experts:
+        by_param.setdefault(FUSED_NAME.match(name)["param"], []).append(name)  # type: ignore[index]
+    weights = dict(adapter.weights)
+    for names in by_param.values():
+        same = len({(experts[n].rank, experts[n].alpha, experts[n].use_rslora) for n in names}) == 1
+        rank = max(experts[n].rank for n in names)
+        for name in names:
+            weight, layout = experts[name], layouts[name]
+            a, b, alpha, rslora = weight.a, weight.b, weight.alpha, weight.use_rslora
+            if not same:  # fold s into B, pad to rank R: s'·B'@A' = 1·[s·B, 0] @ [A; 0] = s·B@A
+                a = torch.cat([a, a.new_zeros(rank - weight.rank, a.shape[1])])  # (R, in)
+                b = torch.cat(
+                    [b * weight.scale, b.new_zeros(b.shape[0], rank - weight.rank)], dim=1
+                )  # (out, R)
+                alpha, rslora = float(rank), False
+            weights[name] = ExpertLora(
+                a,
+                b,
+                alpha,
+                rslora,
+                param=layout.param,
+                expert=layout.expert,
+                depth=layout.depth,
+                module=layout.module,
+            )
+    return replace(adapter, weights=weights)

@@ -26,14 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loratools.errors import LoratoolsError, list_problems
+from loratools.kinds.fused import FUSED_NAME
 
 __all__ = [
     "ExpertCount",
+    "adapter_experts",
     "check_no_expert_dropped",
     "count_experts",
+    "expert_group",
     "experts_entry",
     "fused_experts",
     "is_expert",
+    "is_fused_expert",
     "is_router",
     "merged_experts",
 ]
@@ -48,11 +52,21 @@ def is_expert(name: str) -> bool:
     return EXPERT.match(name) is not None
 
 
+def is_fused_expert(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether tensor ``name`` of ``shape`` holds one projection of all experts (E, p, q), not a bias."""
+    return len(shape) == 3 and FUSED.match(name) is not None and not name.endswith("_bias")
+
+
+def expert_group(name: str) -> tuple[str, str] | None:
+    """(block, projection) of one expert's 2-D weight (``….experts``, ``w1``); None for other tensors.
+    The experts of one projection of one layer share a shape: extract factors them as one batch."""
+    match = EXPERT.match(name)
+    return (match["block"], match["proj"]) if match else None
+
+
 def fused_experts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     """Fused expert tensors of a base (``….experts.<proj>``, 3-D, not a bias) → their expert count E."""
-    return {
-        n: int(s[0]) for n, s in shapes.items() if len(s) == 3 and FUSED.match(n) and not n.endswith("_bias")
-    }
+    return {n: int(s[0]) for n, s in shapes.items() if is_fused_expert(n, tuple(s))}
 
 
 def is_router(name: str) -> bool:
@@ -100,7 +114,8 @@ def count_experts(
     Args:
         base_names: every tensor name of the base.
         touched: tensor names the command changed (``param[e]`` for a fused tensor's expert e).
-        dropped: tensor names whose change the command would lose (a fused tensor by its name).
+        dropped: tensor names whose change the command would lose (a fused tensor by its name:
+            counted, and listed, as its E experts ``name[e]``).
         routers: router tensor names carried whole.
         fused: the base's fused expert tensors → E (:func:`fused_experts`); each counts E weights.
     """
@@ -120,7 +135,10 @@ def count_experts(
         base=len(experts) + len(slices),
         experts=len(groups),
         touched=sum(1 for n in set(touched) if is_expert(n) or n in slices),
-        dropped=sorted(n for n in set(dropped) if is_expert(n) or n in fused),
+        dropped=sorted(  # a dropped fused tensor loses each of its E experts
+            {n for n in dropped if is_expert(n)}
+            | {f"{n}[{e}]" for n in dropped if n in fused for e in range(fused[n])}
+        ),
         routers=sorted(set(routers)),
     )
 
@@ -168,3 +186,17 @@ def experts_entry(base_names: Iterable[str], touched: Iterable[str]) -> dict[str
     base has no experts."""
     count = count_experts(base_names, touched)
     return count.to_dict() if count is not None else None
+
+
+def adapter_experts(
+    modules: Iterable[str], base_shapes: Mapping[str, tuple[int, ...]] | None
+) -> dict[str, Any] | None:
+    """The ``experts`` entry of inspect: the expert weights an adapter adapts, against the base's
+    when given (2-D experts and fused tensors' experts ``param[e]`` counted one by one); without a
+    base only ``{"touched": n}``. None when the adapter adapts no expert (and the base has none)."""
+    touched = [m if FUSED_NAME.match(m) else f"{m}.weight" for m in modules]
+    if base_shapes is None:
+        count = sum(1 for n in touched if is_expert(n) or FUSED_NAME.match(n))
+        return {"touched": count} if count else None
+    found = count_experts(list(base_shapes), touched, fused=fused_experts(base_shapes))
+    return found.to_dict() if found is not None else None

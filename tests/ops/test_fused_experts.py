@@ -359,29 +359,3 @@ def test_square_expert_slices_take_the_layout_from_the_model_class(tmp_path: Pat
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ShapeMismatch, match=r"adapter: .*square slice.*base_model_class"):
         merge_paths(str(base), tmp_path / "again", add=[(str(adapter), 1.0)])
-
-
-def test_extract_never_drops_a_changed_fused_expert_tensor(tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.ops.extract import ExtractOptions, extract
-
-    base, _, _ = _saved(tmp_path)
-    tensors = load_file(base / "model.safetensors")
-    tuned = dict(tensors)
-    gen = torch.Generator().manual_seed(2)
-    for name in ("model.layers.0.self_attn.q_proj.weight", f"{EXPERTS_MODULE}.gate_up_proj"):
-        tuned[name] = tensors[name] + 0.1 * torch.randn(tensors[name].shape, generator=gen)
-    (tmp_path / "ft").mkdir()
-    save_file(tuned, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
-    pair = open_checkpoint(base), open_checkpoint(tmp_path / "ft")
-    with pytest.raises(
-        LoratoolsError, match=r"experts\.gate_up_proj.*fused expert tensors.*--modules-to-save"
-    ):
-        extract(*pair, ExtractOptions(rank=2))
-    result = extract(*pair, ExtractOptions(rank=2, modules_to_save=True))
-    assert torch.equal(
-        result.adapter.saved_modules[f"{EXPERTS_MODULE}.gate_up_proj"],
-        tuned[f"{EXPERTS_MODULE}.gate_up_proj"],
-    )

@@ -12,6 +12,7 @@ from loratools.errors import LoratoolsError
 from loratools.linalg import allocate_budget
 from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.dora import DoraExtractReport
+from loratools.ops.extract.experts import fused_layouts
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import ExtractPlan, TensorSource, plan_extraction, size_warnings
 from loratools.ops.extract.result import ExtractResult, build_result
@@ -31,6 +32,7 @@ def extract(
     base_model: str | None = None,
     finetuned_model: str | None = None,
     task_type: str | None = None,
+    model_class: str | None = None,
 ) -> ExtractResult | None:
     """Extract a LoRA adapter: ΔW = W_ft − W_base ≈ s·B·A for every targeted module.
 
@@ -44,6 +46,8 @@ def extract(
         base_model: name of the base for the config and model card (``base_model_name_or_path``).
         finetuned_model: name of the fine-tune, recorded in the provenance.
         task_type: PEFT task type, e.g. ``CAUSAL_LM``.
+        model_class: the model class (config.json ``architectures[0]``, e.g. ``GptOssForCausalLM``):
+            the layout of fused expert tensors (see :func:`~loratools.ops.extract.experts.fused_layouts`).
 
     Returns:
         The adapter and per-module reports; None on processes other than rank 0 of a torchrun job.
@@ -58,6 +62,7 @@ def extract(
         8
     """
     plan = plan or plan_extraction(base, finetuned, options)
+    fused = fused_layouts(plan, model_class)  # fused expert tensors: refused before any work if unclear
     workers = workers or Workers()
     mine = workers.share(plan.items)
     lora = [item for item in mine if item.kind == "lora"]
@@ -77,12 +82,12 @@ def extract(
     outcome = run_everywhere(
         workers,
         lambda: factor_pass(
-            base, finetuned, mine, options, buffer, plan.dtype, ranks, lora_modules, progress
+            base, finetuned, mine, options, buffer, plan.dtype, ranks, lora_modules, progress, fused
         ),
     )
     if not workers.is_main:
         return None
-    result = build_result(plan, outcome, options, base_model, finetuned_model, task_type)
+    result = build_result(plan, outcome, options, base_model, finetuned_model, task_type, model_class)
     for message in size_warnings(result.modules, options):
         with warnings.catch_warnings():  # each run says it, even in a process that said it before
             warnings.simplefilter("always")

@@ -18,7 +18,8 @@ import torch
 
 from loratools.adapter import LoraWeight
 from loratools.kinds import embedding
-from loratools.linalg import Svd, exact_svd, randomized_svd, rank_for_energy
+from loratools.kinds.fused import FusedParam, expert_lora, fused_name
+from loratools.linalg import Svd, batched_randomized_svd, exact_svd, randomized_svd, rank_for_energy
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item
 from loratools.ops.spectrum.noise import NoiseFloor
@@ -46,6 +47,15 @@ def truncated_spectrum(delta: torch.Tensor, width: int, options: ExtractOptions)
     if options.exact:
         return exact_svd(delta).truncate(width)
     return randomized_svd(delta, width, seed=options.seed)
+
+
+def truncated_spectra(stack: torch.Tensor, width: int, options: ExtractOptions) -> list[Svd]:
+    """:func:`truncated_spectrum` of every ΔW of a stack (b, out, in) of one shape, as one batched SVD."""
+    width = min(width, *stack.shape[1:])
+    if options.exact:
+        u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # (b, out, n), (b, n), (b, n, in)
+        return [Svd(u[i], s[i], vh[i]).truncate(width) for i in range(stack.shape[0])]
+    return batched_randomized_svd(stack, width, seed=options.seed)
 
 
 def choose_rank(s: torch.Tensor, total: float, options: ExtractOptions) -> int:
@@ -90,6 +100,19 @@ def factor_module(
 ) -> tuple[LoraWeight, ModuleReport] | None:
     """Factor one ΔW: compute its spectrum, choose the rank, write factors, measure the error."""
     svd = truncated_spectrum(delta, rank if rank is not None else options.width, options)
+    return factor_from_svd(item, delta, total, svd, rank, options, dtype)
+
+
+def factor_from_svd(
+    item: Item,
+    delta: torch.Tensor,
+    total: float,
+    svd: Svd,
+    rank: int | None,
+    options: ExtractOptions,
+    dtype: torch.dtype,
+) -> tuple[LoraWeight, ModuleReport] | None:
+    """Factor one ΔW from its truncated SVD: choose the rank, write factors, measure the error."""
     chosen = choose_rank(svd.s, total, options) if rank is None else min(rank, svd.rank)
     if chosen == 0:
         return None
@@ -101,3 +124,47 @@ def factor_module(
     error = residual_norm(delta, weight) / math.sqrt(total)
     shape = (int(item.shape[0]), int(item.shape[1]))
     return weight, ModuleReport(module, shape, chosen, min(energy, 1.0), error, math.sqrt(total))
+
+
+def factor_fused(
+    item: Item,
+    delta: torch.Tensor,
+    ranks: list[int] | None,
+    options: ExtractOptions,
+    dtype: torch.dtype,
+    param: FusedParam,
+    depth: int,
+) -> list[tuple[LoraWeight, ModuleReport]]:
+    """Factor a fused expert tensor's ΔW (E, p, q): one LoRA per expert, one rank r for all.
+
+    PEFT stores one rank for the E experts of a parameter (:mod:`loratools.kinds.fused`). The rank
+    rule picks r_e per expert (``ranks`` fixes them, for a budget) and r = max_e r_e; every expert
+    then keeps its top r singular triplets, not r_e and zero columns: the file holds r columns
+    per expert either way, so the extra triplets cost nothing and lower the error (each expert's
+    error is the rank-r Eckart–Young error, ≤ the rank-r_e one). Empty list when r = 0.
+    """
+    width = max(ranks) if ranks is not None else options.width
+    if width == 0:
+        return []
+    totals = delta.square().sum(dim=(1, 2)).tolist()  # ‖ΔW[e]‖²_F, (E,)
+    svds = truncated_spectra(delta, width, options)  # one batched SVD for the E experts
+    if ranks is None:
+        ranks = [
+            choose_rank(svd.s, total, options) if total > 0 else 0
+            for svd, total in zip(svds, totals, strict=True)
+        ]
+    rank = min(max(ranks), svds[0].rank)  # every slice has the same shape, so the same cap
+    if rank == 0:
+        return []
+    shape = (int(item.shape[1]), int(item.shape[2]))
+    out: list[tuple[LoraWeight, ModuleReport]] = []
+    for e, (svd, total) in enumerate(zip(svds, totals, strict=True)):
+        weight = expert_lora(lora_from_svd(svd, rank, options, dtype), param, e, depth)
+        if total > 0:
+            energy = min(float(svd.s[:rank].double().square().sum()) / total, 1.0)
+            error = residual_norm(delta[e], weight) / math.sqrt(total)
+        else:  # an expert the fine-tune left alone: zero factors (PEFT stores every expert)
+            energy, error = 1.0, 0.0
+        report = ModuleReport(fused_name(param.name, e), shape, rank, energy, error, math.sqrt(total))
+        out.append((weight, report))
+    return out

@@ -12,7 +12,7 @@ import torch
 from loratools.errors import LoratoolsError, ShapeMismatch, UnknownFormat, list_problems, name_summary
 from loratools.formats.detect import looks_like_adapter
 from loratools.ops.extract.options import ExtractOptions
-from loratools.ops.moe import is_router
+from loratools.ops.moe import is_fused_expert, is_router
 
 EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|wte|wpe|word_embeddings|lm_head)(\.|$)")
 
@@ -68,6 +68,8 @@ def _kind(name: str, shape: tuple[int, ...], options: ExtractOptions) -> Kind:
         return "lora" if lora else "embedding"
     if is_router(name) and options.targets is None:
         return "other"  # a router is small: carried whole when it changed (ops/extract/experts.py)
+    if is_fused_expert(name, shape) and options.targets_module(name):
+        return "lora"  # (E, p, q): one LoRA per expert, written as PEFT target_parameters
     if len(shape) == 2 and name.endswith(".weight") and options.targets_module(module):
         return "lora"
     return "other"

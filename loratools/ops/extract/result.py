@@ -8,7 +8,7 @@ from typing import Any
 from loratools.adapter import Adapter
 from loratools.errors import LoratoolsError
 from loratools.ops.extract.embeddings import tied_embeddings, tying_config
-from loratools.ops.extract.experts import expert_count
+from loratools.ops.extract.experts import expert_count, fused_config, module_order
 from loratools.ops.extract.factor import ModuleReport
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import ExtractPlan
@@ -99,11 +99,12 @@ def _provenance(options: ExtractOptions, plan: ExtractPlan, base: str | None, fi
 
 def build_result(
     plan: ExtractPlan, outcome: Outcome, options: ExtractOptions, base: str | None, finetuned: str | None,
-    task_type: str | None,
+    task_type: str | None, model_class: str | None = None,
 ) -> ExtractResult:  # fmt: skip
     order = [item.name for item in plan.items]
-    weights = {outcome.weights[n][1].name: outcome.weights[n][0] for n in order if n in outcome.weights}
-    reports = [outcome.weights[n][1] for n in order if n in outcome.weights]
+    keys = module_order(order, outcome.weights)  # a fused tensor's experts param[e] in its place
+    weights = {outcome.weights[n][1].name: outcome.weights[n][0] for n in keys}
+    reports = [outcome.weights[n][1] for n in keys]
     if not weights:
         raise LoratoolsError(
             "no targeted weight differs between base and fine-tune (or every rank was 0); "
@@ -118,7 +119,7 @@ def build_result(
         saved_modules={n: outcome.saved[n] for n in order if n in outcome.saved},
         base_model=base,
         task_type=task_type,
-        extra_config=tying_config(tied, weights),
+        extra_config={**tying_config(tied, weights), **fused_config(weights, model_class)},
         provenance=provenance,
     )
     result = ExtractResult(

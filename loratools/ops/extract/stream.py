@@ -1,7 +1,8 @@
 """The streaming passes over both checkpoints, and how processes of a torchrun job share them.
 
 Tensors are read pairwise in the fine-tune's storage order (the next pair is prefetched while
-this one is factored). With ``--budget`` a first pass collects every ΔW's top singular values
+this one is factored), except that the 2-D expert weights of one projection of a layer are read
+one after another and factored as one batch (:mod:`.batch`). With ``--budget`` a first pass collects every ΔW's top singular values
 and the ranks are allocated model-wide before the second pass factors. Under torchrun each
 process takes a round-robin share of the items (:mod:`loratools.distributed`) and every
 process's :class:`Outcome` is gathered and merged.
@@ -9,7 +10,7 @@ process's :class:`Outcome` is gathered and merged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -17,8 +18,16 @@ import torch
 from loratools.adapter import LoraWeight
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
+from loratools.kinds.fused import FusedParam, fused_name
 from loratools.ops.delta import DeltaBuffer
-from loratools.ops.extract.factor import ModuleReport, factor_module, truncated_spectrum
+from loratools.ops.extract.batch import ExpertBatch, StackBuffer, read_units
+from loratools.ops.extract.factor import (
+    ModuleReport,
+    factor_fused,
+    factor_module,
+    truncated_spectra,
+    truncated_spectrum,
+)
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item, TensorSource
 from loratools.ops.moe import is_router
@@ -46,6 +55,18 @@ def _pairs(
         yield name, w_ft, w_base
 
 
+def _by_unit(
+    base: TensorSource, finetuned: TensorSource, items: list[Item]
+) -> Iterator[tuple[Item, torch.Tensor, torch.Tensor, list[Item]]]:
+    """(item, W_ft, W_base, its unit) in read order (:func:`~.batch.read_units`: a layer's experts
+    of one projection one after another, so they can be factored as one batch)."""
+    units = read_units(items)
+    unit_of = {item.name: unit for unit in units for item in unit}
+    by_name = {item.name: item for item in items}
+    for name, w_ft, w_base in _pairs(base, finetuned, [item.name for unit in units for item in unit]):
+        yield by_name[name], w_ft, w_base, unit_of[name]
+
+
 def spectra_pass(
     base: TensorSource,
     finetuned: TensorSource,
@@ -53,12 +74,29 @@ def spectra_pass(
     options: ExtractOptions,
     buffer: DeltaBuffer,
 ) -> Outcome:
-    """Budget pass 1: the top ``width`` singular values of every ΔW (factors are not kept)."""
+    """Budget pass 1: the top ``width`` singular values of every ΔW (factors are not kept); the
+    experts of a fused tensor, or of one projection of a layer, from one batched SVD."""
     outcome = Outcome()
-    for name, w_ft, w_base in _pairs(base, finetuned, [i.name for i in items]):
-        delta, total = buffer.delta(name, w_ft, w_base)
-        if total > 0:
-            outcome.spectra[name] = truncated_spectrum(delta, options.width, options).s.cpu()
+    stacks = StackBuffer(buffer.device)
+    batch: ExpertBatch | None = None
+    for item, w_ft, w_base, unit in _by_unit(base, finetuned, items):
+        delta, total = buffer.delta(item.name, w_ft, w_base)
+        if len(unit) > 1:
+            if item is unit[0]:
+                batch = ExpertBatch(stacks.stack(len(unit), item.shape))
+            assert batch is not None  # the unit's first item came first
+            if total > 0:
+                batch.add(item, delta, total, None)
+            if item is unit[-1]:
+                outcome.spectra.update(batch.spectra(options.width, options))
+        elif total > 0 and delta.ndim == 3:  # fused experts (E, p, q): one spectrum per changed expert
+            changed = [e for e in range(delta.shape[0]) if bool(delta[e].any())]
+            svds = truncated_spectra(delta[changed], options.width, options)
+            outcome.spectra.update(
+                {fused_name(item.name, e): svd.s.cpu() for e, svd in zip(changed, svds, strict=True)}
+            )
+        elif total > 0:
+            outcome.spectra[item.name] = truncated_spectrum(delta, options.width, options).s.cpu()
     return outcome
 
 
@@ -102,13 +140,27 @@ def factor_pass(
     ranks: dict[str, int] | None,
     lora_modules: set[str],
     progress: Progress,
+    fused: Mapping[str, tuple[FusedParam, int]] | None = None,
 ) -> Outcome:
-    """Factor every LoRA item (``ranks`` fixes them, for a budget) and compare the others."""
+    """Factor every LoRA item (``ranks`` fixes them, for a budget) and compare the others.
+
+    ``fused``: the fused expert tensors' layouts and PEFT nesting depths (factored per expert).
+    """
     outcome = Outcome()
-    by_name = {item.name: item for item in items}
-    for name, w_ft, w_base in _pairs(base, finetuned, list(by_name)):
-        item = by_name[name]
-        if item.kind == "lora" and (ranks is None or ranks.get(name, 0) > 0):
+    stacks = StackBuffer(buffer.device)
+    batch: ExpertBatch | None = None
+    for item, w_ft, w_base, unit in _by_unit(base, finetuned, items):
+        name = item.name
+        if len(unit) > 1:  # one expert of a layer's projection: factored with the others at the last one
+            if item is unit[0]:
+                batch = ExpertBatch(stacks.stack(len(unit), item.shape))
+            assert batch is not None  # the unit's first item came first
+            _add_to_batch(outcome, batch, item, w_ft, w_base, ranks, buffer, base, finetuned)
+            if item is unit[-1]:
+                _factor_batch(outcome, batch, ranks, options, dtype)
+        elif fused and name in fused:
+            _factor_fused(outcome, item, buffer.delta(name, w_ft, w_base), ranks, options, dtype, fused[name])
+        elif item.kind == "lora" and (ranks is None or ranks.get(name, 0) > 0):
             delta, total = buffer.delta(name, w_ft, w_base)
             rank = None if ranks is None else ranks[name]
             factored = factor_module(item, delta, total, rank, options, dtype) if total > 0 else None
@@ -128,6 +180,67 @@ def factor_pass(
                 outcome.skipped[name] = reason
         progress(name)
     return outcome
+
+
+def _add_to_batch(
+    outcome: Outcome,
+    batch: ExpertBatch,
+    item: Item,
+    w_ft: torch.Tensor,
+    w_base: torch.Tensor,
+    ranks: dict[str, int] | None,
+    buffer: DeltaBuffer,
+    base: TensorSource,
+    finetuned: TensorSource,
+) -> None:
+    """A changed expert weight joins the batch (its ΔW copied in); others get their reason now."""
+    if ranks is not None and ranks.get(item.name, 0) == 0:
+        outcome.skipped[item.name] = "unchanged" if torch.equal(w_ft, w_base) else "no rank left in --budget"
+        return
+    delta, total = buffer.delta(item.name, w_ft, w_base)
+    if total == 0:
+        outcome.skipped[item.name] = "unchanged"
+        return
+    batch.add(item, delta, total, noise_floor(base, finetuned, item.name, w_ft, None, total))
+
+
+def _factor_batch(
+    outcome: Outcome,
+    batch: ExpertBatch,
+    ranks: dict[str, int] | None,
+    options: ExtractOptions,
+    dtype: torch.dtype,
+) -> None:
+    for name, factored in batch.factor(ranks, options, dtype).items():
+        if factored is None:
+            outcome.skipped[name] = "no singular value above --sv-threshold"
+        else:
+            outcome.weights[name] = factored
+
+
+def _factor_fused(
+    outcome: Outcome,
+    item: Item,
+    delta_total: tuple[torch.Tensor, float],
+    ranks: dict[str, int] | None,
+    options: ExtractOptions,
+    dtype: torch.dtype,
+    layout: tuple[FusedParam, int],
+) -> None:
+    """A fused expert tensor: its experts' LoRAs go in as ``name[e]``, or the reason it has none."""
+    delta, total = delta_total
+    param, depth = layout
+    experts = [fused_name(item.name, e) for e in range(param.num_experts)]
+    fixed = None if ranks is None else [ranks.get(n, 0) for n in experts]
+    factored = factor_fused(item, delta, fixed, options, dtype, param, depth) if total > 0 else []
+    if total == 0:
+        outcome.skipped[item.name] = "unchanged"
+    elif not factored:
+        outcome.skipped[item.name] = (
+            "no rank left in --budget" if ranks is not None else "no singular value above --sv-threshold"
+        )
+    for weight, report in factored:
+        outcome.weights[report.name] = (weight, report)
 
 
 def _merge(outcomes: list[Outcome]) -> Outcome:
