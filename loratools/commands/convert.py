@@ -25,6 +25,7 @@ from loratools.formats import gguf as gguf_names
 from loratools.formats import kohya
 from loratools.kinds import embedding
 from loratools.kinds.fused import FUSED_NAME, split_experts
+from loratools.linalg import RankRule
 from loratools.progress import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -196,14 +197,9 @@ def check_source(source: str, to: str) -> FileKind:
 
 # -- DoRA → plain LoRA (-r R | --energy F, with --base) ------------------------------------------------
 def _check_bake_rule(options: ConvertOptions) -> None:
-    if sum(rule is not None for rule in (options.rank, options.energy, options.budget)) > 1:
-        raise LoratoolsError("-r, --energy and --budget: give one rank rule")
-    if options.budget is not None and options.budget < 1:
-        raise LoratoolsError(f"--budget {options.budget}: must be at least 1")
-    if options.rank is not None and options.rank < 1:
-        raise LoratoolsError(f"-r {options.rank}: the rank must be at least 1")
-    if options.energy is not None and not 0.0 < options.energy <= 1.0:
-        raise LoratoolsError(f"--energy {options.energy}: must be in (0, 1]")
+    """At most one of -r/--energy/--budget, each in range (linalg.RankRule's checks and words)."""
+    rule = RankRule(rank=options.rank, energy=options.energy, budget=options.budget)
+    rule.check(("rank", "energy", "budget"), required=False)
 
 
 def _dora_to_lora(adapter: Adapter, options: ConvertOptions) -> tuple[Adapter, list[Any]]:
