@@ -245,8 +245,9 @@ class Adapter:
 
     @property
     def target_modules(self) -> list[str]:
-        """Leaf names of the adapted modules (``q_proj``, ``v_proj``, …), sorted."""
-        return sorted({name.rsplit(".", 1)[-1] for name in self.weights})
+        """Leaf names of the adapted modules (``q_proj``, ``v_proj``, …), sorted; a fused expert
+        parameter's slices (``….experts.gate_up_proj[3]``) count once, as ``gate_up_proj``."""
+        return sorted({name.rsplit(".", 1)[-1].split("[", 1)[0] for name in self.weights})
 
     def delta(self, name: str) -> torch.Tensor:
         """Module ``name``'s dense update in the base weight's layout, float32."""

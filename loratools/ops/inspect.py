@@ -109,10 +109,12 @@ def _lycoris_modules(adapter: Adapter) -> dict[str, Any]:
     return {n: describe(w) for n, w in adapter.weights.items() if w.kind in ("loha", "lokr")}
 
 
-def _factor_count(weight: Any) -> int:
-    """The factor tensors one module stores: LoRA's A and B, or each LoHa/LoKr part (Tucker cores too)."""
-    tensors = getattr(weight, "tensors", None)
-    return len(tensors()) if callable(tensors) else 2
+def _factor_tensors(weights: list[Any]) -> int:
+    """The factor tensors the modules store: LoRA's A and B, each LoHa/LoKr part (Tucker cores too),
+    and one A and one B per fused expert parameter (PEFT stacks its experts' factors)."""
+    fused = {(w.module, w.depth) for w in weights if getattr(w, "param", None) is not None}
+    plain = [w for w in weights if getattr(w, "param", None) is None]
+    return 2 * len(fused) + sum(len(t()) if callable(t := getattr(w, "tensors", None)) else 2 for w in plain)
 
 
 def summarize_adapter(adapter: Adapter, fmt: str) -> dict[str, Any]:
@@ -131,7 +133,7 @@ def summarize_adapter(adapter: Adapter, fmt: str) -> dict[str, Any]:
         "kinds": dict(Counter(getattr(w, "kind", "lora") for w in weights)),
         "lycoris_modules": _lycoris_modules(adapter),
         "modules": len(adapter.weights),
-        "tensors": sum(map(_factor_count, weights)) + len(adapter.saved_modules) + len(dora_modules(adapter)),
+        "tensors": _factor_tensors(weights) + len(adapter.saved_modules) + len(dora_modules(adapter)),
         "parameters": adapter.num_parameters,
         "ranks": {str(r): n for r, n in sorted(ranks.items())},
         "rank": max(ranks) if ranks else 0,

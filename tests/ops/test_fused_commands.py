@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from loratools.adapter import Adapter, LoraWeight
 from loratools.kinds.fused import ExpertLora, keep_layout
@@ -121,9 +122,13 @@ def test_similarity_inspect_and_doctor_read_it_with_base(run_cli, saved: tuple[P
     assert set(phi) == set(SLICES) and all(abs(p[0][0] - 1) < 1e-5 for p in phi.values())  # itself: φ = 1
     inspect = run_cli("inspect", adapter, "--base", base, "--json")
     assert inspect.exit_code == 0, inspect.output
-    assert json.loads(inspect.stdout)["experts"] == {
+    summary = json.loads(inspect.stdout)
+    assert summary["experts"] == {
         "base": 6, "experts": 3, "touched": 6, "dropped": [], "routers": []
     }  # fmt: skip
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as stored:  # one A, one B per parameter
+        assert summary["tensors"] == len(list(stored.keys()))
+    assert not any("[" in t for t in summary["target_modules"])  # parameters, not their expert slices
     doctor = run_cli("doctor", adapter, "--base", base, "--json")
     facts = json.loads(doctor.stdout)
     assert "needs the base model" not in doctor.output
