@@ -112,8 +112,8 @@ def test_extract_writes_target_parameters_that_peft_loads_equal_to_our_merge(
 
 
 def test_extract_merge_round_trip_is_eckart_young_per_expert(tmp_path: Path) -> None:
-    from loratools.io.adapter_dir import save_adapter
     from loratools.commands.merge import merge_paths
+    from loratools.io.adapter_dir import save_adapter
 
     base = _base(tmp_path / "base")
     _finetune(tmp_path / "ft", base, {p: [6, 5, 4] for p in PARAMS}, tmp_path / "base")  # above rank 2

@@ -133,6 +133,14 @@ def test_similarity_inspect_and_doctor_read_it_with_base(run_cli, saved: tuple[P
     facts = json.loads(doctor.stdout)
     assert "needs the base model" not in doctor.output
     assert facts.get("load_error") is None
+    findings = {f["rule"]: f for r in facts["runtimes"] for f in r["findings"]}
+    # llama.cpp: no GGUF adapter for expert tensors, so merge (not convert --to gguf, which refuses them)
+    assert findings["llama.cpp.fused_experts"]["severity"] == "blocker" and "llama.cpp.format" not in findings
+    assert (
+        "merge" in findings["llama.cpp.fused_experts"]["fix"]
+        and len(findings["llama.cpp.fused_experts"]["modules"]) == 6
+    )
+    assert findings["vllm.fused_experts"]["effect"] == "unverified"
 
 
 def test_keep_layout_pads_mixed_ranks_exactly() -> None:

@@ -34,8 +34,8 @@ from tests.ops.test_fused_experts import (  # noqa: E402
 
 
 def test_split_qwen3_moe_merged_on_disk_equals_peft(tmp_path: Path) -> None:
-    from loratools.io.adapter_dir import save_adapter
     from loratools.commands.merge import merge_paths
+    from loratools.io.adapter_dir import save_adapter
 
     model, base = _peft_model(_qwen3_moe)
     weights = _our_weights(model, base, False)

@@ -70,6 +70,7 @@ class AdapterFacts:
         rslora: modules scaled by alpha/√r.
         conv: modules whose base weight is a convolution.
         embeddings: modules that adapt an embedding (PEFT ``lora_embedding_A/B``).
+        fused_experts: expert slices of fused 3-D parameters (PEFT ``target_parameters``, ``…[e]``).
         saved_modules: tensors stored whole (PEFT ``modules_to_save``).
         zero_modules: modules whose update is exactly zero (an untrained B).
         duplicates: module names that occur twice once spelled the same way.
@@ -89,6 +90,7 @@ class AdapterFacts:
     rslora: tuple[str, ...] = ()
     conv: tuple[str, ...] = ()
     embeddings: tuple[str, ...] = ()
+    fused_experts: tuple[str, ...] = ()
     saved_modules: tuple[str, ...] = ()
     zero_modules: tuple[str, ...] = ()
     duplicates: tuple[str, ...] = ()
@@ -159,7 +161,7 @@ def _is_zero(weight: Any) -> bool:
 def module_facts(adapter: Adapter) -> dict[str, Any]:
     """The per-module facts of a loaded adapter (kinds, ranks, shapes, scales, …)."""
     kinds, ranks, shapes, scales = {}, {}, {}, {}
-    rslora, conv, embeddings, zeros = [], [], [], []
+    rslora, conv, embeddings, fused, zeros = [], [], [], [], []
     for name, weight in adapter.weights.items():
         kinds[name] = str(getattr(weight, "kind", "lora"))
         ranks[name] = int(weight.rank)
@@ -173,6 +175,8 @@ def module_facts(adapter: Adapter) -> dict[str, Any]:
             conv.append(name)
         if getattr(weight, "embedding", False):
             embeddings.append(name)
+        if getattr(weight, "param", None) is not None:  # kinds.fused.ExpertLora
+            fused.append(name)
         if _is_zero(weight):
             zeros.append(name)
     spelled = [name.replace("_", ".").lower() for name in adapter.weights]
@@ -185,6 +189,7 @@ def module_facts(adapter: Adapter) -> dict[str, Any]:
         "rslora": tuple(rslora),
         "conv": tuple(conv),
         "embeddings": tuple(embeddings),
+        "fused_experts": tuple(fused),
         "saved_modules": tuple(sorted(adapter.saved_modules)),
         "zero_modules": tuple(zeros),
         "duplicates": tuple(duplicates),

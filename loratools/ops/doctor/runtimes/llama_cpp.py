@@ -12,8 +12,8 @@ CONVERTER = f"{VERSION}: convert_lora_to_gguf.py"
 
 
 def _format(facts: AdapterFacts) -> list[Finding]:
-    if facts.family == "gguf" or facts.algorithm != "LoRA":
-        return []  # other algorithms get their own finding
+    if facts.family == "gguf" or facts.algorithm != "LoRA" or facts.fused_experts:
+        return []  # other algorithms and fused experts get their own finding
     return [Finding(
         "llama.cpp.format", CHANGE, "needs conversion",
         "llama.cpp loads GGUF adapters only; convert this one first (loratools folds rsLoRA and per-module "
@@ -79,6 +79,18 @@ def _modules_to_save(facts: AdapterFacts) -> list[Finding]:
     )]  # fmt: skip
 
 
+def _fused_experts(facts: AdapterFacts) -> list[Finding]:
+    if not facts.fused_experts:
+        return []
+    return [Finding(
+        "llama.cpp.fused_experts", BLOCKER, "rejects",
+        "llama.cpp loads GGUF adapters only, and loratools writes no GGUF adapter for expert tensors "
+        "(fused PEFT target_parameters, or per expert); merge, then convert the merged model",
+        facts.fused_experts, f"{VERSION}: src/llama-adapter.cpp; loratools convert --to gguf",
+        facts.command("merge", "BASE", "ADAPTER", "-o", "merged/"),
+    )]  # fmt: skip
+
+
 def _tied_lm_head(facts: AdapterFacts) -> list[Finding]:
     heads = tuple(m for m in facts.kinds if m.rsplit(".", 1)[-1] == "lm_head")
     if not heads or facts.base is None or not facts.base.tied_embeddings:
@@ -94,6 +106,6 @@ def _tied_lm_head(facts: AdapterFacts) -> list[Finding]:
 RUNTIME = Runtime(
     "llama.cpp",
     VERSION,
-    (_format, _dora, _lycoris, _rslora, _alpha_pattern, _modules_to_save, _tied_lm_head),
+    (_format, _dora, _lycoris, _rslora, _alpha_pattern, _modules_to_save, _fused_experts, _tied_lm_head),
     domain="llm",
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loratools.ops.doctor.facts import AdapterFacts
-from loratools.ops.doctor.findings import BLOCKER, Finding
+from loratools.ops.doctor.findings import BLOCKER, INFO, Finding
 from loratools.ops.doctor.runtimes import Runtime, lora_fix, peft_lora_only
 
 VERSION = "vLLM 0.11"
@@ -25,6 +25,17 @@ def _dora(facts: AdapterFacts) -> list[Finding]:
     return [Finding(
         "vllm.dora", BLOCKER, "rejects", "vLLM does not yet support DoRA (use_dora)",
         facts.of_kind("dora"), HELPER, lora_fix(facts, "peft", "lora-adapter/"),
+    )]  # fmt: skip
+
+
+def _fused_experts(facts: AdapterFacts) -> list[Finding]:
+    if not facts.fused_experts:
+        return []
+    return [Finding(
+        "vllm.fused_experts", INFO, "unverified",
+        "these rules were read from vLLM's per-module LoRA loader (lora_A/lora_B of target_modules); fused "
+        "expert parameters (PEFT target_parameters) were not checked. Serve the merged model to be sure",
+        facts.fused_experts, f"{VERSION}: vllm/lora/utils.py", facts.command("merge", "BASE", "ADAPTER", "-o", "merged/"),
     )]  # fmt: skip
 
 
@@ -57,4 +68,6 @@ def _max_rank(facts: AdapterFacts) -> list[Finding]:
     )]  # fmt: skip
 
 
-RUNTIME = Runtime("vllm", VERSION, (_format, _dora, _modules_to_save, _max_rank), domain="llm")
+RUNTIME = Runtime(
+    "vllm", VERSION, (_format, _dora, _modules_to_save, _fused_experts, _max_rank), domain="llm"
+)
