@@ -31,17 +31,8 @@ ORDERING = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 # Comments that carry no reason.
 TOOL_COMMENTS = ("# noqa", "# type:", "# pragma", "# fmt:")
 
-# Test files that other branches are editing (issue 13 was split between engineers): their tolerances get
-# their reasons once those have merged (at the branches' tips: experts' test_batched_experts.py and
-# test_extract_fused.py hold 3 bare ones each). Empty this list then; do not add
-# to it.
-NOT_YET = {
-    "ops/test_batched_experts.py",  # experts
-    "ops/test_extract_fused.py",  # experts
-    "ops/test_fused_commands.py",  # experts
-    "ops/test_fused_experts.py",  # experts
-    "ops/test_split_experts.py",  # experts
-}
+# Test files exempted while other branches edited them; empty since they merged. Do not add to it.
+NOT_YET: set[str] = set()
 # Where the numbers are derived, in docstrings and comments of their own.
 EXEMPT = {"tolerances.py", "_tolerances.py", "test_tolerances.py"}
 

@@ -39,6 +39,7 @@ def test_batched_error_is_within_bound_of_optimal_for_every_matrix(rank: int, bo
         assert b.shape == (300, rank) and a.shape == (rank, 200)
         error = math.sqrt(float((m - b @ a).double().square().sum()))
         optimal = math.sqrt(optimal_error_sq(m, rank))
+        # Eckart–Young: nothing beats optimal, up to float32 rounding of the norms
         assert optimal <= error * (1 + 1e-6)
         assert error <= bound * optimal
 
@@ -50,12 +51,14 @@ def test_batched_equals_one_svd_per_matrix() -> None:
         alone = linalg.randomized_svd(m, 6)
         # well separated top-6 spectrum: float32 SVDs agree to ~1e-5 relative
         torch.testing.assert_close(svd.s, alone.s, rtol=1e-4, atol=1e-5)
+        # products of float32 factors (sign-free) from two runs of the same sketch: 10× the σ tolerance
         torch.testing.assert_close(svd.u * svd.s @ svd.vh, alone.u * alone.s @ alone.vh, rtol=1e-3, atol=1e-4)
 
 
 def test_a_wide_sketch_takes_the_exact_batched_svd() -> None:
     stack = _stack(3, 20, 16, 3, noise=0.1)  # rank 6 + 8 oversampling ≥ 16 / 2
     for m, svd in zip(stack, linalg.batched_randomized_svd(stack, 6), strict=True):
+        # the exact path: float32 LAPACK on both sides, σ agree to a few ulps of the largest (~1e-6)
         torch.testing.assert_close(svd.s, torch.linalg.svdvals(m)[:6], rtol=1e-5, atol=1e-6)
 
 

@@ -99,6 +99,7 @@ def test_extract_writes_target_parameters_that_peft_loads_equal_to_our_merge(
     # one report per (parameter, expert), like a 2-D module; rank-2 changes at rank 2: float32 exact
     experts = [m for m in summary["modules"] if "[" in m["name"]]
     assert sorted(m["name"] for m in experts) == sorted(fused_name(p, e) for p in PARAMS for e in range(3))
+    # float32 residual of an exact rank-2 fit
     assert all(m["rank"] == 2 and m["relative_error"] < 1e-5 for m in experts)
     assert summary["experts"] == {"base": 6, "experts": 3, "touched": 6, "dropped": [], "routers": []}
 
@@ -135,6 +136,7 @@ def test_extract_merge_round_trip_is_eckart_young_per_expert(tmp_path: Path) -> 
             achieved /= float(torch.linalg.vector_norm(delta))
             # small slices take the exact SVD; float32 factors and a float32 merge: 1e-4 slack
             assert optimal - 1e-5 <= achieved <= optimal * 1.001 + 1e-4
+            # the report measures the same residual in float32 before the merge's rounding: same slack
             assert reports[fused_name(param, e)].relative_error == pytest.approx(optimal, rel=1e-3, abs=1e-4)
 
 
@@ -149,6 +151,7 @@ def test_energy_rule_shares_the_largest_expert_rank_and_peft_reads_its_rank_patt
     assert rank_of[Q_PROJ.removesuffix(".weight")] == 2
     # per expert the rule picks 1, 3, 0 and 2, 1, 1; PEFT stores one r per parameter: the largest
     assert [rank_of[fused_name(p, e)] for p in PARAMS for e in range(3)] == [3, 3, 3, 2, 2, 2]
+    # every rank covers its change: the residual is float32 rounding
     assert max(m["relative_error"] for m in summary["modules"]) < 1e-5
     assert summary["experts"]["touched"] == 6  # the unchanged expert is stored too (zero factors)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
