@@ -18,6 +18,8 @@ ORDER = [
     "extract",
     "merge",
     "io_profile",
+    "near_floor",
+    "extract_mergekit",
     "scale_7b",
     "scale_7b_peers",
     "quantized_merge",
