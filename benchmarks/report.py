@@ -18,6 +18,8 @@ ORDER = [
     "extract",
     "merge",
     "io_profile",
+    "near_floor",
+    "extract_mergekit",
     "scale_7b",
     "scale_7b_peers",
     "quantized_merge",
@@ -46,6 +48,7 @@ Regenerate this page after re-running a benchmark: `python -m benchmarks.report`
 # Scratch folders the benchmarks build their checkpoints in, e.g. /tmp/loratools-bench-extract/layers4/.
 SCRATCH = r"/tmp/[\w.-]+(?:/layers\d+)?"
 PLACEHOLDERS = [
+    (re.compile(r"(?:/[\w.-]+)+/(?=benchmarks/[\w.-]+\.py)"), ""),  # a checkout's scripts: repo-relative
     (re.compile(r"(?:/[\w.-]+)+/\.venv/bin/"), ""),  # a project virtualenv's python: by name
     (re.compile(r"(?:/[\w.-]+)*/venvs/[\w.-]+/bin/"), ""),  # a tool in its own virtualenv: by name
     (re.compile(r"/tmp/[\w.-]*venv/bin/"), ""),  # a tool in its own virtualenv: by name
