@@ -154,6 +154,10 @@ class Checkpoint:
         group = self.quantized.get(name)
         return None if group is None else requantize(group, w, self.read_stored)
 
+    def requantizes(self, name: str) -> bool:
+        """Whether :meth:`requantize` gives a tensor for ``name`` (asked before a float32 copy is made)."""
+        return name in self.quantized
+
     def read_stored(self, name: str) -> torch.Tensor:
         """One tensor exactly as stored (a quantized weight's packed part, scale or state)."""
         return self._safetensors[self.stored[name].file].read(name)

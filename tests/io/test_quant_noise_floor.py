@@ -63,3 +63,29 @@ def test_extract_reports_the_noise_floor_of_a_q4_base(run_cli, fixtures_dir: Pat
     modules = json.loads(result.stdout)["modules"]
     assert modules and all(0.5 < m["noise_floor"]["relative_to_delta"] < 2 for m in modules)
     assert all(m["noise_floor"]["singular_values_above"] is None for m in modules)
+
+
+class _Plain:
+    """A checkpoint with ``requantize`` whose tensors are not quantized (a plain safetensors base)."""
+
+    def requantizes(self, name: str) -> bool:
+        return False
+
+    def requantize(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
+        raise AssertionError("asked to requantize a tensor it says it does not quantize")
+
+
+class _NoFloat(torch.Tensor):
+    """A tensor that refuses to be copied to float32: the floor of a plain base must not make one."""
+
+    def to(self, *args, **kwargs):  # type: ignore[override]
+        raise AssertionError("a float32 copy of the fine-tune's weight was made")
+
+
+def test_no_floor_and_no_float32_copy_for_a_base_that_quantizes_nothing(fixtures_dir: Path) -> None:
+    from loratools.ops.spectrum.noise import noise_floor
+
+    w = torch.randn(8, 4).as_subclass(_NoFloat)
+    assert noise_floor(_Plain(), _Plain(), PLANTED, w, None, 1.0) is None
+    ckpt = open_checkpoint(fixtures_dir / "base")  # a real plain checkpoint says so too
+    assert not ckpt.requantizes(PLANTED) and noise_floor(ckpt, ckpt, PLANTED, w, None, 1.0) is None

@@ -55,14 +55,19 @@ class GgufCheckpoint(Checkpoint):
         """``w`` (float32, Hugging Face layout) through ``name``'s GGUF type and back; None for F32
         and for types loratools cannot quantize (k-quants). Blocks run along rows, so llama.cpp's
         q/k row permutation does not change the result."""
-        kind = self.tensor_types.get(name)
-        if kind not in WRITE or kind == "F32":
+        if not self.requantizes(name):
             return None
+        kind = self.tensor_types[name]
         gguf = _gguf()
         qtype = gguf.GGMLQuantizationType[kind]
         stored = gguf_types.quantize(gguf, w.numpy(), qtype)
         raw = np.ascontiguousarray(stored).reshape(-1).view(np.uint8).reshape(w.shape[0], -1)
         return torch.from_numpy(gguf_types.dequantize(gguf, raw, qtype)).reshape(w.shape)
+
+    def requantizes(self, name: str) -> bool:
+        """Whether :meth:`requantize` gives a tensor for ``name``: a type loratools writes, not F32."""
+        kind = self.tensor_types.get(name)
+        return kind in WRITE and kind != "F32"
 
     def write_model_files(self, folder: Path, dtype: torch.dtype | None) -> list[str]:
         """config.json, generation_config.json and, when the GGUF has one, the tokenizer, built

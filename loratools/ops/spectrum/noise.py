@@ -70,12 +70,13 @@ def noise_floor(
         energy: ‖ΔW‖²_F.
     """
     requantize: Callable[[str, torch.Tensor], torch.Tensor | None] | None = getattr(base, "requantize", None)
-    if requantize is None:
+    # asked before the float32 copy of w_ft: for a plain base (the usual case) that copy was half
+    # of a 7 B extract's page faults, made only to be thrown away
+    if requantize is None or not _requantizes(base, name):
         return None
-    w = w_ft.detach().to("cpu", torch.float32)
-    ft_requantize = getattr(finetuned, "requantize", None)
-    if ft_requantize is not None and ft_requantize(name, w) is not None:
+    if _requantizes(finetuned, name):
         return None  # both quantized: the fine-tune's own rounding is already in it
+    w = w_ft.detach().to("cpu", torch.float32)
     back = requantize(name, w)
     if back is None:
         return None
@@ -86,3 +87,12 @@ def noise_floor(
         top = float(linalg.randomized_svd(noise, 4, niter=2).s[0])
     above = None if singular_values is None else int((singular_values > top).sum())
     return NoiseFloor(float(torch.linalg.vector_norm(noise)), top, above, energy**0.5)
+
+
+def _requantizes(checkpoint: Any, name: str) -> bool:
+    """Whether ``checkpoint.requantize(name, ·)`` gives a tensor (``requantizes(name)`` where the
+    checkpoint says; otherwise only that it has ``requantize``)."""
+    if getattr(checkpoint, "requantize", None) is None:
+        return False
+    says = getattr(checkpoint, "requantizes", None)
+    return bool(says(name)) if says is not None else True
