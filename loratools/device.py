@@ -65,15 +65,23 @@ def math_threads(io_threads: int, cores: int | None = None) -> int:
     (a matmul, a QR), so one thread that loses its core — to our reader, or to another process
     — stalls them all (numbers: docs/benchmarks.md, "OpenMP threads").
 
-    Only torch's default (one thread per core) is lowered: a count the user chose is kept —
-    ``OMP_NUM_THREADS`` (the CLI calls :func:`keep_thread_count` when it is set; torchrun sets 1
-    per process) or any other count than one per core (``torch.set_num_threads``).
+    Only torch's default (one thread per core) is lowered, and only with more than
+    :data:`ALL_CORES_UP_TO` cores: on 2 cores the lost core costs more than the stalls do on an
+    idle machine (extract at 0.66 B: 4.2 s on both cores vs 5.7 s on one), though far less on a
+    busy one (1.3–12× slower with both) — there, ``OMP_NUM_THREADS=1`` is the user's fix. A count
+    the user chose is kept — ``OMP_NUM_THREADS`` (the CLI calls :func:`keep_thread_count` when it
+    is set; torchrun sets 1 per process) or any other count than one per core
+    (``torch.set_num_threads``).
     """
     import torch
 
     current = torch.get_num_threads()
     cores = cores or available_cores()
-    return current if _KEEP[0] or current != cores else max(1, cores - io_threads)
+    chosen = _KEEP[0] or current != cores or cores <= ALL_CORES_UP_TO
+    return current if chosen else max(1, cores - io_threads)
+
+
+ALL_CORES_UP_TO = 2  # machines this small keep one math thread per core (see math_threads)
 
 
 _KEEP = [False]  # set once by keep_thread_count

@@ -31,6 +31,16 @@ def test_a_count_other_than_one_per_core_was_chosen_and_is_kept(four_threads: No
     assert math_threads(1, cores=cores) == 4
 
 
+@pytest.mark.parametrize("cores", [1, 2])
+def test_small_machines_keep_a_thread_per_core(cores: int) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(cores)  # torch's default on such a machine
+    try:
+        assert math_threads(1, cores=cores) == cores  # half the math is worth more than the reader's core
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_thread_count_is_restored_after_the_call_even_when_it_fails(four_threads: None) -> None:
     seen = []
 
