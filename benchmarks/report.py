@@ -19,6 +19,7 @@ ORDER = [
     "merge",
     "io_profile",
     "near_floor",
+    "idle_rerun",
     "extract_mergekit",
     "scale_7b",
     "scale_7b_peers",
