@@ -16,10 +16,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from loratools import linalg
 from loratools.adapter import LoraWeight
 from loratools.kinds import embedding
 from loratools.kinds.fused import FusedParam, expert_lora, fused_name
-from loratools.linalg import Svd, batched_randomized_svd, exact_svd, randomized_svd, rank_for_energy
+from loratools.linalg import Svd, batched_randomized_svd, exact_svd, randomized_svd
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item
 from loratools.ops.spectrum.noise import NoiseFloor
@@ -59,28 +60,15 @@ def truncated_spectra(stack: torch.Tensor, width: int, options: ExtractOptions) 
 
 
 def choose_rank(s: torch.Tensor, total: float, options: ExtractOptions) -> int:
-    """The rank the options' rule picks from singular values ``s`` (descending) of a ΔW with ‖ΔW‖²_F = total."""
-    if options.energy is not None:
-        return rank_for_energy(s, options.energy, total)
-    if options.sv_threshold is not None:
-        return int((s >= options.sv_threshold).sum())
-    return int(s.numel())  # fixed rank, or a budget's rank: the spectrum was computed at that width
+    """The rank the options' rule picks from singular values ``s`` (descending) of a ΔW with ‖ΔW‖²_F = total
+    (:meth:`loratools.linalg.RankRule.choose`; a fixed rank or a budget's rank keeps the width computed)."""
+    return options.rank_rule.choose(s, total)
 
 
 def lora_from_svd(svd: Svd, rank: int, options: ExtractOptions, dtype: torch.dtype) -> LoraWeight:
-    """LoRA factors of the rank-``rank`` truncation, scaled so that ``scale · B @ A = U_r S_r V_rᵀ``.
-
-    With alpha = r (the default) scale = 1; with another alpha, 1/scale goes into the factors
-    (split as √ on both sides for ``split="sqrt"``, all into B for ``split="b"``).
-    """
-    b, a = svd.truncate(rank).factors(options.split)  # (out, r), (r, in)
-    alpha = float(rank) if options.alpha is None else options.alpha
-    scale = alpha / rank
-    if scale != 1.0 and options.split == "sqrt":
-        b, a = b / math.sqrt(scale), a / math.sqrt(scale)
-    elif scale != 1.0:
-        b = b / scale
-    return LoraWeight(a.to("cpu", dtype).contiguous(), b.to("cpu", dtype).contiguous(), alpha)
+    """LoRA factors of the rank-``rank`` truncation with the options' split and alpha
+    (:func:`loratools.linalg.lora_from_svd`: ``scale · B @ A = U_r S_r V_rᵀ``)."""
+    return linalg.lora_from_svd(svd, rank, options.split, dtype, options.alpha)
 
 
 def residual_norm(delta: torch.Tensor, weight: LoraWeight) -> float:
