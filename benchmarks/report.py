@@ -21,6 +21,7 @@ ORDER = [
     "near_floor",
     "idle_rerun",
     "extract_mergekit",
+    "scale_7b_idle",
     "scale_7b",
     "scale_7b_peers",
     "quantized_merge",
