@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loratools.device import cpu_math_threads
 from loratools.errors import LoratoolsError, ShapeMismatch, list_problems
 from loratools.io.buffers import BufferRing
 from loratools.io.checkpoint import SAFETENSORS_INDEX, Checkpoint, ShardLayout
@@ -74,7 +74,7 @@ def write_merged(
     stats: list[ModuleStats] = []
     files: list[str] = []
     threads = options.intra_op_threads(os.cpu_count() or 1)
-    with atomic_output(output, force=force) as temporary, _intra_op_threads(threads):
+    with atomic_output(output, force=force) as temporary, cpu_math_threads(threads):
         base = read_ahead(ckpt, storage_order(ckpt.infos(), plan, options))
         requantize = getattr(ckpt, "requantize", None)  # a quantized base: the unmerge error estimate
         # outputs cast into memory the writer has let go
@@ -93,16 +93,6 @@ def write_merged(
             where = record_path(output if one_file else temporary, not one_file)
             write_record_file(where, *plan.dora.output_record().to_tensors())
     return stats, files
-
-
-@contextmanager
-def _intra_op_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _output_layout(ckpt: Checkpoint, options: MergeOptions) -> list[ShardLayout]:
