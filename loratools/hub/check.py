@@ -6,7 +6,6 @@ adapter is refused locally with every problem listed at once.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,12 +38,13 @@ def check_adapter_folder(folder: str | Path) -> Adapter:
             f"{folder}: needs {peft.CONFIG_NAME} and {peft.WEIGHTS_NAME} (a PEFT adapter saved with safetensors)"
         )
     from loratools.io.adapter_dir import load_adapter
+    from loratools.io.model_config import read_json_object
 
     try:
         adapter = load_adapter(folder)
     except ValueError as exc:  # LoraWeight refuses A/B that do not pair up
         raise ShapeMismatch(f"{folder}: {exc}; the adapter is broken, re-save it") from exc
-    config = json.loads((folder / peft.CONFIG_NAME).read_text())  # load_adapter parsed it already
+    config = read_json_object(folder / peft.CONFIG_NAME) or {}  # load_adapter parsed it already
     problems = _config_problems(adapter, config) + _value_problems(adapter)
     if problems:
         raise ShapeMismatch(
