@@ -49,6 +49,19 @@ def embedding_adapter(seed: int = 0, alpha: float = 8.0, rslora: bool = False, *
 
 
 # -- the layout ---------------------------------------------------------------------------------
+def extract_embedding_lora(base: Path, finetuned: Path, out: Path):
+    """``extract -r 4 --embeddings lora`` of the pair, saved to ``out`` (PEFT folder); the result."""
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.extract import ExtractOptions, extract
+
+    result = extract(
+        open_checkpoint(base), open_checkpoint(finetuned), ExtractOptions(rank=4, embeddings="lora")
+    )
+    assert result is not None
+    save_adapter(result.adapter, out)
+    return result
+
+
 def test_peft_layout_gives_peft_delta_in_the_embedding_layout() -> None:
     a_peft, b_peft = peft_embedding_factors(1)
     weight = embedding.from_peft(a_peft, b_peft, alpha=6.0, use_rslora=True)
@@ -292,16 +305,9 @@ def test_extract_embeddings_skip_full_or_lora(fixtures_dir: Path, embedding_fine
 def test_extracted_embedding_lora_gives_the_finetune_in_peft_and_merged(
     fixtures_dir: Path, embedding_finetune: Path, tmp_path: Path
 ) -> None:
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.ops.extract import ExtractOptions, extract
     from tests.peft_helpers import load_llama, logits, logits_through_peft, tokens
 
-    result = extract(
-        open_checkpoint(fixtures_dir / "base"),
-        open_checkpoint(embedding_finetune),
-        ExtractOptions(rank=4, embeddings="lora"),
-    )
-    save_adapter(result.adapter, tmp_path / "a")
+    extract_embedding_lora(fixtures_dir / "base", embedding_finetune, tmp_path / "a")
     ids = tokens()
     expected = logits(load_llama(embedding_finetune), ids)
     torch.testing.assert_close(
@@ -372,14 +378,9 @@ def grown_finetune(fixtures_dir: Path, tmp_path: Path) -> Path:
 def test_grown_vocabulary_extracts_and_merges_back_grown(
     run_cli, fixtures_dir: Path, grown_finetune: Path, tmp_path: Path
 ) -> None:
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.ops.extract import ExtractOptions, extract
-
-    base, ft = open_checkpoint(fixtures_dir / "base"), open_checkpoint(grown_finetune)
-    result = extract(base, ft, ExtractOptions(rank=4, embeddings="lora"))
+    result = extract_embedding_lora(fixtures_dir / "base", grown_finetune, tmp_path / "a")
     # no LoRA fits a (64, 32) base and a (66, 32) fine-tune: the two matrices are carried whole
     assert set(result.saved) == {f"{EMBED}.weight", "lm_head.weight"} and set(result.adapter.weights) == {Q0}
-    save_adapter(result.adapter, tmp_path / "a")
 
     args = (
         "merge",
@@ -413,16 +414,9 @@ def test_grown_vocabulary_round_trip_gives_the_finetune_logits_merged_and_in_pef
 ) -> None:
     from peft import PeftModel
 
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.ops.extract import ExtractOptions, extract
     from tests.peft_helpers import load_llama, logits
 
-    result = extract(
-        open_checkpoint(fixtures_dir / "base"),
-        open_checkpoint(grown_finetune),
-        ExtractOptions(rank=4, embeddings="lora"),
-    )
-    save_adapter(result.adapter, tmp_path / "a")
+    extract_embedding_lora(fixtures_dir / "base", grown_finetune, tmp_path / "a")
     merge_paths(str(fixtures_dir / "base"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
     ids = torch.randint(0, VOCAB + NEW_TOKENS, (2, 12), generator=torch.Generator().manual_seed(3))
     ids[:, 0] = VOCAB  # the added tokens appear
@@ -439,15 +433,7 @@ def test_grown_vocabulary_round_trip_gives_the_finetune_logits_merged_and_in_pef
 def test_grown_merge_into_a_sharded_base_rewrites_the_index_size(
     fixtures_dir: Path, grown_finetune: Path, tmp_path: Path
 ) -> None:
-    from loratools.io.checkpoint import open_checkpoint
-    from loratools.ops.extract import ExtractOptions, extract
-
-    result = extract(
-        open_checkpoint(fixtures_dir / "base"),
-        open_checkpoint(grown_finetune),
-        ExtractOptions(rank=4, embeddings="lora"),
-    )
-    save_adapter(result.adapter, tmp_path / "a")
+    extract_embedding_lora(fixtures_dir / "base", grown_finetune, tmp_path / "a")
     merge_paths(str(fixtures_dir / "base-sharded"), tmp_path / "m", add=[(str(tmp_path / "a"), 1.0)])
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     merged = read_all(tmp_path / "m")
