@@ -38,13 +38,13 @@ def check_adapter_folder(folder: str | Path) -> Adapter:
             f"{folder}: needs {peft.CONFIG_NAME} and {peft.WEIGHTS_NAME} (a PEFT adapter saved with safetensors)"
         )
     from loratools.io.adapter_dir import load_adapter
-    from loratools.io.model_config import read_json_object
+    from loratools.io.filekind import read_adapter_config
 
     try:
         adapter = load_adapter(folder)
     except ValueError as exc:  # LoraWeight refuses A/B that do not pair up
         raise ShapeMismatch(f"{folder}: {exc}; the adapter is broken, re-save it") from exc
-    config = read_json_object(folder / peft.CONFIG_NAME) or {}  # load_adapter parsed it already
+    config = read_adapter_config(folder / peft.CONFIG_NAME)  # load_adapter parsed it already
     problems = _config_problems(adapter, config) + _value_problems(adapter)
     if problems:
         raise ShapeMismatch(
