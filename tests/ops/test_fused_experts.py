@@ -26,6 +26,8 @@ transformers = pytest.importorskip("transformers")
 
 PARAMS = ("gate_up_proj", "down_proj")  # registration order in both models
 EXPERTS_MODULE = "model.layers.0.mlp.experts"
+# the tiny gpt-oss: 2 fused parameters × 3 experts, all touched by its adapters, no router changed
+ALL_EXPERTS_TOUCHED = {"base": 6, "experts": 3, "touched": 6, "dropped": [], "routers": []}
 
 
 def _gpt_oss(intermediate: int = 12) -> torch.nn.Module:
@@ -239,13 +241,7 @@ def test_merge_command_path_equals_peft_logits(tmp_path: Path) -> None:
     report = merge_paths(str(base), tmp_path / "merged", add=[(str(adapter), 1.0)])
     assert report.to_dict()["merged"] == 2
     # every expert slice counted: 2 fused tensors × 3 experts in the base, all 6 touched
-    assert report.to_dict()["experts"] == {
-        "base": 6,
-        "experts": 3,
-        "touched": 6,
-        "dropped": [],
-        "routers": [],
-    }
+    assert report.to_dict()["experts"] == ALL_EXPERTS_TOUCHED
     merged = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.randint(0, 64, (2, 7))
     plain = transformers.GptOssForCausalLM.from_pretrained(base).eval()
@@ -314,13 +310,7 @@ def test_spectrum_with_base_reads_fused_experts(tmp_path: Path) -> None:
             module.singular_values.double(), expected[module.name], rtol=1e-5, atol=1e-6
         )
         assert module.amplification is not None  # measured against the expert's own base slice
-    assert report.to_dict()["experts"] == {
-        "base": 6,
-        "experts": 3,
-        "touched": 6,
-        "dropped": [],
-        "routers": [],
-    }
+    assert report.to_dict()["experts"] == ALL_EXPERTS_TOUCHED
 
 
 def test_unmerge_gives_back_the_base_and_a_missing_fused_tensor_is_refused(tmp_path: Path) -> None:
