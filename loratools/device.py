@@ -57,6 +57,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+ALL_CORES_UP_TO = 2  # machines this small keep one math thread per core (see math_threads)
+
+
 def math_threads(io_threads: int, cores: int | None = None) -> int:
     """torch's intra-op (OpenMP) threads for a streaming pass: the cores less ``io_threads`` that
     its own reader/writer threads keep busy, at least 1.
@@ -79,9 +82,6 @@ def math_threads(io_threads: int, cores: int | None = None) -> int:
     cores = cores or available_cores()
     chosen = _KEEP[0] or current != cores or cores <= ALL_CORES_UP_TO
     return current if chosen else max(1, cores - io_threads)
-
-
-ALL_CORES_UP_TO = 2  # machines this small keep one math thread per core (see math_threads)
 
 
 _KEEP = [False]  # set once by keep_thread_count
