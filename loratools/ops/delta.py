@@ -7,6 +7,7 @@ import math
 import torch
 
 from loratools.errors import LoratoolsError
+from loratools.linalg import range_dtype
 
 __all__ = ["DeltaBuffer"]
 
@@ -17,7 +18,9 @@ class DeltaBuffer:
     Upcasting the base into its own buffer first keeps the subtraction float32 − float32, which
     is vectorised: 3–6× faster on CPU than ``sub_`` with a bf16 operand, and bit-identical. On a
     GPU the staging is needed anyway (``sub_`` cannot mix devices). The buffers grow to the
-    largest tensor seen, so peak memory is about one tensor pair plus two float32 copies.
+    largest tensor seen, so peak memory is about one tensor pair plus two float32 copies. Once ΔW
+    is formed, the staging buffer holds its rounded copy for the randomized SVD's range finder
+    (:meth:`range_copy`).
     """
 
     def __init__(self, numel: int, device: torch.device) -> None:
@@ -44,3 +47,13 @@ class DeltaBuffer:
                 "(a diverged fine-tune, or a float16 overflow) before extracting"
             )
         return buf, norm * norm
+
+    def range_copy(self, delta: torch.Tensor) -> torch.Tensor:
+        """ΔW (a :meth:`delta` view) rounded to :func:`~loratools.linalg.range_dtype`, in the
+        staging buffer (free once ΔW is formed; no fresh allocation to fault in): the matrix
+        :func:`~loratools.linalg.randomized_svd`'s range finder multiplies. ΔW itself where that
+        dtype is float32. Valid until the next :meth:`difference`."""
+        dtype = range_dtype(self.device)
+        if dtype == delta.dtype:
+            return delta
+        return self.stage.view(dtype)[: delta.numel()].view(delta.shape).copy_(delta)

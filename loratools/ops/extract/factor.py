@@ -21,6 +21,7 @@ from loratools.adapter import LoraWeight
 from loratools.kinds import embedding
 from loratools.kinds.fused import FusedParam, expert_lora, fused_name
 from loratools.linalg import Svd, batched_randomized_svd, exact_svd, randomized_svd
+from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.options import ExtractOptions
 from loratools.ops.extract.plan import Item
 from loratools.ops.spectrum.noise import NoiseFloor
@@ -42,12 +43,16 @@ class ModuleReport:
     noise_floor: NoiseFloor | None = None  # a quantized base's rounding (ops/spectrum/noise.py)
 
 
-def truncated_spectrum(delta: torch.Tensor, width: int, options: ExtractOptions) -> Svd:
-    """The top ``width`` singular triplets of ΔW (out, in), randomized unless ``options.exact``."""
+def truncated_spectrum(
+    delta: torch.Tensor, width: int, options: ExtractOptions, buffer: DeltaBuffer | None = None
+) -> Svd:
+    """The top ``width`` singular triplets of ΔW (out, in), randomized unless ``options.exact``
+    (the range finder's rounded copy of ΔW in ``buffer``, the one ΔW was formed in, if given)."""
     width = min(width, *delta.shape)
     if options.exact:
         return exact_svd(delta).truncate(width)
-    return randomized_svd(delta, width, seed=options.seed)
+    copy = None if buffer is None else buffer.range_copy(delta)
+    return randomized_svd(delta, width, seed=options.seed, range_copy=copy)
 
 
 def truncated_spectra(stack: torch.Tensor, width: int, options: ExtractOptions) -> list[Svd]:
@@ -85,9 +90,11 @@ def factor_module(
     rank: int | None,
     options: ExtractOptions,
     dtype: torch.dtype,
+    buffer: DeltaBuffer | None = None,
 ) -> tuple[LoraWeight, ModuleReport] | None:
-    """Factor one ΔW: compute its spectrum, choose the rank, write factors, measure the error."""
-    svd = truncated_spectrum(delta, rank if rank is not None else options.width, options)
+    """Factor one ΔW: compute its spectrum, choose the rank, write factors, measure the error
+    (``buffer``: the one ΔW was formed in, see :func:`truncated_spectrum`)."""
+    svd = truncated_spectrum(delta, rank if rank is not None else options.width, options, buffer)
     return factor_from_svd(item, delta, total, svd, rank, options, dtype)
 
 

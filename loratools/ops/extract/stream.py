@@ -96,7 +96,7 @@ def spectra_pass(
                 {fused_name(item.name, e): svd.s.cpu() for e, svd in zip(changed, svds, strict=True)}
             )
         elif total > 0:
-            outcome.spectra[item.name] = truncated_spectrum(delta, options.width, options).s.cpu()
+            outcome.spectra[item.name] = truncated_spectrum(delta, options.width, options, buffer).s.cpu()
     return outcome
 
 
@@ -163,7 +163,7 @@ def factor_pass(
         elif item.kind == "lora" and (ranks is None or ranks.get(name, 0) > 0):
             delta, total = buffer.delta(name, w_ft, w_base)
             rank = None if ranks is None else ranks[name]
-            factored = factor_module(item, delta, total, rank, options, dtype) if total > 0 else None
+            factored = factor_module(item, delta, total, rank, options, dtype, buffer) if total > 0 else None
             if total == 0:
                 outcome.skipped[name] = "unchanged"
             elif factored is None:
