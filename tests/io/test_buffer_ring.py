@@ -41,11 +41,25 @@ def test_views_and_arrays_of_a_buffer_keep_it_held() -> None:
 
 def test_an_oversized_free_buffer_is_replaced_not_pinned() -> None:
     ring = BufferRing(slots=1)
-    big = ring.take(BufferRing.SHRINK * BufferRing.SMALL + 1)
+    big = ring.take(2 * BufferRing.SHRINK * BufferRing.SMALL)  # an embedding, say
     del big
-    small = ring.take(16)
-    assert ring.reused == 0 and ring._slots[0].numel() == 16
-    del small
+    large = ring.take(BufferRing.SMALL + 1)  # far smaller: the embedding's buffer goes
+    assert ring.reused == 0 and ring._slots[0].numel() == BufferRing.SMALL + 1
+    del large
+
+
+def test_a_small_read_between_two_matrices_does_not_evict_their_buffer() -> None:
+    """A norm read between two layers' matrices gets fresh memory; the matrix buffer stays for the next."""
+    ring = BufferRing(slots=1)
+    size = BufferRing.SHRINK * BufferRing.SMALL + 4096  # too big to lend to a small read (an MLP matrix)
+    matrix = ring.take(size)
+    pointer = matrix.data_ptr()
+    del matrix
+    norm = ring.take(8192)
+    assert norm.data_ptr() != pointer
+    del norm
+    again = ring.take(size)
+    assert again.data_ptr() == pointer and ring.reused == 1
 
 
 def _write_checkpoint(folder: Path, count: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import warnings
 from loratools.device import leaves_cores_for_io
 from loratools.distributed import Workers
 from loratools.errors import LoratoolsError
-from loratools.linalg import allocate_budget
+from loratools.linalg import allocate_budget, range_dtype
 from loratools.ops.delta import DeltaBuffer
 from loratools.ops.extract.dora import DoraExtractReport
 from loratools.ops.extract.experts import fused_layouts
@@ -66,7 +66,11 @@ def extract(
     workers = workers or Workers()
     mine = workers.share(plan.items)
     lora = [item for item in mine if item.kind == "lora"]
-    buffer = DeltaBuffer(max((math.prod(i.shape) for i in lora), default=0), workers.device)
+    largest = max((math.prod(i.shape) for i in lora), default=0)
+    # the randomized SVD's range finder multiplies ΔW rounded to range_dtype: formed with ΔW
+    buffer = DeltaBuffer(
+        largest, workers.device, rounded=None if options.exact else range_dtype(workers.device)
+    )
     ranks = None
     if options.budget is not None:
         spectra = run_everywhere(

@@ -51,7 +51,7 @@ def truncated_spectrum(
     width = min(width, *delta.shape)
     if options.exact:
         return exact_svd(delta).truncate(width)
-    copy = None if buffer is None else buffer.range_copy(delta)
+    copy = None if buffer is None else buffer.rounded(delta)
     return randomized_svd(delta, width, seed=options.seed, range_copy=copy)
 
 
