@@ -57,6 +57,14 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 ALL_CORES_UP_TO = 2  # machines this small keep one math thread per core (see math_threads)
 
 

@@ -45,11 +45,13 @@ def read_ahead(
     """Yield (name, tensor) in ``order`` — or, where its flag is True, where the stored bytes are
     (a :class:`~loratools.io.safetensors_file.StoredRange` the writer copies file to file, or the
     bytes themselves) — reading the next one on a thread meanwhile, into reused buffers (a tensor
-    still held, by a writer thread say, is never read into: :class:`~loratools.io.buffers.BufferRing`)."""
+    still held, by a writer thread say, is never read into: :class:`~loratools.io.buffers.BufferRing`),
+    dropping behind as :meth:`~loratools.io.checkpoint.Checkpoint.iter_tensors` does."""
     buffers = BufferRing()
     raw = dict(order)
+    drop = ckpt.exceeds_cache  # as Checkpoint.iter_tensors
 
     def read(name: str) -> torch.Tensor | bytes | StoredRange:
-        return ckpt.stored_range(name) if raw[name] else ckpt.get_buffered(name, buffers)
+        return ckpt.stored_range(name) if raw[name] else ckpt.get_buffered(name, buffers, drop_behind=drop)
 
     yield from prefetched([name for name, _ in order], read)

@@ -291,8 +291,14 @@ class SafetensorsFile:
             infos.append(info)
         return infos
 
-    def read(self, name: str, buffers: BufferRing | None = None) -> torch.Tensor:
-        """Load one tensor into fresh memory, or into a free buffer of ``buffers``."""
+    def read(
+        self, name: str, buffers: BufferRing | None = None, *, drop_behind: bool = False
+    ) -> torch.Tensor:
+        """Load one tensor into fresh memory, or into a free buffer of ``buffers``.
+
+        ``drop_behind``: then drop the bytes read from the page cache (a pass over more than the
+        cache can hold: see :meth:`loratools.io.checkpoint.Checkpoint.iter_tensors`).
+        """
         info = self.infos[name]
         buffer = (
             buffers.take(info.nbytes) if buffers is not None else torch.empty(info.nbytes, dtype=torch.uint8)
@@ -302,6 +308,8 @@ class SafetensorsFile:
                 f.seek(info.begin)
                 if f.readinto(buffer.numpy().data) != info.nbytes:
                     raise _fail(self.path, f"truncated while reading tensor {name!r}")
+                if drop_behind and hasattr(os, "posix_fadvise"):  # Linux and most Unixes; a hint
+                    os.posix_fadvise(f.fileno(), info.begin, info.nbytes, os.POSIX_FADV_DONTNEED)
         return buffer.view(info.dtype).reshape(info.shape)
 
     def read_raw(self, name: str) -> bytes:
