@@ -247,3 +247,22 @@ def test_energy_kept_and_lora_from_svd_fold_alpha() -> None:
             b, a = weight.scaled_factors()
             # float32 products of O(1) entries, 9-term sums: 1e-5 is ~100 ulps
             torch.testing.assert_close(b @ a, target, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_range_finder_products_are_the_products(monkeypatch: pytest.MonkeyPatch, onednn: bool, dtype) -> None:
+    """M·X and Mᵀ·Q, through oneDNN or ``@``, against float64 products of the same (rounded) operands."""
+    monkeypatch.setattr(linalg, "_ONEDNN", [onednn and linalg._ONEDNN[0]])
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(1, 300, 200, generator=gen).to(dtype)
+    x, q = torch.randn(200, 24, generator=gen), torch.randn(1, 300, 24, generator=gen)
+    y = linalg._times(m, x, torch.float32)
+    z = linalg._transposed_times(m, q, torch.float32)
+    y_ref = m[0].double() @ x.to(dtype).double()
+    z_ref = m[0].double().T @ q[0].to(dtype).double()
+    # float32 sums of ≤ 300 products: ~1e-6 relative; a bfloat16 result is rounded once more (2⁻⁹)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2.0**-8, "atol": 0.05}
+    torch.testing.assert_close(y[0].double(), y_ref, **tol)
+    torch.testing.assert_close(z[0].double(), z_ref, **tol)
+    assert y.dtype == z.dtype == torch.float32 and y.shape == (1, 300, 24) and z.shape == (1, 200, 24)
