@@ -45,10 +45,12 @@ __all__ = [
     "exact_svd",
     "factored_svd",
     "factored_svd_sum",
+    "frobenius",
     "lora_from_svd",
     "randomized_svd",
     "range_dtype",
     "rank_for_energy",
+    "squared_norms",
     "stable_rank",
 ]
 
@@ -234,6 +236,26 @@ def factored_svd_sum(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Svd:
     b = torch.cat([_as_float(b) for b, _ in pairs], dim=1)  # (d, Σr)
     a = torch.cat([_as_float(a) for _, a in pairs], dim=0)  # (Σr, k)
     return factored_svd(b, a)
+
+
+def squared_norms(m: torch.Tensor) -> torch.Tensor:
+    """``‖Mᵢ‖²_F`` of every matrix of a stack m (b, …, k), (b,) float64, accurate at any size.
+
+    Float32 norms of the rows (each at most k terms), squared and summed in float64. torch's
+    float32 ``vector_norm`` of a whole matrix accumulates in one float: −0.35 % at 45 M elements
+    (an 11008×4096 ΔW), −0.07 % at 16.8 M — enough to misreport an error, or a residual
+    ``‖M‖² − Σσᵢ²`` of a few percent of ‖M‖² by a tenth of itself.
+    """
+    rows = m.reshape(m.shape[0], -1, m.shape[-1])  # (b, rows, k)
+    dtype = m.dtype if m.dtype in (torch.float32, torch.float64) else torch.float32  # bf16 rows in float32
+    return torch.linalg.vector_norm(rows, dim=-1, dtype=dtype).double().square().sum(dim=-1)
+
+
+def frobenius(m: torch.Tensor) -> float:
+    """``‖M‖_F`` of a tensor of any shape, accurate at any size (see :func:`squared_norms`)."""
+    if m.numel() == 0:
+        return 0.0
+    return math.sqrt(float(squared_norms(m[None] if m.ndim > 1 else m.reshape(1, 1, -1))[0]))
 
 
 def energy_curve(s: torch.Tensor, total: float | None = None) -> torch.Tensor:
@@ -495,7 +517,7 @@ def batched_randomized_svd(
     z = _transposed_times(range_copy, q, work)  # (b, k, l) = (Qᵀ M)ᵀ
     # ‖M‖²_F of M itself for both: a rounded copy's own norm would upcast all of it (a copy), and
     # the rule compares residuals of one matrix, where a constant offset cancels
-    total = torch.linalg.vector_norm(m, dim=(1, 2)).double().square()  # (b,)
+    total = squared_norms(m)  # (b,)
     residual = _residual(z, total, rank) if niter == 0 else torch.full_like(total, float("inf"))
     q, z = _iterate(
         range_copy, z, residual, total, first_check=max(niter, 1), rank=rank, rtol=rtol, max_iter=max_iter

@@ -266,3 +266,20 @@ def test_range_finder_products_are_the_products(monkeypatch: pytest.MonkeyPatch,
     torch.testing.assert_close(y[0].double(), y_ref, **tol)
     torch.testing.assert_close(z[0].double(), z_ref, **tol)
     assert y.dtype == z.dtype == torch.float32 and y.shape == (1, 300, 24) and z.shape == (1, 200, 24)
+
+
+def test_frobenius_is_accurate_where_a_float32_norm_drifts() -> None:
+    """16.8 M float32 elements (a 4096×4096 ΔW): torch's one-accumulator float32 norm is off by
+    ~7e-4 there; rows summed in float64 stay at float32 rounding (~1e-7)."""
+    m = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))
+    exact = float(torch.linalg.vector_norm(m, dtype=torch.float64))
+    assert linalg.frobenius(m) == pytest.approx(exact, rel=1e-6)  # float32 rows of 4096: ~1e-7
+    assert linalg.frobenius(m.reshape(16, 256, 4096)) == pytest.approx(exact, rel=1e-6)
+    assert linalg.frobenius(m[0]) == pytest.approx(float(m[0].double().norm()), rel=1e-6)  # the same rounding
+    bf16 = m.bfloat16()  # rows upcast to float32: the same rounding
+    assert linalg.frobenius(bf16) == pytest.approx(float(bf16.double().norm()), rel=1e-6)
+    assert linalg.frobenius(torch.empty(0, 3)) == 0.0
+    stack = m.reshape(4, 1024, 4096)
+    exact_sq = stack.double().square().sum(dim=(1, 2))
+    same_rounding = {"rtol": 1e-6, "atol": 0.0}  # float32 rows of 4096, summed in float64: ~1e-7
+    torch.testing.assert_close(linalg.squared_norms(stack), exact_sq, **same_rounding)

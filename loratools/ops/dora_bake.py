@@ -51,7 +51,7 @@ def _truncated(delta: torch.Tensor, rule: linalg.RankRule, seed: int) -> tuple[l
 
     An energy rule needs the whole spectrum (the exact SVD); a fixed rank r only the top r
     (the randomized SVD, far cheaper on a full-rank d×k update)."""
-    total = float(torch.linalg.vector_norm(delta)) ** 2
+    total = linalg.frobenius(delta) ** 2
     if rule.energy is not None:
         svd = linalg.exact_svd(delta)
         return svd.truncate(rule.choose(svd.s, total, at_least=1)), total
@@ -87,7 +87,7 @@ def bake_module(
     delta = delta.T if transposed else delta  # (out, in): LoRA factors live in that layout
     svd, total = _truncated(delta, _rule(rank, energy), seed)
     b, a = svd.factors("sqrt")  # (out, r), (r, in)
-    residual = float(torch.linalg.vector_norm(delta.addmm_(b, a, alpha=-1.0)))
+    residual = linalg.frobenius(delta.addmm_(b, a, alpha=-1.0))
     norm = math.sqrt(total)
     kept = linalg.energy_kept(svd.s, svd.rank, total)
     lora = LoraWeight(a.contiguous(), b.contiguous(), float(svd.rank)).to(weight.dtype)

@@ -72,7 +72,7 @@ def _fit_magnitude(direction: torch.Tensor, target: torch.Tensor) -> tuple[torch
     """mᵢ = ⟨Dᵢ/‖Dᵢ‖, Yᵢ⟩ (step 1) and ‖diag(m)·D/‖D‖_row − Y‖_F."""
     unit = direction / direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     m = (unit * target).sum(dim=1)  # (out,)
-    return m, float(torch.linalg.vector_norm(unit.mul_(m[:, None]).sub_(target)))
+    return m, linalg.frobenius(unit.mul_(m[:, None]).sub_(target))
 
 
 def _row_space(a: torch.Tensor) -> torch.Tensor:
@@ -119,9 +119,9 @@ def dora_module(
         the DoRA module (same rank, alpha and dtype as ``lora``) and its report.
     """
     w0, y = w0.float(), w_ft.float()
-    delta_norm = float(torch.linalg.vector_norm(y - w0))
+    delta_norm = linalg.frobenius(y - w0)
     plain = w0 + lora.delta()  # W0 + s·B·A, the plain LoRA's weight
-    lora_error = float(torch.linalg.vector_norm(plain - y))
+    lora_error = linalg.frobenius(plain - y)
     b, a = lora.scaled_factors()
     best = (_fit_magnitude(plain, y)[1], 0, b, a)
     v, previous = _row_space(a), math.inf
@@ -136,7 +136,7 @@ def dora_module(
     _, iteration, b, a = best
     weight = _dora_weight(w0, y, b, a, lora, refactor=iteration > 0)
     merged, _ = dora_weight(w0, weight)
-    error = float(torch.linalg.vector_norm(merged.sub_(y)))  # with the stored (rounded) factors
+    error = linalg.frobenius(merged.sub_(y))  # with the stored (rounded) factors
     scale = delta_norm if delta_norm > 0 else 1.0
     report = DoraExtractReport(name, lora.rank, error / scale, lora_error / scale, iteration)
     return weight, report

@@ -80,7 +80,7 @@ def residual_norm(delta: torch.Tensor, weight: LoraWeight) -> float:
     """``‖ΔW − s·B·A‖_F`` in float32; overwrites ``delta`` (the buffer) with the residual."""
     b, a = weight.scaled_factors()  # (out, r), (r, in)
     delta.addmm_(b.to(delta.device), a.to(delta.device), alpha=-1.0)
-    return float(torch.linalg.vector_norm(delta))
+    return linalg.frobenius(delta)
 
 
 def factor_module(

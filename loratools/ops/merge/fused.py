@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from loratools import linalg
 from loratools.kinds.fused import ExpertLora
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import TensorUpdate
@@ -52,7 +53,7 @@ def apply_fused(
         tuple(w0.shape),
         str(out_dtype).removeprefix("torch."),
         adapters=len(update.loras),
-        base_norm=float(torch.linalg.vector_norm(w0, dtype=torch.float32)),
+        base_norm=linalg.frobenius(w0),
         delta_norm=rss([r.delta_norm for r in records]),
         lost_norm=rss([r.lost_norm for r in records]),
         base_round_norm=rss([r.base_round_norm for r in records]),

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from loratools import linalg
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import TensorUpdate
 from loratools.ops.merge.update import delta_norm, stacked_factors
@@ -40,12 +41,12 @@ def survival_stats(
     (d, k); ``left`` (d, R), ``right`` (R, k) with Δ = left @ right, never formed apart."""
     kept = new - w0  # (d, k): Q(W0 + Δ) − Q(W0)
     inner = float(((left.T @ kept) * right).sum())  # ⟨kept, LR⟩ = Σ (Lᵀ kept) ⊙ R
-    kept_norm = float(torch.linalg.vector_norm(kept))
-    lost_norm = float(torch.linalg.vector_norm(kept.addmm_(left, right, alpha=-1.0)))
+    kept_norm = linalg.frobenius(kept)
+    lost_norm = linalg.frobenius(kept.addmm_(left, right, alpha=-1.0))
     dn = delta_norm(left, right)
     survival = kept_norm / dn if dn > 0 else math.nan
     direction = inner / (kept_norm * dn) if kept_norm > 0 and dn > 0 else 0.0
-    base_norm = float(torch.linalg.vector_norm(w0))
+    base_norm = linalg.frobenius(w0)
     return ModuleStats(
         name, tuple(w0.shape), kind, 0, base_norm, dn, lost_norm, survival=survival, direction=direction
     )
@@ -92,7 +93,7 @@ def unmerge_error(
     back = requantize(name, w)
     if back is None:
         return record
-    noise = float(torch.linalg.vector_norm(back - w))
+    noise = linalg.frobenius(back - w)
     return replace(
         record, quantization_error=noise / record.delta_norm if record.delta_norm > 0 else math.inf
     )

@@ -107,7 +107,7 @@ def delta_spectrum(
 
 def _delta_module(name: str, delta: torch.Tensor, options: SpectrumOptions) -> ModuleSpectrum | None:
     """One ΔW's spectrum; None when ΔW is exactly zero."""
-    energy = float(torch.linalg.vector_norm(delta)) ** 2  # float32 reduction: no float64 copy of ΔW
+    energy = linalg.frobenius(delta) ** 2  # float32 rows summed in float64: no float64 copy of ΔW
     if energy == 0.0:
         return None
     full = options.exact or options.top >= min(delta.shape)

@@ -86,7 +86,7 @@ def noise_floor(
     else:
         top = float(linalg.randomized_svd(noise, 4, niter=2).s[0])
     above = None if singular_values is None else int((singular_values > top).sum())
-    return NoiseFloor(float(torch.linalg.vector_norm(noise)), top, above, energy**0.5)
+    return NoiseFloor(linalg.frobenius(noise), top, above, energy**0.5)
 
 
 def _requantizes(checkpoint: Any, name: str) -> bool:
