@@ -532,8 +532,15 @@ def batched_randomized_svd(
 def _times(m: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``M X`` in M's dtype, returned in ``dtype``: m (b, d, k), x (k, l) or (b, k, l)."""
     x = x.to(m.dtype)
-    if m.shape[0] == 1 and (fast := _onednn_linear(x.T if x.ndim == 2 else x[0].T, m[0])) is not None:
-        return fast.T[None].to(dtype)  # (Xᵀ Mᵀ)ᵀ
+    if m.shape[0] == 1:
+        x_t = x.T if x.ndim == 2 else x[0].T  # (l, k)
+        if m[0].is_contiguous():  # M as oneDNN's input: 15 % faster than as its weight
+            fast = _onednn_linear(m[0], x_t)  # M (Xᵀ)ᵀ, (d, l)
+        else:
+            fast = _onednn_linear(x_t, m[0])
+            fast = None if fast is None else fast.T  # (Xᵀ Mᵀ)ᵀ
+        if fast is not None:
+            return fast[None].to(dtype)
     return (m @ x).to(dtype)
 
 
@@ -561,7 +568,7 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None
     """
     if not _ONEDNN[0] or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    try:
+    try:  # X is the matrix or a skinny one, contiguous either way (a transposed X is copied: slow)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
     except (AttributeError, RuntimeError):
         _ONEDNN[0] = False

@@ -283,3 +283,12 @@ def test_frobenius_is_accurate_where_a_float32_norm_drifts() -> None:
     exact_sq = stack.double().square().sum(dim=(1, 2))
     same_rounding = {"rtol": 1e-6, "atol": 0.0}  # float32 rows of 4096, summed in float64: ~1e-7
     torch.testing.assert_close(linalg.squared_norms(stack), exact_sq, **same_rounding)
+
+
+def test_a_transposed_matrix_gets_the_same_svd() -> None:
+    """A strided (transposed) view multiplies as well as a contiguous matrix: σ agree."""
+    m = low_rank_plus_noise(200, 300, 8, noise=0.01, seed=3)
+    contiguous_t = m.T.contiguous()
+    a, b = linalg.randomized_svd(m.T, 8), linalg.randomized_svd(contiguous_t, 8)
+    # one matrix, one sketch, products in two memory layouts: float32 rounding of σ (~1e-6)
+    torch.testing.assert_close(a.s, b.s, rtol=1e-4, atol=1e-5)
