@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from loratools.device import physical_memory
 from loratools.errors import CheckpointError, MissingKeys, UnknownFormat, list_problems
 from loratools.io.buffers import BufferRing
+from loratools.io.cache import exceeds_cache
 from loratools.io.prefetch import prefetched
 from loratools.io.quant import QuantGroup, dequantize, find_groups, logical_infos, requantize
 from loratools.io.safetensors_file import (
@@ -42,9 +42,6 @@ __all__ = ["Checkpoint", "ShardLayout", "open_checkpoint"]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# A checkpoint more than this share of the machine's memory is read dropping behind (iter_tensors):
-# a pass over two of them (extract's pair) would then fill the page cache past half of it
-CACHE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -154,10 +151,9 @@ class Checkpoint:
 
     @property
     def exceeds_cache(self) -> bool:
-        """Whether the stored files are more than :data:`CACHE_SHARE` of this machine's memory:
-        too much for one pass over them to stay in the page cache beside everything else."""
-        memory = physical_memory()
-        return memory > 0 and sum(file.stat().st_size for file in self.files) > CACHE_SHARE * memory
+        """Whether one pass over the stored files is too much for the page cache
+        (:func:`loratools.io.cache.exceeds_cache`): then its reads drop behind."""
+        return exceeds_cache(sum(file.stat().st_size for file in self.files))
 
     def requantize(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
         """``w`` (float32) put through ``name``'s stored quantization and read back; None when
@@ -193,10 +189,8 @@ class Checkpoint:
         """Yield ``(name, tensor)`` in order, reading the next tensor while the caller works.
 
         A checkpoint that :attr:`exceeds_cache` is read dropping behind: each tensor's bytes
-        leave the page cache once read. A pass over more than the cache holds gains nothing from
-        caching them, and filling the cache makes every further read reclaim pages first — at 7 B
-        shapes on a 24 GB machine that reclaim was most of an extract's 20 s of system time
-        (5 s with drop-behind; a cold 13.5 GB read: 10–20 s plain, 4 s dropping behind).
+        leave the page cache once read (:mod:`loratools.io.cache`; a 7 B extract's system time
+        20 → 5 s).
         """
         order = list(self._infos if names is None else names)
         if not prefetch:

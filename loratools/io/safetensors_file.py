@@ -27,6 +27,7 @@ import torch
 
 from loratools.errors import CheckpointError
 from loratools.io.buffers import BufferRing
+from loratools.io.cache import WriteBehind, drop_cached
 
 __all__ = ["DTYPES", "SafetensorsFile", "SafetensorsWriter", "StoredRange", "TensorInfo", "TensorSpec"]
 
@@ -308,8 +309,8 @@ class SafetensorsFile:
                 f.seek(info.begin)
                 if f.readinto(buffer.numpy().data) != info.nbytes:
                     raise _fail(self.path, f"truncated while reading tensor {name!r}")
-                if drop_behind and hasattr(os, "posix_fadvise"):  # Linux and most Unixes; a hint
-                    os.posix_fadvise(f.fileno(), info.begin, info.nbytes, os.POSIX_FADV_DONTNEED)
+                if drop_behind:
+                    drop_cached(f.fileno(), info.begin, info.nbytes)
         return buffer.view(info.dtype).reshape(info.shape)
 
     def read_raw(self, name: str) -> bytes:
@@ -427,6 +428,8 @@ class SafetensorsWriter:
         specs: list[TensorSpec],
         metadata: Mapping[str, str] | None = None,
         header: bytes | None = None,
+        *,
+        drop_behind: bool = False,
     ) -> None:
         self.path = Path(path)
         self._specs = specs
@@ -434,6 +437,13 @@ class SafetensorsWriter:
         header = header if header is not None else encode_header(specs, metadata)  # may refuse: first
         self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 — closed in close()
         self._file.write(header)
+        # a pass writing more than the page cache holds: each tensor leaves it once written
+        self._behind = WriteBehind(self._file.fileno()) if drop_behind else None
+
+    def _written(self, start: int) -> None:
+        if self._behind is not None:
+            self._file.flush()
+            self._behind.written(start, self._file.tell() - start)
 
     @property
     def pending(self) -> list[TensorSpec]:
@@ -449,7 +459,9 @@ class SafetensorsWriter:
                 raise RuntimeError(
                     f"{self.path}: tensor {name!r} has {tensor.nbytes} bytes, not {spec.nbytes}"
                 )
+            start = self._file.tell()
             copy_range(tensor, self._file)
+            self._written(start)
             self._next += 1
             return
         if isinstance(tensor, bytes):
@@ -460,7 +472,9 @@ class SafetensorsWriter:
             data = _tensor_bytes(tensor)
         if len(data) != spec.nbytes:
             raise RuntimeError(f"{self.path}: tensor {name!r} has {len(data)} bytes, not {spec.nbytes}")
+        start = self._file.tell()
         self._file.write(data)
+        self._written(start)
         self._next += 1
 
     def abort(self) -> None:
@@ -468,6 +482,9 @@ class SafetensorsWriter:
         self._file.close()
 
     def close(self) -> None:
+        if self._behind is not None:
+            self._file.flush()
+            self._behind.close()
         self._file.close()
         if self._next != len(self._specs):
             missing = [spec.name for spec in self.pending]

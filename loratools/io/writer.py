@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from loratools.errors import LoratoolsError, OutputExists
+from loratools.io.cache import exceeds_cache
 from loratools.io.checkpoint import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, ShardLayout
 from loratools.io.safetensors_file import SafetensorsWriter, StoredRange, TensorSpec
 
@@ -91,6 +92,8 @@ class CheckpointWriter:
         # an index is written only when there is more than one file
         self.index_name = index_name or (SAFETENSORS_INDEX if len(self.layout) > 1 else None)
         self._file_of = {spec.name: i for i, shard in enumerate(self.layout) for spec in shard.specs}
+        # more than the page cache holds: written tensors leave it behind the pass (io.cache)
+        self._drop_behind = exceeds_cache(sum(spec.nbytes for shard in self.layout for spec in shard.specs))
         self._current: SafetensorsWriter | None = None
         self._current_index = -1
 
@@ -111,7 +114,9 @@ class CheckpointWriter:
         self._current_index += 1
         shard = self.layout[self._current_index]
         path = self.folder / shard.filename
-        self._current = SafetensorsWriter(path, shard.specs, self.metadata, shard.header)
+        self._current = SafetensorsWriter(
+            path, shard.specs, self.metadata, shard.header, drop_behind=self._drop_behind
+        )
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -93,26 +92,3 @@ def test_scratch_cast_rounds_like_to_and_keeps_earlier_outputs() -> None:
         # one float32 → bf16 rounding (round to nearest even) either way: exactly equal
         assert torch.equal(out, total.to(torch.bfloat16))
     assert len({out.data_ptr() for out in outputs}) == len(outputs)
-
-
-def test_a_checkpoint_bigger_than_its_share_of_memory_is_read_dropping_behind(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """The same tensors either way; each read's byte range leaves the page cache only for a
-    checkpoint past CACHE_SHARE of the machine's memory (here: a machine of 4 KiB)."""
-    from loratools.io import checkpoint as checkpoint_module
-
-    tensors = _write_checkpoint(tmp_path / "ckpt", 5)
-    dropped: list[tuple[int, int]] = []
-    monkeypatch.setattr(
-        os, "posix_fadvise", lambda fd, offset, length, advice: dropped.append((offset, length))
-    )
-    ckpt = open_checkpoint(tmp_path / "ckpt")
-    assert not ckpt.exceeds_cache
-    assert all(torch.equal(t, tensors[n]) for n, t in ckpt.iter_tensors()) and dropped == []
-    monkeypatch.setattr(checkpoint_module, "physical_memory", lambda: 4096)
-    assert ckpt.exceeds_cache
-    assert all(torch.equal(t, tensors[n]) for n, t in ckpt.iter_tensors())
-    assert sorted(length for _, length in dropped) == sorted(t.numel() * 2 for t in tensors.values())  # bf16
-    monkeypatch.setattr(checkpoint_module, "physical_memory", lambda: 0)  # unknown: never drop
-    assert not ckpt.exceeds_cache
