@@ -104,8 +104,14 @@ for root in inputs:
                 done += n
 out.mkdir(parents=True)
 with open(out / "floor.bin", "wb", buffering=0) as f:
+    done = 0
     while size > 0:
-        size -= f.write(view[: min(size, len(buffer))])
+        n = f.write(view[: min(size, len(buffer))])
+        if drop:  # start this chunk's writeback, drop the previous one (written back by now)
+            os.posix_fadvise(f.fileno(), done, n, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(f.fileno(), max(done - len(buffer), 0), min(done, len(buffer)), os.POSIX_FADV_DONTNEED)
+        size -= n
+        done += n
 """
 
 # Forks the command from a small fresh process and prints its own rusage (Linux keeps ru_maxrss
@@ -159,9 +165,9 @@ def measure(label: str, cache: str, cmd: list[str], env: dict[str, str] | None =
     return run
 
 
-# The floor again, reading as loratools does past a quarter of the machine's memory: each chunk
-# dropped from the page cache once read (loratools.io.checkpoint.Checkpoint.iter_tensors)
-DROPPING = "floor, reads dropped behind"
+# The floor again, doing I/O as loratools does past a quarter of the machine's memory: each chunk
+# dropped from the page cache once read or written (loratools.io.cache)
+DROPPING = "floor, I/O dropped behind"
 
 COLUMNS = ["run", "page cache", "wall s", "× floor (same cache)", "user s", "sys s", "minor faults",
            "peak RSS MB", "load avg (1, 5, 15 min) at start"]  # fmt: skip
@@ -286,9 +292,10 @@ the tool's run beside it (cold: `sync` and `posix_fadvise(DONTNEED)` on every in
 warm: every input file read just before — the extract pair, 27 GB, is larger than the machine's
 memory, so its "warm" runs find only part of it cached). Floor and tool alternate; each row is one
 process (`wait4` rusage: its own CPU time, faults and peak RSS). "{DROPPING}": the same floor
-reading as loratools reads a checkpoint past a quarter of the machine's memory — each chunk
-dropped from the page cache once read, so a pass larger than the cache never waits on reclaim;
-its "× floor" is against the plain floor, and loratools' against it is the ratio of their walls.
+doing its I/O as loratools does past a quarter of the machine's memory (`loratools/io/cache.py`)
+— each chunk dropped from the page cache once read, or once written back — so a pass larger than
+the cache never waits on reclaim; its "× floor" is against the plain floor, and loratools'
+against it is the ratio of their walls.
 
 {markdown_table(COLUMNS, rows)}
 """

@@ -14,6 +14,7 @@ from loratools.errors import NonFiniteResult
 from loratools.io.adapter_dir import save_adapter
 from loratools.ops.merge import apply_update, delta_norm
 from loratools.ops.merge.precision import MergeResult, precision_warnings
+from tests.tolerances import BF16_ROUNDING
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -106,3 +107,24 @@ def test_cli_refuses_an_overflowing_float16_merge(run_cli, fixtures_dir: Path, t
     assert result.stderr.startswith("error: model.layers.0.self_attn.q_proj.weight: the merged weight has")
     assert result.stderr.count("\n") == 1 and "float16's range" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".o*"))
+
+
+@pytest.mark.parametrize("block_bytes", [64, 1000, 1 << 20])  # one row a block, ragged blocks, one block
+def test_the_cpu_merge_in_row_blocks_is_the_whole_tensor_merge(
+    monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    """round(W0 + L@R) through cache-sized row blocks: the same values and record as one addmm."""
+    from loratools.ops.merge import update
+
+    monkeypatch.setattr(update, "CPU_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(37, 24, generator=gen).bfloat16()
+    left, right = torch.randn(37, 6, generator=gen) * 0.1, torch.randn(6, 24, generator=gen)
+    blocked, stats = apply_update("t", w0, left, right, torch.bfloat16, update.Scratch("cpu"))
+    whole = w0.float().addmm_(left, right)
+    # the blocks' float32 sums are the whole addmm's up to a BLAS kernel's summation order; one
+    # rounding to bf16 of each (a different order may tip a tie: one bf16 ulp at most)
+    torch.testing.assert_close(blocked.float(), whole, **BF16_ROUNDING)
+    _, whole_stats = apply_update("t", w0, left, right, torch.bfloat16)  # no scratch: one whole addmm
+    assert stats.delta_norm == whole_stats.delta_norm
+    assert stats.lost_norm == pytest.approx(whole_stats.lost_norm, rel=1e-3, abs=1e-6)  # see above

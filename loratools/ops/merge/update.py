@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from loratools.errors import NonFiniteResult
+from loratools.ops.delta import CPU_BLOCK_BYTES
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import TensorUpdate
 
@@ -61,6 +62,12 @@ class Scratch:
             self._flat = torch.empty(numel, dtype=torch.float32, device=self.device)
         return self._flat[:numel].view(shape)
 
+    def output(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised output tensor; on the CPU in memory from ``take`` when given."""
+        if self.device.type != "cpu" or self._take is None:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return self._take(shape.numel() * dtype.itemsize).view(dtype).view(shape)
+
     def cast(self, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``total.to(dtype)`` (same rounding); on the CPU, into memory from ``take`` when given —
         the merge stream's recycles what the writer has let go: no fresh pages to fault in."""
@@ -108,15 +115,16 @@ def apply_update(
     if w0.ndim > 2:  # a conv kernel (out, in, kh, kw): the update is its (out, in·kh·kw) matrix
         flat, stats = apply_update(name, w0.reshape(w0.shape[0], -1), left, right, out_dtype, scratch)
         return flat.reshape(w0.shape), replace(stats, shape=tuple(w0.shape))
-    if out_dtype == torch.float32 or scratch is None:
-        total = torch.empty(w0.shape, dtype=torch.float32, device=left.device)  # it is the output
+    total: torch.Tensor | None = None  # W0 + Δ in float32, when it is kept whole
+    if out_dtype != torch.float32 and scratch is not None and left.device.type == "cpu":
+        out = _in_blocks(w0, left, right, out_dtype, scratch)
     else:
-        total = scratch.get(w0.shape)
-    total.copy_(w0).addmm_(left, right)  # (d, k): W0 + Δ, rounded once to float32
-    if out_dtype == torch.float32:
-        out = total
-    else:
-        out = scratch.cast(total, out_dtype) if scratch is not None else total.to(out_dtype)
+        if scratch is None or out_dtype == torch.float32:
+            total = torch.empty(w0.shape, dtype=torch.float32, device=left.device)  # it is the output
+        else:
+            total = scratch.get(w0.shape)
+        total.copy_(w0).addmm_(left, right)  # (d, k): W0 + Δ, rounded once to float32
+        out = total if out_dtype == torch.float32 else total.to(out_dtype)
     check_finite(name, out, w0)
     rows, factor = sampled_rows(w0.shape)
     norm = delta_norm(left, right)
@@ -128,7 +136,8 @@ def apply_update(
         # stands for W0 + Δ when the dtypes are equal (its own rounding is ≤ 2⁻²⁴·|W0+Δ|)
         lost = out[rows].to(torch.float32, copy=True)
         if out_dtype == w0.dtype and out_dtype != torch.float32:
-            lost.sub_(total[rows])
+            kept = total[rows] if total is not None else w0[rows].float().addmm_(left[rows], right)
+            lost.sub_(kept)
         else:
             lost.sub_(w0[rows].to(out_dtype).float()).addmm_(left[rows], right, alpha=-1.0)
         lost_norm, base_round = float(torch.linalg.vector_norm(lost)) * math.sqrt(factor), 0.0
@@ -143,6 +152,27 @@ def apply_update(
         base_round_norm=base_round,
     )
     return out, stats
+
+
+def _in_blocks(
+    w0: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out_dtype: torch.dtype, scratch: Scratch
+) -> torch.Tensor:
+    """``round(W0 + L @ R)`` (d, k) in ``out_dtype``, a block of rows at a time on the CPU.
+
+    Each block goes through a cache-sized float32 buffer: W0's rows upcast, the ``addmm`` of their
+    rows of L, the cast into the output — the same arithmetic per element as one whole-tensor
+    ``addmm`` (bit-identical outputs), without a d×k float32 tensor's trips to memory (an
+    11008×4096 bf16 merge moves 4 bytes per element instead of 22).
+    """
+    d, k = w0.shape
+    out = scratch.output(w0.shape, out_dtype)
+    step = max(1, CPU_BLOCK_BYTES // (4 * max(k, 1)))
+    buffer = scratch.get(torch.Size((min(step, d), k)))
+    for start in range(0, d, step):
+        block = buffer[: min(step, d - start)]
+        block.copy_(w0[start : start + step]).addmm_(left[start : start + step], right)
+        out[start : start + step].copy_(block)
+    return out
 
 
 def _narrowed_loss(
