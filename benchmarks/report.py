@@ -21,6 +21,7 @@ ORDER = [
     "near_floor",
     "idle_rerun",
     "extract_mergekit",
+    "floor_wave3",
     "scale_7b_idle",
     "scale_7b",
     "scale_7b_peers",
