@@ -160,7 +160,8 @@ def range_dtype(device: torch.device) -> torch.dtype:
 
 @functools.cache
 def _cpu_has_amx() -> bool:
-    return bool(torch.cpu._is_amx_tile_supported())
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; missing in older torch
+    return bool(probe()) if probe is not None else False
 
 
 def randomized_svd(

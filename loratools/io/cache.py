@@ -12,6 +12,7 @@ no effect on what is read or written, and none where the OS has no such call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from loratools.device import physical_memory
@@ -34,7 +35,8 @@ def drop_cached(fd: int, offset: int, length: int) -> None:
     """Drop ``length`` bytes of ``fd`` at ``offset`` from the page cache (clean pages at once;
     dirty ones have their writeback started and stay until written)."""
     if length > 0 and hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # a hint some file systems refuse: no harm without it
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 class WriteBehind:

@@ -67,3 +67,16 @@ def test_a_checkpoint_written_past_its_share_of_memory_drops_behind(tmp_path, mo
     assert lengths == sorted(2 * [t.numel() * 2 for t in tensors.values()])  # every range twice
     for name in sorted(os.listdir(tmp_path / "plain")):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "behind" / name).read_bytes()
+
+
+def test_a_refused_hint_changes_nothing(tmp_path, monkeypatch) -> None:
+    """A file system that refuses posix_fadvise: the checkpoint is written and read all the same."""
+
+    def refuse(*_: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    monkeypatch.setattr(cache, "physical_memory", lambda: 4096)
+    tensors = _tensors(3)
+    _write(tmp_path / "ckpt", tensors)
+    assert all(torch.equal(t, tensors[n]) for n, t in open_checkpoint(tmp_path / "ckpt").iter_tensors())
