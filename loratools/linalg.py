@@ -479,13 +479,14 @@ def batched_randomized_svd(
        rank-r residual ``‖M‖²_F − Σ_{i≤r} s̃ᵢ²`` by more than ``rtol`` of itself, so a slowly
        decaying spectrum gets the iterations it needs. ``Z = Mᵀ Q`` serves both as ``(Qᵀ M)ᵀ``,
        whose singular values give the residual, and as the first half of the next iteration.
-    2. Once a matrix stops: one more subspace iteration and the projection ``Qᵀ M`` in float32
-       on M itself (skipped when the range finder ran in float32). The bfloat16 rounding of M
-       (≤ 2⁻⁹ relative) only tilts the subspace the range finder found; the float32 iteration
-       shrinks that tilt by σ_{r+p+1}/σ_r and the projection is exact, so the result keeps the
-       float32 finder's accuracy (the error bounds in tests/test_linalg.py hold for both) at
-       a quarter of the cost of its products. The residual is never below the optimum
-       (s̃ᵢ ≤ σᵢ), and it converges to it.
+    2. Where the range finder multiplied a rounded copy: half-steps on M itself in float32
+       (:func:`_converge`) — at least one whole iteration, then until one more half-step lowers
+       the residual by at most ``rtol / 2``. The bfloat16 rounding of M (≤ 2⁻⁹ relative) only
+       tilts the subspace the range finder found; the float32 iteration shrinks that tilt by
+       σ_{r+p+1}/σ_r and the projection is exact, so the result keeps float32 accuracy (the
+       error bounds in tests/test_linalg.py hold for both paths). Where it ran in float32, the
+       last ``Z`` is projected as it is. The residual is never below the optimum (s̃ᵢ ≤ σᵢ),
+       and it converges to it.
 
     The experts of one projection share a shape, so they run as batched products
     ((b, d, k) @ (b, k, l)), QRs and small SVDs; every matrix is sketched with the same Ω that a
