@@ -15,7 +15,7 @@ import json
 import pickle
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +144,7 @@ class Checkpoint:
     def get_buffered(self, name: str, buffers: BufferRing, *, drop_behind: bool = False) -> torch.Tensor:
         """:meth:`get`, with a plain safetensors tensor read into a free buffer of ``buffers``
         (see :class:`BufferRing`: no fresh pages to fault in). The tensor is the caller's until
-        it drops it; only then is its memory read into again. ``drop_behind``: see :meth:`iter_tensors`."""
+        it drops it; only then is its memory read into again. ``drop_behind``: see :meth:`pass_reader`."""
         info = self._infos.get(name)
         file = self._safetensors.get(info.file) if info is not None and name not in self.quantized else None
         return file.read(name, buffers, drop_behind=drop_behind) if file is not None else self.get(name)
@@ -154,6 +154,14 @@ class Checkpoint:
         """Whether one pass over the stored files is too much for the page cache
         (:func:`loratools.io.cache.exceeds_cache`): then its reads drop behind."""
         return exceeds_cache(sum(file.stat().st_size for file in self.files))
+
+    def pass_reader(self) -> Callable[[str], torch.Tensor]:
+        """``load(name)`` for one streaming pass: :meth:`get_buffered` into this pass's own
+        :class:`BufferRing` (freed with it), dropping behind when the checkpoint
+        :attr:`exceeds_cache` (each tensor's bytes leave the page cache once read,
+        :mod:`loratools.io.cache`; a 7 B extract's system time 20 → 5 s)."""
+        buffers, drop = BufferRing(), self.exceeds_cache
+        return lambda name: self.get_buffered(name, buffers, drop_behind=drop)
 
     def requantize(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
         """``w`` (float32) put through ``name``'s stored quantization and read back; None when
@@ -186,19 +194,13 @@ class Checkpoint:
     def iter_tensors(
         self, names: Iterable[str] | None = None, prefetch: bool = True
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` in order, reading the next tensor while the caller works.
-
-        A checkpoint that :attr:`exceeds_cache` is read dropping behind: each tensor's bytes
-        leave the page cache once read (:mod:`loratools.io.cache`; a 7 B extract's system time
-        20 → 5 s).
-        """
+        """Yield ``(name, tensor)`` in order, reading the next tensor while the caller works
+        (through :meth:`pass_reader`)."""
         order = list(self._infos if names is None else names)
         if not prefetch:
             yield from ((name, self.get(name)) for name in order)
             return
-        buffers = BufferRing()  # this pass's own: freed with it
-        drop = self.exceeds_cache
-        yield from prefetched(order, lambda name: self.get_buffered(name, buffers, drop_behind=drop))
+        yield from prefetched(order, self.pass_reader())
 
     # -- layout, for writers that keep it ---------------------------------------------------
     def layout(self, dtype_of: dict[str, torch.dtype] | None = None) -> list[ShardLayout]:

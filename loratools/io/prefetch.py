@@ -6,8 +6,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from loratools.io.buffers import BufferRing
-
 if TYPE_CHECKING:
     import torch
 
@@ -46,12 +44,10 @@ def read_ahead(
     (a :class:`~loratools.io.safetensors_file.StoredRange` the writer copies file to file, or the
     bytes themselves) — reading the next one on a thread meanwhile, into reused buffers (a tensor
     still held, by a writer thread say, is never read into: :class:`~loratools.io.buffers.BufferRing`),
-    dropping behind as :meth:`~loratools.io.checkpoint.Checkpoint.iter_tensors` does."""
-    buffers = BufferRing()
-    raw = dict(order)
-    drop = ckpt.exceeds_cache  # as Checkpoint.iter_tensors
+    dropping behind as :meth:`~loratools.io.checkpoint.Checkpoint.pass_reader` says."""
+    raw, load = dict(order), ckpt.pass_reader()
 
     def read(name: str) -> torch.Tensor | bytes | StoredRange:
-        return ckpt.stored_range(name) if raw[name] else ckpt.get_buffered(name, buffers, drop_behind=drop)
+        return ckpt.stored_range(name) if raw[name] else load(name)
 
     yield from prefetched([name for name, _ in order], read)
