@@ -8,12 +8,17 @@ import torch
 
 from loratools.errors import LoratoolsError
 
-__all__ = ["DeltaBuffer"]
+__all__ = ["CPU_BLOCK_BYTES", "DeltaBuffer", "rows_per_block"]
 
 # Rows of ΔW formed at a time on the CPU: about this many bytes of float32, so that the upcast base
 # block, the difference and its norm and rounded copy are read from the core's L2 cache instead of
 # memory (measured on 11008×4096 bf16: 40 → 22 ms per ΔW; 4 MB blocks gain nothing).
 CPU_BLOCK_BYTES = 1 << 20
+
+
+def rows_per_block(width: int) -> int:
+    """How many rows of ``width`` float32 values make one :data:`CPU_BLOCK_BYTES` block (≥ 1)."""
+    return max(1, CPU_BLOCK_BYTES // (4 * max(width, 1)))
 
 
 class DeltaBuffer:
@@ -49,9 +54,10 @@ class DeltaBuffer:
             if self.rounded_dtype is not None:
                 self.flat_rounded = torch.empty(numel, dtype=self.rounded_dtype, device=self.device)
 
-    def difference(self, w_ft: torch.Tensor, w_base: torch.Tensor) -> torch.Tensor:
-        """``w_ft − w_base`` in float32, shape of ``w_ft``: a view of the buffer, valid until the next call."""
-        return self._form(w_ft, w_base)[0]
+    def difference(self, w_ft: torch.Tensor, w_base: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``w_ft − w_base`` in float32, shape of ``w_ft`` (a view of the buffer, valid until the next
+        call), and its ‖·‖²_F — NaN or Inf as they come (:meth:`delta` refuses them)."""
+        return self._form(w_ft, w_base)
 
     def delta(self, name: str, w_ft: torch.Tensor, w_base: torch.Tensor) -> tuple[torch.Tensor, float]:
         """ΔW (a view of the buffer) and ‖ΔW‖²_F; a NaN/Inf anywhere in ΔW is an error naming the tensor."""
@@ -79,7 +85,7 @@ class DeltaBuffer:
         rounded = None if self.rounded_dtype is None else self.flat_rounded[:n].view(w_ft.shape)
         width = w_ft.shape[-1] if w_ft.ndim else 1
         rows = n // width if width else 0
-        step = rows if self.device.type != "cpu" else max(1, CPU_BLOCK_BYTES // (4 * max(width, 1)))
+        step = rows if self.device.type != "cpu" else rows_per_block(width)
         if self.stage.numel() < min(step, rows) * width:
             self.stage = torch.empty(min(step, rows) * width, dtype=torch.float32, device=self.device)
         ft, base, out = w_ft.reshape(rows, width), w_base.reshape(rows, width), buf.view(rows, width)

@@ -114,9 +114,10 @@ def test_the_cpu_merge_in_row_blocks_is_the_whole_tensor_merge(
     monkeypatch: pytest.MonkeyPatch, block_bytes: int
 ) -> None:
     """round(W0 + L@R) through cache-sized row blocks: the same values and record as one addmm."""
+    from loratools.ops import delta
     from loratools.ops.merge import update
 
-    monkeypatch.setattr(update, "CPU_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(delta, "CPU_BLOCK_BYTES", block_bytes)  # rows_per_block's, shared with ΔW
     gen = torch.Generator().manual_seed(5)
     w0 = torch.randn(37, 24, generator=gen).bfloat16()
     left, right = torch.randn(37, 6, generator=gen) * 0.1, torch.randn(6, 24, generator=gen)

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from loratools.errors import NonFiniteResult
-from loratools.ops.delta import CPU_BLOCK_BYTES
+from loratools.ops.delta import rows_per_block
 from loratools.ops.merge.precision import ModuleStats
 from loratools.ops.merge.terms import TensorUpdate
 
@@ -166,7 +166,7 @@ def _in_blocks(
     """
     d, k = w0.shape
     out = scratch.output(w0.shape, out_dtype)
-    step = max(1, CPU_BLOCK_BYTES // (4 * max(k, 1)))
+    step = rows_per_block(k)
     buffer = scratch.get(torch.Size((min(step, d), k)))
     for start in range(0, d, step):
         block = buffer[: min(step, d - start)]

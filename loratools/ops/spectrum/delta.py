@@ -87,8 +87,8 @@ def delta_spectrum(
     modules, unchanged = [], []
     pairs = zip(base.iter_tensors(names), finetuned.iter_tensors(names), strict=True)
     for (name, w_base), (_, w_ft) in pairs:
-        delta = buffer.difference(w_ft, w_base)  # (out, in), float32
-        spectrum = _delta_module(name.removesuffix(".weight"), delta, options)
+        delta, energy = buffer.difference(w_ft, w_base)  # (out, in) float32, ‖ΔW‖²_F
+        spectrum = _delta_module(name.removesuffix(".weight"), delta, options, energy)
         if spectrum is None:
             unchanged.append(name)
         else:
@@ -105,9 +105,12 @@ def delta_spectrum(
     return SpectrumReport("checkpoints", modules, unchanged, skipped, settings, experts=experts)
 
 
-def _delta_module(name: str, delta: torch.Tensor, options: SpectrumOptions) -> ModuleSpectrum | None:
-    """One ΔW's spectrum; None when ΔW is exactly zero."""
-    energy = linalg.frobenius(delta) ** 2  # float32 rows summed in float64: no float64 copy of ΔW
+def _delta_module(
+    name: str, delta: torch.Tensor, options: SpectrumOptions, energy: float | None = None
+) -> ModuleSpectrum | None:
+    """One ΔW's spectrum; None when ΔW is exactly zero. ``energy``: ‖ΔW‖²_F when already known."""
+    if energy is None:
+        energy = linalg.frobenius(delta) ** 2  # float32 rows summed in float64: no float64 copy of ΔW
     if energy == 0.0:
         return None
     full = options.exact or options.top >= min(delta.shape)
